@@ -1,0 +1,294 @@
+"""Checkpoints in the real HF layout: read (three formats, any subset of tensors), map, write.
+
+One declarative table (`hf_tensor_shapes`) lists every tensor of the HF layout with its shape; the
+loader, the random-weight writer and the parameter count of `inspect` all read it. Names of our
+modules map to HF names through `_RULES`, and `load_weights` returns the set of HF names it loaded so
+completeness is testable. Reading is lazy: safetensors and `.bin` shards are memory-mapped and only
+the files holding requested tensors are opened, so a pool reads its own experts and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from model.config import DTYPES, YuanConfig
+from model.experts import ExpertBank
+from model.transformer import YuanModel
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file or tensor is missing, unreadable or of the wrong shape (named in the message)."""
+
+
+# ---- the HF layout -------------------------------------------------------------------------------
+def hf_tensor_shapes(cfg: YuanConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Yuan checkpoint in the HF layout, with its shape."""
+    d, half, N, F = cfg.hidden_size, cfg.hidden_size // 2, cfg.num_experts, cfg.ffn_hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            **{p + f"self_attn.{x}_proj.weight": (d, d) for x in "qkvo"},
+            p + "self_attn.lf_gate.conv1.weight": (half, d, 2, 1), p + "self_attn.lf_gate.conv1.bias": (half,),
+            p + "self_attn.lf_gate.conv2.weight": (d, half, 2, 1), p + "self_attn.lf_gate.conv2.bias": (d,),
+            p + "self_attn.lf_gate.output_layernorm.weight": (d,),
+        }
+        if cfg.router_type == "attention":
+            shapes |= {p + f"mlp.gate.{x}.weight": (N, d) for x in ("query", "key", "value")}
+        else:
+            shapes[p + "mlp.gate.weight"] = (N, d)
+        for e in range(N):
+            shapes[p + f"mlp.experts.{e}.w1.weight"] = (2 * F, d)
+            shapes[p + f"mlp.experts.{e}.w2.weight"] = (d, F)
+    shapes["model.norm.weight"] = (d,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    return shapes
+
+
+def expert_tensor_names(cfg: YuanConfig, expert_ids: list[int]) -> list[str]:
+    return [f"model.layers.{i}.mlp.experts.{e}.{w}.weight"
+            for i in range(cfg.num_layers) for e in expert_ids for w in ("w1", "w2")]
+
+
+# Our parameter name (regex over `YuanModel.state_dict()`) -> HF name template.
+_RULES: list[tuple[re.Pattern[str], str]] = [(re.compile(a), b) for a, b in [
+    (r"embed\.weight", "model.embed_tokens.weight"),
+    (r"norm\.weight", "model.norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"layers\.(\d+)\.input_norm\.weight", "model.layers.{0}.input_layernorm.weight"),
+    (r"layers\.(\d+)\.post_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
+    (r"layers\.(\d+)\.attn\.([qkvo])_proj\.weight", "model.layers.{0}.self_attn.{1}_proj.weight"),
+    (r"layers\.(\d+)\.attn\.lf\.conv([12])_(weight|bias)", "model.layers.{0}.self_attn.lf_gate.conv{1}.{2}"),
+    (r"layers\.(\d+)\.attn\.lf\.norm\.weight", "model.layers.{0}.self_attn.lf_gate.output_layernorm.weight"),
+    (r"layers\.(\d+)\.router\.(query|key|value)\.weight", "model.layers.{0}.mlp.gate.{1}.weight"),
+    (r"layers\.(\d+)\.router\.gate\.weight", "model.layers.{0}.mlp.gate.weight"),
+]]
+
+
+def hf_name(ours: str) -> str:
+    for pattern, template in _RULES:
+        m = pattern.fullmatch(ours)
+        if m:
+            return template.format(*m.groups())
+    raise KeyError(f"no checkpoint name for parameter {ours!r}")
+
+
+# ---- reading -------------------------------------------------------------------------------------
+class CheckpointReader:
+    """Lazy access to the tensors of one checkpoint directory, whatever its format.
+
+    `files_opened` and `tensors_read` record what was touched (a pool must touch only its experts).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: checkpoint directory not found")
+        self.files_opened: set[str] = set()
+        self.tensors_read: set[str] = set()
+        self._handles: dict[str, object] = {}
+        self._where = self._index()
+
+    def _index(self) -> dict[str, str]:
+        """HF name -> file name."""
+        d = self.dir
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (d / index_name).exists():
+                try:
+                    weight_map = json.loads((d / index_name).read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{d / index_name}: not a valid index ({e!r})") from None
+                for file in sorted(set(weight_map.values())):
+                    if not (d / file).exists():
+                        raise CheckpointError(f"{d / file}: shard listed in {index_name} is missing")
+                return dict(weight_map)
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (d / single).exists():
+                return {name: single for name in self._file_names(single)}
+        raise CheckpointError(f"{d}: no model.safetensors, model.safetensors.index.json, "
+                              "pytorch_model.bin or pytorch_model.bin.index.json")
+
+    def _file_names(self, file: str) -> list[str]:
+        return list(self._open(file).keys())
+
+    def _open(self, file: str):
+        if file in self._handles:
+            return self._handles[file]
+        path = self.dir / file
+        self.files_opened.add(file)
+        try:
+            if file.endswith(".safetensors"):
+                handle = safe_open(str(path), framework="pt")
+            else:
+                handle = _BinFile(torch.load(str(path), map_location="cpu", mmap=True, weights_only=True))
+        except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
+            raise CheckpointError(f"{path}: cannot read checkpoint file ({e})") from None
+        self._handles[file] = handle
+        return handle
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read exactly these tensors, opening only the files that hold them."""
+        missing = [n for n in names if n not in self._where]
+        if missing:
+            raise CheckpointError(f"{self.dir}: tensor {missing[0]!r} is missing "
+                                  f"({len(missing)} missing in all)")
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for n in names:
+            by_file[self._where[n]].append(n)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            handle = self._open(file)
+            for n in file_names:
+                try:
+                    out[n] = handle.get_tensor(n)
+                except (SafetensorError, KeyError, RuntimeError) as e:
+                    raise CheckpointError(f"{self.dir / file}: cannot read tensor {n!r} ({e})") from None
+                self.tensors_read.add(n)
+        return out
+
+
+class _BinFile:
+    """A loaded (memory-mapped) `.bin` state dict behind the safetensors handle interface."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def keys(self):
+        return self.state.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], where: Path) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                              f"expected {tuple(expected)}")
+
+
+def load_weights(model: nn.Module, reader: CheckpointReader) -> set[str]:
+    """Fill a `YuanModel` (no experts) from the checkpoint; returns the HF names loaded."""
+    params = dict(model.named_parameters())  # tied lm_head appears once, as embed.weight
+    names = {ours: hf_name(ours) for ours in params}
+    tensors = reader.read(list(names.values()))
+    for ours, hf in names.items():
+        _check_shape(hf, tensors[hf], tuple(params[ours].shape), reader.dir)
+        with torch.no_grad():
+            params[ours].copy_(tensors[hf])
+    return set(names.values())
+
+
+def load_expert_banks(banks: list[nn.Module], reader: CheckpointReader) -> set[str]:
+    """Fill per-layer `ExpertBank`s (each with its `expert_ids`); returns the HF names loaded."""
+    names = [f"model.layers.{i}.mlp.experts.{e}.{w}.weight"
+             for i, bank in enumerate(banks) for e in bank.expert_ids for w in ("w1", "w2")]
+    tensors = reader.read(names)
+    for i, bank in enumerate(banks):
+        for j, e in enumerate(bank.expert_ids):
+            for w in ("w1", "w2"):
+                name = f"model.layers.{i}.mlp.experts.{e}.{w}.weight"
+                target = getattr(bank, w)
+                _check_shape(name, tensors[name], tuple(target.shape[1:]), reader.dir)
+                with torch.no_grad():
+                    target[j].copy_(tensors[name])
+    return set(names)
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def save_state_dict(state: dict[str, torch.Tensor], out: str | Path, cfg: YuanConfig,
+                    fmt: str = "safetensors", max_shard_bytes: int | None = None) -> None:
+    """Write `config.json` plus one file or shards with an index, as HF `save_pretrained` does."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    ext, stem = (".safetensors", "model") if fmt == "safetensors" else (".bin", "pytorch_model")
+    if fmt not in ("safetensors", "bin"):
+        raise ValueError(f"format must be 'safetensors' or 'bin', got {fmt!r}")
+    n = len(shards)
+    files = [f"{stem}{ext}"] if n == 1 else [f"{stem}-{k + 1:05d}-of-{n:05d}{ext}" for k in range(n)]
+    for file, shard in zip(files, shards):
+        if fmt == "safetensors":
+            save_file(shard, str(out / file), metadata={"format": "pt"})
+        else:
+            torch.save(shard, out / file)
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+        (out / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def random_state_dict(cfg: YuanConfig, seed: int, router_skew: float = 0.0) -> dict[str, torch.Tensor]:
+    """Random weights in the HF layout, scaled so routing decisions are clear (not round-off ties).
+
+    Residual dimension 0 carries a constant (as in the golden fixture's design). With
+    `router_skew` > 0 the routers read it so that a Zipf-like set of experts (a different
+    permutation per layer) wins more often: a skewed load for balancing work.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d, N = cfg.hidden_size, cfg.num_experts
+    state: dict[str, torch.Tensor] = {}
+    for name, shape in hf_tensor_shapes(cfg).items():
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            t = torch.ones(shape)
+        elif name.endswith(".bias"):
+            t = torch.zeros(shape)
+        elif ".mlp.gate." in name:
+            t = torch.randn(shape, generator=g) * (3.0 / d ** 0.5)  # clear routing margins
+        else:
+            fan_in = shape[1] * (shape[2] if len(shape) == 4 else 1)
+            t = torch.randn(shape, generator=g) / fan_in ** 0.5
+        state[name] = t
+    state["model.embed_tokens.weight"][:, 0] = 1.0
+    if router_skew > 0:
+        hot = 1.0 / torch.arange(1, N + 1, dtype=torch.float32)  # Zipf-like hotness by rank
+        for i in range(cfg.num_layers):
+            h = hot[torch.randperm(N, generator=g)] * router_skew
+            for part in ("query", "key", "value"):
+                name = f"model.layers.{i}.mlp.gate.{part}.weight"
+                if name in state:
+                    state[name][:, 0] += h
+            if f"model.layers.{i}.mlp.gate.weight" in state:
+                state[f"model.layers.{i}.mlp.gate.weight"][:, 0] += h
+    return {k: v.to(DTYPES[cfg.torch_dtype]) for k, v in state.items()}
+
+
+# ---- whole models ----------------------------------------------------------------------------------
+def load_model(directory: str | Path, dtype: str | None = None) -> tuple[YuanModel, CheckpointReader]:
+    """The gateway's part of the model (everything but the experts), loaded and in eval mode."""
+    cfg = YuanConfig.from_file(Path(directory) / "config.json")
+    if dtype:
+        cfg = cfg.with_(torch_dtype=dtype)
+    reader = CheckpointReader(directory)
+    model = YuanModel(cfg).to(DTYPES[cfg.torch_dtype])
+    load_weights(model, reader)
+    return model.eval(), reader
+
+
+def load_experts(reader: CheckpointReader, cfg: YuanConfig, expert_ids: list[int]) -> list[ExpertBank]:
+    """One `ExpertBank` per layer holding `expert_ids`, read from the checkpoint and nothing else."""
+    banks = [ExpertBank(expert_ids, cfg.hidden_size, cfg.ffn_hidden_size).to(DTYPES[cfg.torch_dtype])
+             for _ in range(cfg.num_layers)]
+    load_expert_banks(banks, reader)
+    return [b.eval().requires_grad_(False) for b in banks]

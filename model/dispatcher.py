@@ -1,0 +1,40 @@
+"""The expert step behind one interface, so the model code is the same in every deployment.
+
+The in-process engine uses `LocalDispatcher`; the gateway swaps in a dispatcher that sends the
+same inputs to expert pools over Ray. Contract: given the post-attention normed states of T
+tokens, their top-A expert ids and weights, return `sum_a weight[t, a] * expert_a(x[t])` `[T, d]`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from model.experts import ExpertBank
+
+
+class Dispatcher(Protocol):
+    def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """x `[T, d]`, expert_ids `[T, A]`, weights `[T, A]` -> weighted expert sum `[T, d]`."""
+        ...
+
+
+def combine(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-row outputs `[T*A, d]` (token-major) and weights `[T, A]` -> `[T, d]`."""
+    T, A = weights.shape
+    return (y.view(T, A, -1) * weights[..., None]).sum(dim=1)
+
+
+class LocalDispatcher:
+    """All experts of every layer in this process: the reference for every distributed path."""
+
+    def __init__(self, banks: list[ExpertBank]) -> None:
+        self.banks = banks
+
+    def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        A = expert_ids.shape[1]
+        y = self.banks[layer](x.repeat_interleave(A, dim=0), expert_ids.reshape(-1))
+        return combine(y, weights)
