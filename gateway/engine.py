@@ -202,3 +202,14 @@ class Engine:
         while any(not s.finished for s in seqs):
             self.step()
         return seqs
+
+
+def local_engine(model_dir: str, dtype: str | None = None, limits: EngineLimits = EngineLimits(),
+                 use_cache: bool = True) -> Engine:
+    """The in-process reference engine: the whole model, all experts, in this process."""
+    from model.checkpoint import load_experts, load_model
+    from model.dispatcher import LocalDispatcher
+
+    model, reader = load_model(model_dir, dtype)
+    banks = load_experts(reader, model.cfg, list(range(model.cfg.num_experts)))
+    return Engine(model, LocalDispatcher(banks), limits, use_cache)

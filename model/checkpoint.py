@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -255,7 +257,10 @@ def random_state_dict(cfg: YuanConfig, seed: int, router_skew: float = 0.0) -> d
         elif name.endswith(".bias"):
             t = torch.zeros(shape)
         elif ".mlp.gate." in name:
-            t = torch.randn(shape, generator=g) * (3.0 / d ** 0.5)  # clear routing margins
+            # Soft expert-attention (q, k) and strong values: the widest routing gaps measured
+            # for random weights (a random Attention Router still has ~1% near-ties).
+            gain = 10.0 if name.endswith(("value.weight", "gate.weight")) else 2.0
+            t = torch.randn(shape, generator=g) * (gain / d ** 0.5)
         else:
             fan_in = shape[1] * (shape[2] if len(shape) == 4 else 1)
             t = torch.randn(shape, generator=g) / fan_in ** 0.5
@@ -292,3 +297,19 @@ def load_experts(reader: CheckpointReader, cfg: YuanConfig, expert_ids: list[int
              for _ in range(cfg.num_layers)]
     load_expert_banks(banks, reader)
     return [b.eval().requires_grad_(False) for b in banks]
+
+
+def write_random_checkpoint(cfg: YuanConfig, out: str | Path, seed: int, router_skew: float = 0.0,
+                            fmt: str = "safetensors", max_shard_bytes: int | None = None) -> Path:
+    """A random-weight checkpoint in the real HF layout, written atomically (tmp dir + rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_state_dict(random_state_dict(cfg, seed, router_skew), tmp, cfg, fmt, max_shard_bytes)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -201,11 +201,11 @@ PRESETS: dict[str, YuanConfig] = {
                       num_experts=32, top_k=2, ffn_hidden_size=8192, max_position_embeddings=16384,
                       torch_dtype="bfloat16"),
     # Fixture-sized; byte tokenizer ids 0..255, specials right after them.
-    "tiny": YuanConfig(vocab_size=512, hidden_size=64, num_layers=3, num_heads=4, num_experts=32,
+    "tiny": YuanConfig(vocab_size=320, hidden_size=64, num_layers=3, num_heads=4, num_experts=32,
                        top_k=2, ffn_hidden_size=48, max_position_embeddings=1024,
                        eod_token_id=256, sep_token_id=258, pad_token_id=256),
     # Compute-bound on a CPU: expert math dominates a step, as on the real model.
-    "small": YuanConfig(vocab_size=4096, hidden_size=512, num_layers=4, num_heads=8, num_experts=32,
+    "small": YuanConfig(vocab_size=1024, hidden_size=512, num_layers=4, num_heads=8, num_experts=32,
                         top_k=2, ffn_hidden_size=512, max_position_embeddings=2048,
                         eod_token_id=256, sep_token_id=258, pad_token_id=256),
 }

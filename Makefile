@@ -1,0 +1,19 @@
+# All set-up happens here, so the README's two commands work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/yuan-serve generate --engine local --prompt "Hello, Yuan" --max-tokens 24 --json
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q

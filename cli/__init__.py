@@ -1,0 +1,1 @@
+"""The `yuan-serve` command line."""

@@ -1,0 +1,146 @@
+"""`yuan-serve`: init-checkpoint, inspect, generate.
+
+`generate --json` prints exactly one JSON object `{"token_ids", "text", "finish_reason", ...}` on
+stdout (generated ids only); scripts depend on that contract. Errors print one line on stderr and
+exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PRESET, DEFAULT_SEED = "tiny", 0
+
+
+def default_model_dir() -> Path:
+    """The demo checkpoint, created once in the cache directory (real weights cannot be fetched)."""
+    from model.checkpoint import write_random_checkpoint
+    from model.config import preset
+
+    cache = Path(os.environ.get("YUAN_SERVE_CACHE", Path.home() / ".cache" / "yuan-serve"))
+    out = cache / f"demo-{DEFAULT_PRESET}-seed{DEFAULT_SEED}"
+    if not (out / "config.json").exists():
+        write_random_checkpoint(preset(DEFAULT_PRESET), out, DEFAULT_SEED)
+    return out
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --token-ids must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_init_checkpoint(args: argparse.Namespace) -> None:
+    from model.checkpoint import write_random_checkpoint
+    from model.config import preset
+
+    cfg = preset(args.preset)
+    if args.dtype:
+        cfg = cfg.with_(torch_dtype=args.dtype)
+    shard = int(args.shard_mb * 2**20) if args.shard_mb else None
+    out = write_random_checkpoint(cfg, args.out, args.seed, args.router_skew, args.format, shard)
+    print(f"wrote {args.preset} checkpoint (seed {args.seed}, router skew {args.router_skew}) to {out}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from model.config import YuanConfig, preset
+    from model.params import parameter_counts
+
+    cfg = YuanConfig.from_file(Path(args.model) / "config.json") if args.model else preset(args.preset)
+    counts = parameter_counts(cfg, args.context)
+    if args.json:
+        print(json.dumps(counts))
+        return
+    print(f"total parameters   {counts['total_params'] / 1e9:10.3f} B")
+    print(f"active per token   {counts['active_params'] / 1e9:10.3f} B  "
+          f"({cfg.top_k} of {cfg.num_experts} experts per layer)")
+    print(f"forward GFLOPs     {counts['gflops_per_token']:10.3f}    per token "
+          f"(2 per active parameter, attention over {args.context} tokens of context)")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from gateway.engine import local_engine
+    from gateway.sampling import SamplingParams
+    from gateway.tokenizer import load_tokenizer
+
+    if args.engine != "local":
+        raise SystemExit(f"error: --engine {args.engine!r} is not available yet (only 'local')")
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    t0 = time.perf_counter()
+    engine = local_engine(str(model_dir), args.dtype)
+    tokenizer = load_tokenizer(model_dir, engine.model.cfg)
+    prompt = _token_ids(args.token_ids) if args.token_ids is not None else tokenizer.encode(args.prompt)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed,
+                            stop_token_ids=tuple(_token_ids(args.stop_token_ids or "")))
+    t1 = time.perf_counter()
+    seq = engine.generate([prompt], params)[0]
+    t2 = time.perf_counter()
+    text = tokenizer.decode(seq.output_ids, skip_special=True)
+    if args.json:
+        print(json.dumps({"token_ids": seq.output_ids, "text": text, "finish_reason": seq.finish_reason,
+                          "timing": {"load_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4)}}))
+    else:
+        print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="yuan-serve", description="Serve Yuan 2.0-M32 (Attention Router MoE).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init-checkpoint", help="write a random-weight checkpoint in the real HF layout")
+    s.add_argument("--preset", default="tiny", help="m32, tiny or small")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--router-skew", type=float, default=0.0, help="> 0 makes some experts hotter")
+    s.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
+    s.add_argument("--shard-mb", type=float, default=None, help="shard files above this size")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    s.set_defaults(func=cmd_init_checkpoint)
+
+    s = sub.add_parser("inspect", help="parameter and FLOP counts from a config")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--preset", default="m32")
+    g.add_argument("--model", help="checkpoint directory (reads its config.json)")
+    s.add_argument("--context", type=int, default=0, help="context length for attention FLOPs")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("generate", help="generate a completion")
+    s.add_argument("--engine", choices=["local", "ray"], default="local")
+    s.add_argument("--model", help="checkpoint directory (default: the demo checkpoint, created once)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt")
+    g.add_argument("--token-ids", help="comma-separated prompt ids, e.g. 1,2,3")
+    s.add_argument("--max-tokens", type=int, default=16)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop-token-ids", default=None, help="comma-separated ids that end generation")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from model.checkpoint import CheckpointError
+    from model.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The gRPC API (`yuan.serving.v1`) and its generated stubs."""

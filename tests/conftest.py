@@ -1,0 +1,56 @@
+"""Shared test fixtures: paths to ../shared data (skipped with a reason when absent) and a small
+random checkpoint written once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("YUAN_SHARED", REPO.parent / "shared"))
+FIXTURE = SHARED / "fixtures" / "yuan2-m32-tiny-a"
+TOKENIZER = SHARED / "tokenizer" / "yuan2"
+
+torch.set_num_threads(1)
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (it lives in ../shared beside the repo; "
+                    "set YUAN_SHARED to point elsewhere)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    return _need(FIXTURE / "golden.json", "golden fixture").parent
+
+
+@pytest.fixture(scope="session")
+def golden(fixture_dir: Path) -> dict:
+    return json.loads((fixture_dir / "golden.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_tensors(fixture_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(fixture_dir / "golden_logits.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return _need(TOKENIZER / "tokenizer.model", "Yuan tokenizer").parent
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Random-weight `tiny` preset checkpoint, the same kind the main job serves."""
+    from model.checkpoint import write_random_checkpoint
+    from model.config import preset
+
+    return write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny", seed=7)
