@@ -75,6 +75,18 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Validate and queue a request. Raises `InvalidRequest` (naming the field) or `QueueFull`."""
+        self.validate(request_id, prompt_ids, params)
+        seq = Sequence(request_id, list(prompt_ids), params, generator=params.generator())
+        cfg = self.model.cfg
+        if cfg.reset_attention_mask:
+            eods = [i for i, t in enumerate(prompt_ids) if t == cfg.eod_token_id]
+            seq.seg_start = eods[-1] + 1 if eods else 0
+        self.waiting.append(seq)
+        return seq
+
+    def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 pending: int = 0) -> None:
+        """The checks of `add`, without queueing; `pending` counts requests about to be added."""
         cfg, lim = self.model.cfg, self.limits
         if not prompt_ids:
             raise InvalidRequest("prompt", "is empty")
@@ -88,14 +100,8 @@ class Engine:
         if any(s.request_id == request_id for s in self.waiting) or \
                 any(s.request_id == request_id for s in self.running):
             raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
-        if len(self.waiting) >= lim.max_queue:
+        if len(self.waiting) + pending >= lim.max_queue:
             raise QueueFull(f"queue is full ({lim.max_queue} waiting requests)")
-        seq = Sequence(request_id, list(prompt_ids), params, generator=params.generator())
-        if cfg.reset_attention_mask:
-            eods = [i for i, t in enumerate(prompt_ids) if t == cfg.eod_token_id]
-            seq.seg_start = eods[-1] + 1 if eods else 0
-        self.waiting.append(seq)
-        return seq
 
     def abort(self, request_id: str) -> Sequence | None:
         """Remove a request wherever it is and free its cache slot at once."""

@@ -21,12 +21,6 @@ class Dispatcher(Protocol):
         ...
 
 
-def combine(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Per-row outputs `[T*A, d]` (token-major) and weights `[T, A]` -> `[T, d]`."""
-    T, A = weights.shape
-    return (y.view(T, A, -1) * weights[..., None]).sum(dim=1)
-
-
 class LocalDispatcher:
     """All experts of every layer in this process: the reference for every distributed path."""
 
@@ -35,6 +29,4 @@ class LocalDispatcher:
 
     def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        A = expert_ids.shape[1]
-        y = self.banks[layer](x.repeat_interleave(A, dim=0), expert_ids.reshape(-1))
-        return combine(y, weights)
+        return self.banks[layer](x, expert_ids, weights)

@@ -1,8 +1,9 @@
 """SwiGLU experts, stacked per layer, and the grouped expert computation every path uses.
 
-Legend: R routed rows (token, expert) pairs, E local experts, F expert width, d hidden.
-u = w1 g (2F), a = silu(u[:F]) * u[F:], y = w2 a. Rows are grouped by expert so each expert runs
-one matmul over all its rows (no per-token Python loop); outputs come back in the rows' order.
+Legend: T tokens, A active experts per token, R routed (token, expert) pairs, E experts held,
+F expert width, d hidden. u = w1 g (2F), a = silu(u[:F]) * u[F:], y = w2 a. Pairs are grouped by
+expert so each expert runs one matmul over all its rows (no per-token Python loop). The in-process
+dispatcher and every expert pool call the same `ExpertBank.forward`.
 """
 
 from __future__ import annotations
@@ -24,20 +25,33 @@ class ExpertBank(nn.Module):
         lookup[torch.tensor(expert_ids, dtype=torch.long)] = torch.arange(len(expert_ids))
         self.register_buffer("local_index", lookup, persistent=False)
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """x `[R, d]`, expert_ids `[R]` global ids held here -> `[R, d]`."""
-        local = self.local_index[expert_ids]
-        assert bool((local >= 0).all()), "row routed to an expert this bank does not hold"
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted expert sum over the pairs held here.
+
+        x `[T, d]`, expert_ids `[T, A]` global ids (-1: a pair computed elsewhere), weights `[T, A]`
+        -> `[T, d]` = sum over held pairs of weight * expert(x). Pairs add in `a` order onto zeros, so
+        a token whose two experts live in two pools sums to the same bits as here.
+        """
+        T, A = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        pairs = (flat >= 0).nonzero().squeeze(1)  # [R] token-major
+        local = self.local_index[flat[pairs]]
+        assert bool((local >= 0).all()), "pair routed to an expert this bank does not hold"
+        rows = pairs // A
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
-        out = torch.empty_like(x)
+        y = torch.empty(pairs.numel(), x.shape[1], dtype=x.dtype)
         start = 0
-        for e, n in enumerate(counts):
+        for e, n in enumerate(counts):  # one matmul per expert over all its rows
             if n:
-                rows = order[start:start + n]
-                out[rows] = swiglu(x[rows], self.w1[e], self.w2[e])
+                sel = order[start:start + n]
+                y[sel] = swiglu(x[rows[sel]], self.w1[e], self.w2[e])
                 start += n
-        return out
+        y = y * weights.reshape(-1)[pairs, None]
+        return torch.zeros_like(x).index_add_(0, rows, y)
+
+    def nbytes(self) -> int:
+        return self.w1.numel() * self.w1.element_size() + self.w2.numel() * self.w2.element_size()
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

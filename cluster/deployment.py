@@ -1,0 +1,96 @@
+"""Bring up (and tear down) a serving deployment on Ray: expert pools, then gateways.
+
+Pools are placed from a `RoutingTable`; each pool's replicas sit in one placement group with the
+SPREAD strategy, so on a multi-node cluster they land on different nodes. Pools ask for a GPU
+each when the cluster has enough, CPUs otherwise. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.placement import RoutingTable, plan_pools
+from cluster.ray_cluster import connect
+from experts.actor import ExpertPoolActor
+from gateway.actor import GatewayActor
+from gateway.engine import EngineLimits
+from model.config import YuanConfig
+
+
+class DeploymentError(RuntimeError):
+    """Placement or start-up did not finish in time (the message says what was waiting)."""
+
+
+@dataclass
+class DeploymentConfig:
+    model_dir: str
+    pools: int = 4
+    replicas: int = 1
+    gateways: int = 1
+    dtype: str | None = None
+    limits: EngineLimits = field(default_factory=EngineLimits)
+    address: str | None = None  # None: embedded local cluster
+    start_timeout_s: float = 180.0
+
+
+class Deployment:
+    def __init__(self, cfg: DeploymentConfig) -> None:
+        self.cfg = cfg
+        self.model_cfg = YuanConfig.from_file(f"{cfg.model_dir}/config.json")
+        self.table: RoutingTable = plan_pools(self.model_cfg.num_experts, cfg.pools, cfg.replicas)
+        self.workers: list = []
+        self.gateways: list = []
+        self._groups: list = []
+        self.started_cluster = False
+
+    def start(self) -> Deployment:
+        cfg = self.cfg
+        self.started_cluster = connect(cfg.address, num_cpus=None if cfg.address else
+                                       max(8, len(self.table.workers) + cfg.gateways + 2))
+        try:
+            self._start_pools()
+            self.gateways = [GatewayActor.options(num_cpus=1).remote(
+                cfg.model_dir, self.table, self.workers, cfg.limits, cfg.dtype) for _ in range(cfg.gateways)]
+            self._wait([g.ready.remote() for g in self.gateways], "gateways to load the model")
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def _start_pools(self) -> None:
+        cfg = self.cfg
+        gpus = ray.cluster_resources().get("GPU", 0) >= len(self.table.workers)
+        bundle = {"CPU": 1, "GPU": 1} if gpus else {"CPU": 1}
+        R = cfg.replicas
+        for p in range(cfg.pools):
+            group = placement_group([bundle] * R, strategy="SPREAD")
+            self._groups.append(group)
+            for r in range(R):
+                strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r)
+                self.workers.append(ExpertPoolActor.options(
+                    scheduling_strategy=strategy, num_cpus=1, num_gpus=1 if gpus else 0,
+                ).remote(cfg.model_dir, list(self.table.workers[p * R + r]), cfg.dtype, "cuda" if gpus else "cpu"))
+        self._wait([g.ready() for g in self._groups], "placement groups for the expert pools")
+        self.pool_info = self._wait([w.info.remote() for w in self.workers], "expert pools to load their experts")
+
+    def _wait(self, refs: list, what: str) -> list:
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.start_timeout_s)
+        if pending:
+            raise DeploymentError(f"timed out after {self.cfg.start_timeout_s:.0f}s waiting for {what} "
+                                  f"({len(pending)} of {len(refs)} not ready)")
+        return ray.get(refs)
+
+    def shutdown(self) -> None:
+        """Kill every actor and placement group this deployment created; stop the cluster if it started it."""
+        for actor in self.gateways + self.workers:
+            ray.kill(actor)
+        for group in self._groups:
+            remove_placement_group(group)
+        self.gateways, self.workers, self._groups = [], [], []
+        if self.started_cluster:
+            ray.shutdown()
+            self.started_cluster = False

@@ -1,0 +1,48 @@
+"""The expert pool: hosts a subset of the experts of every layer and computes their weighted sums.
+
+A plain class (unit tests drive it without Ray); `experts.actor.ExpertPoolActor` is its Ray shell.
+It reads only its own experts' tensors from the checkpoint, never the whole model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from model.checkpoint import CheckpointReader, load_experts
+from experts.wire import decode, encode
+from model.config import DTYPES, YuanConfig
+
+
+class ExpertPool:
+    def __init__(self, model_dir: str, expert_ids: list[int], dtype: str | None = None,
+                 device: str = "cpu", num_threads: int = 1) -> None:
+        torch.set_num_threads(num_threads)
+        self.model_dir, self.device = model_dir, torch.device(device)
+        cfg = YuanConfig.from_file(os.path.join(model_dir, "config.json"))
+        self.cfg = cfg.with_(torch_dtype=dtype) if dtype else cfg
+        self.banks: list = []
+        self.tensors_read: set[str] = set()
+        self.load(expert_ids)
+
+    def load(self, expert_ids: list[int]) -> dict:
+        """(Re)load this pool's experts: exactly their tensors, from the checkpoint."""
+        reader = CheckpointReader(self.model_dir)
+        self.banks = [b.to(self.device) for b in load_experts(reader, self.cfg, sorted(expert_ids))]
+        self.tensors_read = reader.tensors_read
+        return self.info()
+
+    def info(self) -> dict:
+        return {"experts": list(self.banks[0].expert_ids) if self.banks else [],
+                "bytes": sum(b.nbytes() for b in self.banks), "pid": os.getpid(),
+                "tensors_read": len(self.tensors_read), "device": str(self.device)}
+
+    def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """x `[n, d]`, expert_ids `[n, A]` (-1: not here), weights `[n, A]` -> partial sums `[n, d]`."""
+        dtype = DTYPES[self.cfg.torch_dtype]
+        with torch.inference_mode():
+            out = self.banks[layer](decode(x, dtype, self.device), decode(expert_ids, torch.long, self.device),
+                                    decode(weights, dtype, self.device))
+        return encode(out)

@@ -1,0 +1,139 @@
+"""The gateway service: an asyncio front over the `Engine`, one token stream per request.
+
+The engine is single-threaded: its steps run one at a time in a dedicated thread, and requests
+join or leave (add, cancel) on the event loop only between steps, so no lock is needed and a
+step never sees a half-added request. Validation happens at submission, so a bad request fails
+alone, at once, with the field named; nothing already accepted is affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from gateway.engine import Engine, Sequence
+from gateway.errors import InvalidRequest, QueueFull
+from gateway.sampling import SamplingParams
+
+
+@dataclass
+class TokenEvent:
+    """One new token of a request; the last event carries `finish_reason`."""
+
+    request_id: str
+    token_id: int
+    index: int
+    finish_reason: str | None = None
+    error: str | None = None  # set when an accepted request failed inside the engine
+
+
+class Gateway:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self._inbox: list[tuple[str, str, list[int] | None, SamplingParams | None]] = []
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self.step_times: list[float] = []
+
+    async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Submit a request and yield its tokens. Raises `InvalidRequest`/`QueueFull` before any token.
+
+        Closing the iterator early (client gone) cancels the request and frees its cache.
+        """
+        if request_id in self._streams:
+            raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
+        pending = sum(1 for op in self._inbox if op[0] == "add")
+        self.engine.validate(request_id, prompt_ids, params, pending)
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._post(("add", request_id, list(prompt_ids), params))
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            if not finished:
+                self.cancel(request_id)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[TokenEvent]:
+        return [event async for event in self.stream(request_id, prompt_ids, params)]
+
+    def cancel(self, request_id: str) -> None:
+        """Remove a request at the next step boundary; its stream ends with 'cancelled'."""
+        self._post(("abort", request_id, None, None))
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(), "streams": len(self._streams),
+                "cache_bytes": self.engine.cache.nbytes() if self.engine.cache else 0}
+
+    def _post(self, op: tuple) -> None:
+        self._inbox.append(op)
+        if self._runner is None or self._runner.done():
+            self._wake = asyncio.Event()
+            self._runner = asyncio.get_running_loop().create_task(self._run())
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._apply_inbox()
+            if not self.engine.has_work:
+                self._wake.clear()
+                if self._inbox:
+                    continue
+                await self._wake.wait()
+                continue
+            t0 = time.perf_counter()
+            try:
+                batch = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception as e:  # a failed step fails its requests, never the gateway
+                self._fail_all(f"{type(e).__name__}: {e}")
+                continue
+            self.step_times.append(time.perf_counter() - t0)
+            for seq in batch:
+                self._deliver(seq)
+
+    def _apply_inbox(self) -> None:
+        ops, self._inbox = self._inbox, []
+        for op, request_id, prompt, params in ops:
+            if op == "add":
+                try:
+                    self.engine.add(request_id, prompt, params)
+                except (InvalidRequest, QueueFull) as e:
+                    self._finish(request_id, TokenEvent(request_id, -1, 0, "error", str(e)))
+            else:
+                seq = self.engine.abort(request_id)
+                if seq is not None:
+                    self._finish(request_id, TokenEvent(request_id, -1, len(seq.output_ids), "cancelled"))
+
+    def _deliver(self, seq: Sequence) -> None:
+        queue = self._streams.get(seq.request_id)
+        if queue is None:
+            return
+        event = TokenEvent(seq.request_id, seq.output_ids[-1], len(seq.output_ids) - 1, seq.finish_reason)
+        if seq.finished:
+            self._finish(seq.request_id, event)
+        else:
+            queue.put_nowait(event)
+
+    def _finish(self, request_id: str, event: TokenEvent) -> None:
+        queue = self._streams.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(event)
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self.engine.running) + list(self.engine.waiting):
+            self.engine.abort(seq.request_id)
+            self._finish(seq.request_id, TokenEvent(seq.request_id, -1, len(seq.output_ids), "error", message))
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
