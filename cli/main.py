@@ -1,4 +1,4 @@
-"""`yuan-serve`: init-checkpoint, inspect, generate.
+"""`yuan-serve`: init-checkpoint, inspect, generate (engine `ray` by default, or `local`).
 
 `generate --json` prints exactly one JSON object `{"token_ids", "text", "finish_reason", ...}` on
 stdout (generated ids only); scripts depend on that contract. Errors print one line on stderr and
@@ -65,29 +65,57 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from gateway.engine import local_engine
     from gateway.sampling import SamplingParams
     from gateway.tokenizer import load_tokenizer
+    from model.config import YuanConfig
 
-    if args.engine != "local":
-        raise SystemExit(f"error: --engine {args.engine!r} is not available yet (only 'local')")
     model_dir = Path(args.model) if args.model else default_model_dir()
-    t0 = time.perf_counter()
-    engine = local_engine(str(model_dir), args.dtype)
-    tokenizer = load_tokenizer(model_dir, engine.model.cfg)
+    cfg = YuanConfig.from_file(model_dir / "config.json")
+    tokenizer = load_tokenizer(model_dir, cfg)
     prompt = _token_ids(args.token_ids) if args.token_ids is not None else tokenizer.encode(args.prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed,
                             stop_token_ids=tuple(_token_ids(args.stop_token_ids or "")))
-    t1 = time.perf_counter()
-    seq = engine.generate([prompt], params)[0]
-    t2 = time.perf_counter()
-    text = tokenizer.decode(seq.output_ids, skip_special=True)
+    run = _generate_ray if args.engine == "ray" else _generate_local
+    token_ids, finish_reason, timing = run(args, str(model_dir), prompt, params)
+    text = tokenizer.decode(token_ids, skip_special=True)
     if args.json:
-        print(json.dumps({"token_ids": seq.output_ids, "text": text, "finish_reason": seq.finish_reason,
-                          "timing": {"load_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4)}}))
+        print(json.dumps({"token_ids": token_ids, "text": text, "finish_reason": finish_reason,
+                          "timing": {k: round(v, 4) for k, v in timing.items()}}))
     else:
         print(text)
+
+
+def _generate_local(args, model_dir: str, prompt: list[int], params) -> tuple[list[int], str, dict]:
+    from gateway.engine import local_engine
+
+    t0 = time.perf_counter()
+    engine = local_engine(model_dir, args.dtype)
+    engine.validate("cli", prompt, params)
+    t1 = time.perf_counter()
+    seq = engine.generate([prompt], params)[0]
+    return seq.output_ids, seq.finish_reason, {"startup_s": t1 - t0, "generate_s": time.perf_counter() - t1}
+
+
+def _generate_ray(args, model_dir: str, prompt: list[int], params) -> tuple[list[int], str, dict]:
+    from dataclasses import asdict
+
+    import ray
+
+    from cluster.deployment import Deployment, DeploymentConfig
+
+    t0 = time.perf_counter()
+    deployment = Deployment(DeploymentConfig(model_dir, pools=args.pools, replicas=args.replicas,
+                                             dtype=args.dtype, address=args.address))
+    try:
+        deployment.start()
+        t1 = time.perf_counter()
+        result = ray.get(deployment.gateways[0].generate.remote("cli", prompt, asdict(params)))
+        t2 = time.perf_counter()
+    finally:
+        deployment.shutdown()
+    timing = {"startup_s": t1 - t0, "generate_s": t2 - t1, "pools": args.pools, "replicas": args.replicas}
+    return result["token_ids"], result["finish_reason"], timing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("generate", help="generate a completion")
-    s.add_argument("--engine", choices=["local", "ray"], default="local")
+    s.add_argument("--engine", choices=["local", "ray"], default="ray",
+                   help="ray: gateway + expert pools on Ray (default); local: the in-process reference")
+    s.add_argument("--pools", type=int, default=4, help="expert pools (ray engine)")
+    s.add_argument("--replicas", type=int, default=1, help="replicas of every pool (ray engine)")
+    s.add_argument("--address", default=None,
+                   help="join this Ray cluster ('auto', 'ray://host:port'); default: start an embedded one")
     s.add_argument("--model", help="checkpoint directory (default: the demo checkpoint, created once)")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt")
@@ -131,13 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cluster.placement import PlacementError
+    from gateway.errors import InvalidRequest
     from model.checkpoint import CheckpointError
     from model.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, ValueError) as e:
+    except InvalidRequest as e:  # also when re-raised from a Ray actor: print the cause alone
+        print(f"error: {e.field}: {e.message}", file=sys.stderr)
+        sys.exit(2)
+    except (ConfigError, CheckpointError, PlacementError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

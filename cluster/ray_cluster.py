@@ -14,11 +14,13 @@ import ray
 INLINE_OBJECT_BYTES = 1 << 20
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+def connect(address: str | None = None, num_cpus: int | None = None,
+            inline_object_bytes: int = INLINE_OBJECT_BYTES) -> bool:
     """Make sure this process is connected to Ray; returns True if it started a local cluster.
 
     `address`: None starts an embedded cluster; "auto" or "ray://host:port" joins an existing one.
     `num_cpus`: logical CPUs of an embedded cluster (each pool and gateway actor takes one).
+    `inline_object_bytes`: arguments and results up to this size travel inside the call message.
     """
     if ray.is_initialized():
         return False
@@ -28,5 +30,5 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=False, _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES})
+             log_to_driver=False, _system_config={"max_direct_call_object_size": inline_object_bytes})
     return True

@@ -54,3 +54,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from model.config import preset
 
     return write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny", seed=7)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the whole test session, shut down at the end."""
+    import ray
+
+    from cluster.ray_cluster import connect
+
+    started = connect(num_cpus=16)
+    yield ray
+    if started:
+        ray.shutdown()

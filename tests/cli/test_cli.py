@@ -73,3 +73,18 @@ def test_init_checkpoint_sharded_formats_load(tmp_path, fmt):
     assert len(list(ckpt.glob("*.index.json"))) == 1
     out = run("generate", "--engine", "local", "--model", str(ckpt), "--token-ids", "1,2,3", "--json")
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_generate_ray_engine_json_contract(fixture_dir, golden):
+    case = golden["cases"][3]
+    ids = ",".join(map(str, case["prompt_ids"]))
+    out = run("generate", "--model", str(fixture_dir), "--token-ids", ids, "--max-tokens", "16",
+              "--pools", "2", "--json")  # --engine ray is the default
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["token_ids"] == case["generated_ids"] and result["finish_reason"] == "length"
+    assert result["timing"]["pools"] == 2 and result["timing"]["generate_s"] > 0
+    out = run("generate", "--model", str(fixture_dir), "--token-ids", "1,99999", "--pools", "1", "--json")
+    assert out.returncode == 2 and "token_ids" in out.stderr and "Traceback" not in out.stderr
