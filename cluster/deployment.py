@@ -48,14 +48,25 @@ class Deployment:
         self.started_cluster = False
 
     def start(self) -> Deployment:
+        """Pools, then `cfg.gateways` gateway actors sharing them."""
+        cfg = self.cfg
+        self.start_pools()
+        try:
+            self.gateways = [GatewayActor.options(num_cpus=1).remote(
+                cfg.model_dir, self.table, self.workers, cfg.limits, cfg.dtype) for _ in range(cfg.gateways)]
+            self._wait([g.ready.remote() for g in self.gateways], "gateways to load the model")
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def start_pools(self) -> Deployment:
+        """Connect to Ray and start the expert pools only (a gateway in this process uses them)."""
         cfg = self.cfg
         self.started_cluster = connect(cfg.address, num_cpus=None if cfg.address else
                                        max(8, len(self.table.workers) + cfg.gateways + 2))
         try:
             self._start_pools()
-            self.gateways = [GatewayActor.options(num_cpus=1).remote(
-                cfg.model_dir, self.table, self.workers, cfg.limits, cfg.dtype) for _ in range(cfg.gateways)]
-            self._wait([g.ready.remote() for g in self.gateways], "gateways to load the model")
         except BaseException:
             self.shutdown()
             raise

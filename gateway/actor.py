@@ -48,4 +48,4 @@ class GatewayActor:
         self.gateway.cancel(request_id)
 
     async def stats(self) -> dict:
-        return {**self.gateway.stats(), "tokens_sent": dict(self.dispatcher.tokens_sent)}
+        return self.gateway.stats()

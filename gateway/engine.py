@@ -9,6 +9,7 @@ goes first so new requests start quickly (as nano-vllm's scheduler does).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ class Sequence:
     seg_start: int = 0  # first position of the segment the next fed token belongs to
     finish_reason: str | None = None  # "length" | "stop" | "eod" | "cancelled"
     generator: torch.Generator | None = None
+    admitted_at: float | None = None  # perf_counter() when it got a slot (for queue time)
 
     @property
     def tokens(self) -> list[int]:
@@ -158,6 +160,7 @@ class Engine:
             if admitted and n > budget:
                 break
             seq = self.waiting.popleft()
+            seq.admitted_at = time.perf_counter()
             budget -= n
             if self.cache:
                 seq.slot = self.cache.allocate()

@@ -28,6 +28,8 @@ class TokenEvent:
     index: int
     finish_reason: str | None = None
     error: str | None = None  # set when an accepted request failed inside the engine
+    at: float = 0.0  # perf_counter() when the token was ready
+    admitted_at: float | None = None  # perf_counter() when the request got its batch slot
 
 
 class Gateway:
@@ -71,7 +73,8 @@ class Gateway:
 
     def stats(self) -> dict:
         return {**self.engine.stats(), "streams": len(self._streams),
-                "cache_bytes": self.engine.cache.nbytes() if self.engine.cache else 0}
+                "cache_bytes": self.engine.cache.nbytes() if self.engine.cache else 0,
+                "tokens_sent": dict(getattr(self.engine.dispatcher, "tokens_sent", {}))}
 
     def _post(self, op: tuple) -> None:
         self._inbox.append(op)
@@ -107,17 +110,19 @@ class Gateway:
                 try:
                     self.engine.add(request_id, prompt, params)
                 except (InvalidRequest, QueueFull) as e:
-                    self._finish(request_id, TokenEvent(request_id, -1, 0, "error", str(e)))
+                    self._finish(request_id, TokenEvent(request_id, -1, 0, "error", str(e), time.perf_counter()))
             else:
                 seq = self.engine.abort(request_id)
                 if seq is not None:
-                    self._finish(request_id, TokenEvent(request_id, -1, len(seq.output_ids), "cancelled"))
+                    self._finish(request_id, TokenEvent(request_id, -1, len(seq.output_ids), "cancelled",
+                                                        at=time.perf_counter(), admitted_at=seq.admitted_at))
 
     def _deliver(self, seq: Sequence) -> None:
         queue = self._streams.get(seq.request_id)
         if queue is None:
             return
-        event = TokenEvent(seq.request_id, seq.output_ids[-1], len(seq.output_ids) - 1, seq.finish_reason)
+        event = TokenEvent(seq.request_id, seq.output_ids[-1], len(seq.output_ids) - 1, seq.finish_reason,
+                           at=time.perf_counter(), admitted_at=seq.admitted_at)
         if seq.finished:
             self._finish(seq.request_id, event)
         else:
@@ -131,7 +136,8 @@ class Gateway:
     def _fail_all(self, message: str) -> None:
         for seq in list(self.engine.running) + list(self.engine.waiting):
             self.engine.abort(seq.request_id)
-            self._finish(seq.request_id, TokenEvent(seq.request_id, -1, len(seq.output_ids), "error", message))
+            self._finish(seq.request_id, TokenEvent(seq.request_id, -1, len(seq.output_ids), "error", message,
+                                                    time.perf_counter(), seq.admitted_at))
 
     def close(self) -> None:
         if self._runner is not None:

@@ -1,0 +1,47 @@
+"""Backends a `GatewayServer` can serve: the in-process reference engine, or expert pools on Ray.
+
+Both produce the same `Engine` class; only the dispatcher differs. The Ray backend runs the
+gateway in the calling process (a Serve replica, or the `up` command) and the pools as actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from gateway.engine import Engine, EngineLimits, local_engine
+from gateway.ray_dispatcher import RayDispatcher
+from gateway.server import Backend
+from gateway.tokenizer import load_tokenizer
+from model.checkpoint import load_model
+
+
+def _info(engine: Engine, pools: int, replicas: int, version: int, workers: list[list[int]]) -> dict:
+    lim = engine.limits
+    return {"config": asdict(engine.model.cfg), "pools": pools, "replicas": replicas,
+            "routing_table_version": version, "workers": workers,
+            "limits": {"max_prompt_len": lim.max_prompt_len, "max_tokens": lim.max_tokens,
+                       "max_queue": lim.max_queue, "max_running": lim.max_running}}
+
+
+def local_backend(model_dir: str, limits: EngineLimits = EngineLimits(), dtype: str | None = None) -> Backend:
+    engine = local_engine(model_dir, dtype, limits)
+    n = engine.model.cfg.num_experts
+    return Backend(engine, load_tokenizer(Path(model_dir), engine.model.cfg),
+                   _info(engine, 1, 1, 0, [list(range(n))]))
+
+
+def ray_backend(cfg) -> Backend:
+    """Start the expert pools of a `cluster.deployment.DeploymentConfig` and a gateway engine here."""
+    from cluster.deployment import Deployment
+
+    deployment = Deployment(cfg).start_pools()
+    try:
+        model, _ = load_model(cfg.model_dir, cfg.dtype)
+        engine = Engine(model, RayDispatcher(deployment.table, deployment.workers), cfg.limits)
+        info = _info(engine, cfg.pools, cfg.replicas, deployment.table.version,
+                     [list(w) for w in deployment.table.workers])
+        return Backend(engine, load_tokenizer(Path(cfg.model_dir), model.cfg), info, deployment.shutdown)
+    except BaseException:
+        deployment.shutdown()
+        raise

@@ -1,0 +1,200 @@
+"""The gRPC servicer: translates `yuan.serving.v1` messages to the engine's types and back.
+
+It holds no serving logic. `to_params` is the one place protobuf becomes internal types, and
+`status_for` the one place exceptions become gRPC status codes:
+bad input -> INVALID_ARGUMENT, queue full -> RESOURCE_EXHAUSTED, not ready or draining ->
+UNAVAILABLE, deadline -> DEADLINE_EXCEEDED. A failing request never disturbs the others.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import unknown_fields
+
+from gateway.errors import InvalidRequest, QueueFull
+from gateway.sampling import SamplingParams
+from gateway.service import Gateway, TokenEvent
+from gateway.text import TextStream
+from gateway.tokenizer import Tokenizer
+from protos import serving_pb2 as pb
+from protos import serving_pb2_grpc as pb_grpc
+
+FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eod": pb.FINISH_REASON_EOD,
+          "cancelled": pb.FINISH_REASON_CANCELLED}
+MAX_STOP_STRINGS = 16
+
+
+class Unavailable(RuntimeError):
+    """The server is starting or draining (maps to UNAVAILABLE)."""
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded"
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class ServingState:
+    """What the servicer reads: set once the backend is up; `draining` once shutdown began."""
+
+    gateway: Gateway | None = None
+    tokenizer: Tokenizer | None = None
+    info: dict | None = None
+    draining: bool = False
+
+    def ready(self) -> Gateway:
+        if self.draining:
+            raise Unavailable("server is draining; retry on another replica")
+        if self.gateway is None:
+            raise Unavailable("server is starting: model and expert pools are loading")
+        return self.gateway
+
+
+def _reject_unknown_fields(msg) -> None:
+    unknown = unknown_fields.UnknownFieldSet(msg)
+    if len(unknown):
+        numbers = sorted({f.field_number for f in unknown})
+        raise InvalidRequest("request", f"unknown field number(s) {numbers} for {msg.DESCRIPTOR.full_name}")
+
+
+def to_params(req: pb.GenerateRequest, tokenizer: Tokenizer) -> tuple[list[int], SamplingParams, list[str]]:
+    """Prompt ids, sampling params and stop strings of a request; raises `InvalidRequest`."""
+    _reject_unknown_fields(req)
+    if req.text and req.token_ids:
+        raise InvalidRequest("prompt", "give only one of text and token_ids")
+    prompt = list(req.token_ids) if req.token_ids else tokenizer.encode(req.text)
+    if len(req.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(req.stop)}")
+    if any(not s for s in req.stop):
+        raise InvalidRequest("stop", "stop strings must not be empty")
+    params = SamplingParams(
+        max_tokens=req.max_tokens if req.HasField("max_tokens") else 16,
+        temperature=req.temperature if req.HasField("temperature") else 0.0,
+        top_k=req.top_k if req.HasField("top_k") else 0,
+        top_p=req.top_p if req.HasField("top_p") else 1.0,
+        seed=req.seed if req.HasField("seed") else None,
+        stop_token_ids=tuple(req.stop_token_ids),
+        ignore_eod=req.ignore_eod,
+    )
+    return prompt, params, list(req.stop)
+
+
+class YuanServingServicer(pb_grpc.YuanServingServicer):
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        code, message = status_for(exc)
+        await context.abort(code, message)
+
+    async def _run(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """The request's stream messages; raises before the first one if the request is refused."""
+        arrived = time.perf_counter()
+        gateway = self.state.ready()
+        prompt, params, stop = to_params(req, self.state.tokenizer)
+        rid = req.request_id or uuid.uuid4().hex
+        text = TextStream(self.state.tokenizer, stop)
+        first: TokenEvent | None = None
+        last: TokenEvent | None = None
+        count = 0
+        stream = gateway.stream(rid, prompt, params)
+        try:
+            async for event in stream:
+                if event.error:
+                    raise RuntimeError(event.error)
+                first = first or event
+                last = event
+                msg = pb.GenerateStreamResponse(request_id=rid, index=event.index)
+                if event.token_id >= 0:
+                    count += 1
+                    msg.token_id = event.token_id
+                    msg.text = text.push(event.token_id)
+                reason = "stop" if text.stopped else event.finish_reason
+                if reason is not None:
+                    if not text.stopped:
+                        msg.text += text.flush()
+                    msg.finish_reason = FINISH[reason]
+                    msg.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt), completion_tokens=count))
+                    msg.timings.CopyFrom(_timings(arrived, first, last, count))
+                    yield msg
+                    return
+                yield msg
+        finally:
+            await stream.aclose()  # cancels the request in the engine if it is still running
+
+    async def Generate(self, request, context):
+        try:
+            ids: list[int] = []
+            chunks: list[str] = []
+            final = None
+            async for msg in self._run(request):
+                if msg.HasField("token_id"):
+                    ids.append(msg.token_id)
+                chunks.append(msg.text)
+                final = msg
+            return pb.GenerateResponse(request_id=final.request_id, token_ids=ids, text="".join(chunks),
+                                       finish_reason=final.finish_reason, usage=final.usage,
+                                       timings=final.timings)
+        except (InvalidRequest, QueueFull, Unavailable, RuntimeError) as e:
+            await self._abort(context, e)
+
+    async def GenerateStream(self, request, context):
+        try:
+            async for msg in self._run(request):
+                yield msg
+        except (InvalidRequest, QueueFull, Unavailable, RuntimeError) as e:
+            await self._abort(context, e)
+
+    async def Tokenize(self, request, context):
+        try:
+            self.state.ready()
+            _reject_unknown_fields(request)
+        except (InvalidRequest, Unavailable) as e:
+            await self._abort(context, e)
+        return pb.TokenizeResponse(token_ids=self.state.tokenizer.encode(request.text))
+
+    async def ModelInfo(self, request, context):
+        try:
+            self.state.ready()
+        except Unavailable as e:
+            await self._abort(context, e)
+        info = self.state.info
+        return pb.ModelInfoResponse(
+            config_json=json.dumps(info["config"]), num_experts=info["config"]["num_experts"],
+            top_k=info["config"]["top_k"], pools=info["pools"], replicas=info["replicas"],
+            routing_table_version=info["routing_table_version"],
+            workers=[pb.Worker(worker=i, experts=e) for i, e in enumerate(info["workers"])],
+            limits_json=json.dumps(info["limits"]))
+
+    async def Stats(self, request, context):
+        try:
+            gateway = self.state.ready()
+        except Unavailable as e:
+            await self._abort(context, e)
+        s = gateway.stats()
+        return pb.StatsResponse(running=s["running"], waiting=s["waiting"],
+                                cache_slots_used=s["cache_slots_used"], cache_tokens=s["cache_tokens"],
+                                cache_bytes=s["cache_bytes"], steps=s["steps"],
+                                tokens_sent=s.get("tokens_sent", {}))
+
+
+def _timings(arrived: float, first: TokenEvent | None, last: TokenEvent | None, count: int) -> pb.Timings:
+    if first is None or last is None:
+        return pb.Timings()
+    admitted = first.admitted_at or arrived
+    per_token = (last.at - first.at) / (count - 1) if count > 1 else 0.0
+    return pb.Timings(queue_ms=max(0.0, admitted - arrived) * 1e3, ttft_ms=(first.at - arrived) * 1e3,
+                      per_token_ms=per_token * 1e3)
