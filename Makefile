@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/yuan-serve generate --engine ray --pools 4 --prompt "Hello, Yuan" --max-tokens 24 --json
+	bash scripts/demo.sh
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""`yuan-serve`: init-checkpoint, inspect, generate (engine `ray` by default, or `local`).
+"""`yuan-serve`: init-checkpoint, inspect, generate (engine `ray` by default, or `local`), up, client.
 
 `generate --json` prints exactly one JSON object `{"token_ids", "text", "finish_reason", ...}` on
 stdout (generated ids only); scripts depend on that contract. Errors print one line on stderr and
@@ -9,25 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
-
-DEFAULT_PRESET, DEFAULT_SEED = "tiny", 0
-
-
-def default_model_dir() -> Path:
-    """The demo checkpoint, created once in the cache directory (real weights cannot be fetched)."""
-    from model.checkpoint import write_random_checkpoint
-    from model.config import preset
-
-    cache = Path(os.environ.get("YUAN_SERVE_CACHE", Path.home() / ".cache" / "yuan-serve"))
-    out = cache / f"demo-{DEFAULT_PRESET}-seed{DEFAULT_SEED}"
-    if not (out / "config.json").exists():
-        write_random_checkpoint(preset(DEFAULT_PRESET), out, DEFAULT_SEED)
-    return out
-
 
 def _token_ids(text: str) -> list[int]:
     try:
@@ -67,9 +51,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from gateway.sampling import SamplingParams
     from gateway.tokenizer import load_tokenizer
+    from model.checkpoint import demo_checkpoint
     from model.config import YuanConfig
 
-    model_dir = Path(args.model) if args.model else default_model_dir()
+    model_dir = Path(args.model) if args.model else demo_checkpoint()
     cfg = YuanConfig.from_file(model_dir / "config.json")
     tokenizer = load_tokenizer(model_dir, cfg)
     prompt = _token_ids(args.token_ids) if args.token_ids is not None else tokenizer.encode(args.prompt)
@@ -160,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_generate)
+
+    from cli import client, up
+
+    up.add_parser(sub)
+    client.add_parser(sub)
     return p
 
 
@@ -175,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     except InvalidRequest as e:  # also when re-raised from a Ray actor: print the cause alone
         print(f"error: {e.field}: {e.message}", file=sys.stderr)
         sys.exit(2)
-    except (ConfigError, CheckpointError, PlacementError, ValueError) as e:
+    except (ConfigError, CheckpointError, PlacementError, ValueError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

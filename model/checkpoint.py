@@ -10,6 +10,7 @@ the files holding requested tensors are opened, so a pool reads its own experts 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from model.config import DTYPES, YuanConfig
+from model.config import DTYPES, YuanConfig, preset
 from model.experts import ExpertBank
 from model.transformer import YuanModel
 
@@ -241,12 +242,16 @@ def save_state_dict(state: dict[str, torch.Tensor], out: str | Path, cfg: YuanCo
         (out / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def random_state_dict(cfg: YuanConfig, seed: int, router_skew: float = 0.0) -> dict[str, torch.Tensor]:
+def random_state_dict(cfg: YuanConfig, seed: int, router_skew: float = 0.0,
+                      printable_head: bool = False) -> dict[str, torch.Tensor]:
     """Random weights in the HF layout, scaled so routing decisions are clear (not round-off ties).
 
-    Residual dimension 0 carries a constant (as in the golden fixture's design). With
+    Residual dimension 0 carries a constant that attention and experts never write (as in the
+    golden fixture's design), so every layer's router and the LM head can read it. With
     `router_skew` > 0 the routers read it so that a Zipf-like set of experts (a different
     permutation per layer) wins more often: a skewed load for balancing work.
+    With `printable_head`, LM-head rows of ids other than printable ASCII bytes read only the
+    constant dimension, negatively, so a byte-tokenizer demo model prints readable (random) text.
     """
     g = torch.Generator().manual_seed(seed)
     d, N = cfg.hidden_size, cfg.num_experts
@@ -266,6 +271,15 @@ def random_state_dict(cfg: YuanConfig, seed: int, router_skew: float = 0.0) -> d
             t = torch.randn(shape, generator=g) / fan_in ** 0.5
         state[name] = t
     state["model.embed_tokens.weight"][:, 0] = 1.0
+    for name, t in state.items():  # attention and experts never write the constant dimension
+        if name.endswith(("self_attn.o_proj.weight", ".w2.weight")):
+            t[0] = 0.0
+    if printable_head:
+        head = state["lm_head.weight" if "lm_head.weight" in state else "model.embed_tokens.weight"]
+        keep = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        keep[32:127] = True
+        head[~keep] = 0.0
+        head[~keep, 0] = -50.0
     if router_skew > 0:
         hot = 1.0 / torch.arange(1, N + 1, dtype=torch.float32)  # Zipf-like hotness by rank
         for i in range(cfg.num_layers):
@@ -300,16 +314,30 @@ def load_experts(reader: CheckpointReader, cfg: YuanConfig, expert_ids: list[int
 
 
 def write_random_checkpoint(cfg: YuanConfig, out: str | Path, seed: int, router_skew: float = 0.0,
-                            fmt: str = "safetensors", max_shard_bytes: int | None = None) -> Path:
+                            fmt: str = "safetensors", max_shard_bytes: int | None = None,
+                            printable_head: bool = False) -> Path:
     """A random-weight checkpoint in the real HF layout, written atomically (tmp dir + rename)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_state_dict(random_state_dict(cfg, seed, router_skew), tmp, cfg, fmt, max_shard_bytes)
+        save_state_dict(random_state_dict(cfg, seed, router_skew, printable_head), tmp, cfg, fmt, max_shard_bytes)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+DEMO_PRESET, DEMO_SEED = "tiny", 0
+
+
+def demo_checkpoint() -> Path:
+    """The main job's default model, created once in the cache directory (`YUAN_SERVE_CACHE`,
+    default `~/.cache/yuan-serve`), since real weights cannot be downloaded here."""
+    cache = Path(os.environ.get("YUAN_SERVE_CACHE", Path.home() / ".cache" / "yuan-serve"))
+    out = cache / f"demo-{DEMO_PRESET}-seed{DEMO_SEED}-v2"
+    if not (out / "config.json").exists():
+        write_random_checkpoint(preset(DEMO_PRESET), out, DEMO_SEED, printable_head=True)
     return out

@@ -46,7 +46,7 @@ def test_default_model_is_created_once(tmp_path):
     env = {"YUAN_SERVE_CACHE": str(tmp_path)}
     out = run("generate", "--engine", "local", "--prompt", "hi", "--max-tokens", "2", "--json", env=env)
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "demo-tiny-seed0" / "config.json").exists()
+    assert (tmp_path / "demo-tiny-seed0-v2" / "config.json").exists()
 
 
 def test_bad_input_is_a_clear_error_not_a_traceback(fixture_dir, tmp_path):

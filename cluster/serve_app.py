@@ -1,0 +1,85 @@
+"""The Ray Serve application: one gateway deployment that starts its expert pools and serves gRPC.
+
+`deploy.yaml` imports `build_app` by path (`serve run deploy.yaml`, `serve deploy deploy.yaml`), and
+`yuan-serve up` calls the same builder, so both run exactly this. Arguments are validated
+(`AppArgs`, unknown keys refused) before anything starts. The gateway's gRPC server is a plain
+`grpc.aio` server inside the replica, not Serve's gRPC proxy (docs/GRPC.md says why); Serve
+supplies lifecycle: health checks that restart a broken replica, and a graceful `__del__` drain.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+
+from cluster.deployment import DeploymentConfig
+from gateway.engine import EngineLimits
+from gateway.server import GatewayServer, ServerOptions
+from model.checkpoint import demo_checkpoint
+
+
+class AppArgs(BaseModel):
+    """Arguments of the yuan-serve application (the `args:` block of deploy.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Checkpoint directory; empty: the demo checkpoint, created once.")
+    pools: int = Field(4, ge=1, le=32, description="Expert pools (each hosts a block of experts of every layer).")
+    replicas: int = Field(1, ge=1, le=8, description="Replicas of every pool.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Override the checkpoint dtype.")
+    host: str = Field("127.0.0.1", description="gRPC bind address; loopback by default.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port.")
+    token: str | None = Field(None, description="Bearer token required on every call except health.")
+    tls_cert: str | None = Field(None, description="PEM certificate path (with tls_key) for TLS.")
+    tls_key: str | None = Field(None, description="PEM private key path (with tls_cert).")
+    grace_s: float = Field(10.0, ge=0, description="Drain: seconds in-flight requests get to finish.")
+    max_running: int = Field(64, ge=1, description="Sequences decoding together.")
+    max_queue: int = Field(256, ge=1, description="Requests waiting for a slot; more get RESOURCE_EXHAUSTED.")
+    max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_prompt_len: int | None = Field(None, ge=1, description="Longest prompt in tokens; default: context - 1.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> AppArgs:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key: give both or neither")
+        return self
+
+    def deployment_config(self) -> DeploymentConfig:
+        limits = EngineLimits(max_running=self.max_running, max_queue=self.max_queue, max_tokens=self.max_tokens,
+                              max_prompt_len=self.max_prompt_len)
+        return DeploymentConfig(self.model or str(demo_checkpoint()), pools=self.pools, replicas=self.replicas,
+                                gateways=0, dtype=self.dtype, limits=limits, address="auto")
+
+    def server_options(self) -> ServerOptions:
+        return ServerOptions(host=self.host, port=self.port, token=self.token, tls_cert=self.tls_cert,
+                             tls_key=self.tls_key, grace_s=self.grace_s)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 1}, health_check_period_s=5,
+                  graceful_shutdown_timeout_s=60)
+class GatewayDeployment:
+    def __init__(self, args: AppArgs) -> None:
+        from gateway.backends import ray_backend
+
+        cfg = args.deployment_config()
+        self.server = GatewayServer(lambda: ray_backend(cfg), args.server_options())
+        self.port = self.server.start()
+
+    def check_health(self) -> None:
+        """Raises so Serve restarts a replica whose server or backend died."""
+        if not self.server.alive:
+            raise RuntimeError(f"gateway server is down: {self.server.error}")
+
+    async def address(self) -> int:
+        return self.port
+
+    def __del__(self) -> None:
+        self.server.stop()
+
+
+def build_app(args: dict) -> Application:
+    """The application `deploy.yaml` and `yuan-serve up` deploy; raises on invalid arguments."""
+    return GatewayDeployment.bind(AppArgs(**args))
