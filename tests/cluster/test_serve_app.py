@@ -1,0 +1,57 @@
+"""deploy.yaml's application on Ray Serve, and its validated arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
+
+from cluster.serve_app import AppArgs, build_app
+from protos import serving_pb2 as pb
+from protos import serving_pb2_grpc as pb_grpc
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy.yaml"
+
+
+def deploy_args() -> dict:
+    app = yaml.safe_load(DEPLOY.read_text())["applications"][0]
+    assert app["import_path"] == "cluster.serve_app:build_app"
+    return app["args"]
+
+
+def test_deploy_yaml_args_validate_and_bad_ones_are_named():
+    AppArgs(**deploy_args())
+    with pytest.raises(ValidationError, match="poolz"):
+        build_app({**deploy_args(), "poolz": 3})
+    with pytest.raises(ValidationError, match="pools"):
+        build_app({**deploy_args(), "pools": 0})
+    with pytest.raises(ValidationError, match="tls_cert and tls_key"):
+        build_app({**deploy_args(), "tls_cert": "/x.pem"})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_runs_deploy_yaml_app(ray_cluster, fixture_dir, golden):
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")
+    try:
+        serve.run(build_app({**deploy_args(), "model": str(fixture_dir), "port": 0, "pools": 2}),
+                  name="yuan", route_prefix=None)
+        port = serve.get_app_handle("yuan").address.remote().result()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            from cli.client import wait_serving
+
+            wait_serving(ch, 120)
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            case = golden["cases"][4]
+            res = pb_grpc.YuanServingStub(ch).Generate(
+                pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True), timeout=60)
+            assert list(res.token_ids) == case["generated_ids"]
+    finally:
+        serve.shutdown()

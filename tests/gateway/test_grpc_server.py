@@ -1,0 +1,252 @@
+"""The gRPC server (real grpc.aio server on 127.0.0.1, real client) over the in-process backend:
+lifecycle, health, reflection, status codes, limits, auth and TLS."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gateway.backends import local_backend
+from gateway.engine import EngineLimits
+from gateway.server import GatewayServer, ServerOptions
+from protos import serving_pb2 as pb
+from protos import serving_pb2_grpc as pb_grpc
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Running:
+    """A started server and a channel to it; always stopped at the end."""
+
+    def __init__(self, factory, **options) -> None:
+        self.server = GatewayServer(factory, ServerOptions(port=0, **options))
+        self.port = self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.YuanServingStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def status(self, service: str = "") -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(grace_s=0)
+
+
+@pytest.fixture(scope="module")
+def srv(fixture_dir):
+    running = Running(lambda: local_backend(str(fixture_dir), EngineLimits(max_tokens=64)))
+    running.server.wait_ready(60)
+    yield running
+    running.close()
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details()
+
+
+def test_unary_and_stream_match_golden(srv, golden):
+    for case in golden["cases"]:
+        req = pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True)
+        res = srv.stub.Generate(req, timeout=30)
+        assert list(res.token_ids) == case["generated_ids"]
+        assert res.finish_reason == pb.FINISH_REASON_LENGTH
+        assert res.usage.prompt_tokens == len(case["prompt_ids"]) and res.usage.completion_tokens == 16
+        assert res.timings.ttft_ms > 0
+        msgs = list(srv.stub.GenerateStream(req, timeout=30))
+        assert [m.token_id for m in msgs] == case["generated_ids"]
+        assert [m.index for m in msgs] == list(range(16))
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and msgs[-1].usage.completion_tokens == 16
+
+
+BAD = [
+    ("empty prompt", pb.GenerateRequest(), "prompt"),
+    ("both prompts", pb.GenerateRequest(text="a", token_ids=[1]), "prompt"),
+    ("id out of vocabulary", pb.GenerateRequest(token_ids=[1, 1000]), "token_ids"),
+    ("negative id", pb.GenerateRequest(token_ids=[-1]), "token_ids"),
+    ("prompt longer than the context", pb.GenerateRequest(token_ids=[1] * 1024), "prompt"),
+    ("max_tokens 0", pb.GenerateRequest(token_ids=[1], max_tokens=0), "max_tokens"),
+    ("max_tokens negative", pb.GenerateRequest(token_ids=[1], max_tokens=-5), "max_tokens"),
+    ("max_tokens over the limit", pb.GenerateRequest(token_ids=[1], max_tokens=65), "max_tokens"),
+    ("temperature", pb.GenerateRequest(token_ids=[1], temperature=-0.5), "temperature"),
+    ("top_p", pb.GenerateRequest(token_ids=[1], top_p=1.5), "top_p"),
+    ("top_k", pb.GenerateRequest(token_ids=[1], top_k=-1), "top_k"),
+    ("seed", pb.GenerateRequest(token_ids=[1], seed=2**63 + 5), "seed"),
+    ("stop_token_ids", pb.GenerateRequest(token_ids=[1], stop_token_ids=[5000]), "stop_token_ids"),
+    ("empty stop string", pb.GenerateRequest(token_ids=[1], stop=[""]), "stop"),
+]
+
+
+@pytest.mark.parametrize("name, req, field", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+def test_bad_input_is_invalid_argument_naming_the_field(srv, golden, name, req, field, rpc):
+    call = getattr(srv.stub, rpc)
+    code, details = code_of(lambda: list(call(req, timeout=10)) if rpc == "GenerateStream" else call(req, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field), details
+    case = golden["cases"][1]
+    res = srv.stub.Generate(pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True))
+    assert list(res.token_ids) == case["generated_ids"], "the server must keep serving"
+
+
+def test_unknown_field_is_invalid_argument(srv):
+    raw = pb.GenerateRequest(token_ids=[1, 2], max_tokens=2).SerializeToString() + bytes([0xF8, 0x06, 0x01])  # field 111
+    call = srv.channel.unary_unary("/yuan.serving.v1.YuanServing/Generate", request_serializer=lambda b: b,
+                                   response_deserializer=pb.GenerateResponse.FromString)
+    code, details = code_of(lambda: call(raw, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "111" in details
+
+
+def test_stop_strings_and_text(srv, fixture_dir):
+    tokens = srv.stub.Tokenize(pb.TokenizeRequest(text="ab")).token_ids
+    assert list(tokens) == [97, 98]
+    free = srv.stub.Generate(pb.GenerateRequest(text="hello", max_tokens=12, temperature=1.0, seed=5, ignore_eod=True))
+    text = free.text
+    assert len(text) >= 3, "need some text to cut"
+    stop = text[1:3]
+    cut = srv.stub.Generate(pb.GenerateRequest(text="hello", max_tokens=12, temperature=1.0, seed=5,
+                                               ignore_eod=True, stop=[stop]))
+    assert cut.finish_reason == pb.FINISH_REASON_STOP
+    assert cut.text == text[: text.index(stop)] and stop not in cut.text
+
+
+def test_model_info_and_stats(srv):
+    info = srv.stub.ModelInfo(pb.ModelInfoRequest())
+    assert info.num_experts == 32 and info.top_k == 2 and len(info.workers) == 1
+    assert settled(srv.stub).cache_slots_used == 0
+
+
+def settled(stub, timeout: float = 5.0) -> pb.StatsResponse:
+    """Stats once nothing runs (cancellations apply at the next step boundary)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = stub.Stats(pb.StatsRequest())
+        if (stats.running == 0 and stats.waiting == 0) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
+
+
+def test_reflection_lists_the_service(srv):
+    stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"yuan.serving.v1.YuanServing", "grpc.health.v1.Health"} <= names
+
+
+def test_health_goes_not_serving_to_serving_and_unavailable_until_ready(fixture_dir):
+    gate = threading.Event()
+
+    def slow_backend():
+        gate.wait(30)
+        return local_backend(str(fixture_dir))
+
+    running = Running(slow_backend)
+    try:
+        assert running.status() == NOT_SERVING
+        assert running.status("yuan.serving.v1.YuanServing") == NOT_SERVING
+        code, details = code_of(lambda: running.stub.Generate(pb.GenerateRequest(token_ids=[1]), timeout=5))
+        assert code == grpc.StatusCode.UNAVAILABLE and "starting" in details
+        gate.set()
+        running.server.wait_ready(60)
+        assert running.status() == SERVING
+    finally:
+        gate.set()
+        running.close()
+
+
+def test_drain_says_not_serving_refuses_new_and_lets_in_flight_finish(fixture_dir, golden):
+    running = Running(lambda: local_backend(str(fixture_dir)), grace_s=30)
+    running.server.wait_ready(60)
+    long = running.stub.GenerateStream(pb.GenerateRequest(token_ids=[5, 6, 7], max_tokens=600, ignore_eod=True))
+    first = next(long)
+    stopper = threading.Thread(target=running.server.stop)
+    stopper.start()
+    deadline = time.monotonic() + 10
+    while running.status() != NOT_SERVING and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert running.status() == NOT_SERVING
+    code, details = code_of(lambda: running.stub.Generate(pb.GenerateRequest(token_ids=[1]), timeout=5))
+    assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details
+    rest = list(long)
+    assert first.index == 0 and len(rest) == 599 and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    stopper.join(30)
+    assert not stopper.is_alive()
+    running.channel.close()
+
+
+def test_queue_full_is_resource_exhausted_and_others_finish(fixture_dir):
+    running = Running(lambda: local_backend(str(fixture_dir), EngineLimits(max_running=1, max_queue=1)))
+    try:
+        running.server.wait_ready(60)
+        req = pb.GenerateRequest(token_ids=[3, 4], max_tokens=300, ignore_eod=True)
+        calls = [running.stub.Generate.future(req, timeout=60) for _ in range(4)]
+        codes = []
+        for c in calls:
+            try:
+                codes.append(len(c.result().token_ids))
+            except grpc.RpcError as e:
+                codes.append(e.code())
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert all(c == 300 for c in codes if c != grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert sum(c == 300 for c in codes) >= 2, "the running and the queued request both finish"
+    finally:
+        running.close()
+
+
+def test_bearer_token_is_required_except_for_health(fixture_dir):
+    running = Running(lambda: local_backend(str(fixture_dir)), token="s3cret")
+    try:
+        running.server.wait_ready(60)
+        assert running.status() == SERVING  # health needs no token
+        req = pb.GenerateRequest(token_ids=[1, 2], max_tokens=2)
+        for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
+            code, _ = code_of(lambda: running.stub.Generate(req, metadata=metadata, timeout=10))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            code, _ = code_of(lambda: list(running.stub.GenerateStream(req, metadata=metadata, timeout=10)))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+        ok = running.stub.Generate(req, metadata=[("authorization", "Bearer s3cret")], timeout=10)
+        assert len(ok.token_ids) == 2
+    finally:
+        running.close()
+
+
+def test_tls(fixture_dir, tmp_path):
+    crypto = pytest.importorskip("cryptography")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    server = GatewayServer(lambda: local_backend(str(fixture_dir)),
+                           ServerOptions(port=0, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")))
+    port = server.start()
+    try:
+        server.wait_ready(60)
+        creds = grpc.ssl_channel_credentials((tmp_path / "cert.pem").read_bytes())
+        with grpc.secure_channel(f"localhost:{port}", creds) as ch:
+            res = pb_grpc.YuanServingStub(ch).Generate(pb.GenerateRequest(token_ids=[1, 2], max_tokens=2), timeout=10)
+            assert len(res.token_ids) == 2
+        with grpc.insecure_channel(f"localhost:{port}") as ch:
+            code, _ = code_of(lambda: pb_grpc.YuanServingStub(ch).Generate(pb.GenerateRequest(token_ids=[1]), timeout=5))
+            assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace_s=0)
+    assert crypto is not None
