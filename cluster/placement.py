@@ -33,9 +33,6 @@ class RoutingTable:
         """`[expert] -> workers holding it`, the dispatcher's lookup."""
         return [self.replicas(e) for e in range(self.num_experts)]
 
-    def to_dict(self) -> dict:
-        return {"version": self.version, "workers": [list(w) for w in self.workers],
-                "experts": {e: self.replicas(e) for e in range(self.num_experts)}}
 
 
 def plan_pools(num_experts: int, pools: int, replicas: int = 1, version: int = 1) -> RoutingTable:

@@ -40,7 +40,6 @@ class Gateway:
         self._wake: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
-        self.step_times: list[float] = []
 
     async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         """Submit a request and yield its tokens. Raises `InvalidRequest`/`QueueFull` before any token.
@@ -93,13 +92,11 @@ class Gateway:
                     continue
                 await self._wake.wait()
                 continue
-            t0 = time.perf_counter()
             try:
                 batch = await loop.run_in_executor(self._executor, self.engine.step)
             except Exception as e:  # a failed step fails its requests, never the gateway
                 self._fail_all(f"{type(e).__name__}: {e}")
                 continue
-            self.step_times.append(time.perf_counter() - t0)
             for seq in batch:
                 self._deliver(seq)
 

@@ -139,9 +139,6 @@ class CheckpointReader:
         self._handles[file] = handle
         return handle
 
-    def names(self) -> set[str]:
-        return set(self._where)
-
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read exactly these tensors, opening only the files that hold them."""
         missing = [n for n in names if n not in self._where]

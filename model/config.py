@@ -8,7 +8,7 @@ needs math we do not implement fails at load time instead of producing wrong tok
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +172,6 @@ class YuanConfig:
 
     def with_(self, **changes: Any) -> YuanConfig:
         return replace(self, **changes)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # Fields of the HF file that we map, and fields that never change inference math (SPEC: "do not
