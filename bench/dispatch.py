@@ -1,8 +1,10 @@
 """Dispatch microbenchmark: gateway -> P expert pools -> gateway for T tokens x hidden d, per transport.
 
-Real `ExpertPool` actors and the real `RayDispatcher`, on a one-layer checkpoint with hidden 2048
-and 8-wide experts, so expert compute is negligible and the time is the transport's.
-Usage: python -m bench.dispatch [--tokens 64] [--pools 1 2 4] [--iters 200] [--inline-kib 1024]
+The real `PoolDispatcher` and pool actors on a one-layer checkpoint with hidden 2048 and 8-wide
+experts, two ways: `echo` pools (an `ExpertPool` that returns its input, so the time is planning
+plus transport) and `experts` pools (the real expert math, whose per-expert torch calls dominate
+at this size). Every transport is measured on the same pools in one run, side by side.
+Usage: python -m bench.dispatch [--tokens 64] [--pools 1 2 4] [--iters 300] [--inline-kib 1024] [--json]
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import ray
 import torch
 
 from cluster.deployment import Deployment, DeploymentConfig
+from cluster.placement import plan_pools
+from experts.pool import ExpertPool
 from cluster.ray_cluster import connect
-from gateway.ray_dispatcher import RayDispatcher
+from gateway.pool_dispatcher import TRANSPORTS, PoolDispatcher
 from model.checkpoint import write_random_checkpoint
 from model.config import YuanConfig
 
@@ -31,52 +35,81 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50": s[len(s) // 2] * 1e3, "p99": s[min(len(s) - 1, int(len(s) * 0.99))] * 1e3}
 
 
-def measure(model_dir: str, pools: int, tokens: int, iters: int) -> dict[str, float]:
-    d = Deployment(DeploymentConfig(model_dir, pools=pools, gateways=0)).start()
+def round_trips(disp: PoolDispatcher, tokens: int, iters: int) -> dict[str, float]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, TRANSPORT_CFG.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(32, generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+    for _ in range(20):
+        disp.experts(0, x, ids, w)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        disp.experts(0, x, ids, w)
+        times.append(time.perf_counter() - t0)
+    return percentiles(times)
+
+
+class EchoPool(ExpertPool):
+    """Returns its input instead of computing experts: the dispatch path without the math."""
+
+    def _compute_tensors(self, layer, x, expert_ids, weights):
+        return x.clone()
+
+    def compute(self, layer, x, expert_ids, weights):
+        return x.copy()
+
+
+def measure(model_dir: str, pools: int, tokens: int, iters: int, compute: str) -> dict[str, dict[str, float]]:
+    if compute == "experts":
+        d = Deployment(DeploymentConfig(model_dir, pools=pools, gateways=0)).start_pools()
+        table, workers, stop = d.table, d.workers, d.shutdown
+    else:
+        table = plan_pools(TRANSPORT_CFG.num_experts, pools)
+        workers = [ray.remote(EchoPool).options(num_cpus=1).remote(model_dir, list(e)) for e in table.workers]
+        ray.get([w.info.remote() for w in workers])
+
+        def stop():
+            for w in workers:
+                ray.kill(w)
     try:
-        disp = RayDispatcher(d.table, d.workers)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(tokens, TRANSPORT_CFG.hidden_size, generator=g)
-        ids = torch.stack([torch.randperm(32, generator=g)[:2] for _ in range(tokens)])
-        w = torch.rand(tokens, 2, generator=g)
-        for _ in range(10):
-            disp.experts(0, x, ids, w)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            disp.experts(0, x, ids, w)
-            times.append(time.perf_counter() - t0)
-        empty = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            ray.get(d.workers[0].info.remote())
-            empty.append(time.perf_counter() - t0)
-        return {**percentiles(times), "empty_call_p50": percentiles(empty)["p50"]}
+        out = {}
+        for transport in TRANSPORTS:
+            disp = PoolDispatcher(table, workers, transport)
+            out[transport] = round_trips(disp, tokens, iters)
+            disp.close()
+        return out
     finally:
-        d.shutdown()
+        stop()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--pools", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--iters", type=int, default=300)
     p.add_argument("--inline-kib", type=int, default=1024, help="Ray's inline object limit (its default: 100)")
+    p.add_argument("--compute", nargs="+", choices=["echo", "experts"], default=["echo", "experts"])
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     connect(num_cpus=16, inline_object_bytes=args.inline_kib * 1024)
     with tempfile.TemporaryDirectory() as tmp:
         write_random_checkpoint(TRANSPORT_CFG, tmp + "/ckpt", seed=0)
-        rows = {P: measure(tmp + "/ckpt", P, args.tokens, args.iters) for P in args.pools}
+        rows = {c: {P: measure(tmp + "/ckpt", P, args.tokens, args.iters, c) for P in args.pools}
+                for c in args.compute}
     ray.shutdown()
     if args.json:
-        print(json.dumps({"tokens": args.tokens, "inline_kib": args.inline_kib, "pools": rows}))
+        print(json.dumps({"tokens": args.tokens, "hidden": TRANSPORT_CFG.hidden_size, "inline_kib": args.inline_kib,
+                          "pools": rows}))
         return
-    print(f"plain Ray actor calls, {args.tokens} tokens x {TRANSPORT_CFG.hidden_size} float32, "
-          f"inline limit {args.inline_kib} KiB")
-    print(f"{'pools':>5} {'p50 ms':>8} {'p99 ms':>8} {'empty call p50 ms':>18}")
-    for P, r in rows.items():
-        print(f"{P:>5} {r['p50']:8.2f} {r['p99']:8.2f} {r['empty_call_p50']:18.2f}")
+    print(f"per-layer dispatch round trip, {args.tokens} tokens x {TRANSPORT_CFG.hidden_size} float32, "
+          f"Ray inline limit {args.inline_kib} KiB, {args.iters} iterations")
+    print(f"{'pools':>8} {'compute':>8} {'transport':>10} {'p50 ms':>8} {'p99 ms':>8}   ray/dataplane p50")
+    for c, by_pools in rows.items():
+        for P, r in by_pools.items():
+            for t in TRANSPORTS:
+                ratio = f"{r['ray']['p50'] / r['dataplane']['p50']:8.1f}x" if t == "dataplane" else ""
+                print(f"{P:>8} {c:>8} {t:>10} {r[t]['p50']:8.3f} {r[t]['p99']:8.3f}   {ratio}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def _generate_ray(args, model_dir: str, prompt: list[int], params) -> tuple[list
 
     t0 = time.perf_counter()
     deployment = Deployment(DeploymentConfig(model_dir, pools=args.pools, replicas=args.replicas,
-                                             dtype=args.dtype, address=args.address))
+                                             dtype=args.dtype, address=args.address, transport=args.transport))
     try:
         deployment.start()
         t1 = time.perf_counter()
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray: gateway + expert pools on Ray (default); local: the in-process reference")
     s.add_argument("--pools", type=int, default=4, help="expert pools (ray engine)")
     s.add_argument("--replicas", type=int, default=1, help="replicas of every pool (ray engine)")
+    s.add_argument("--transport", choices=["dataplane", "ray"], default="dataplane",
+                   help="gateway <-> pool bytes (ray engine)")
     s.add_argument("--address", default=None,
                    help="join this Ray cluster ('auto', 'ray://host:port'); default: start an embedded one")
     s.add_argument("--model", help="checkpoint directory (default: the demo checkpoint, created once)")

@@ -34,6 +34,7 @@ class DeploymentConfig:
     dtype: str | None = None
     limits: EngineLimits = field(default_factory=EngineLimits)
     address: str | None = None  # None: embedded local cluster
+    transport: str = "dataplane"  # gateway <-> pool bytes: "dataplane" or "ray" (docs/TRANSPORT.md)
     start_timeout_s: float = 180.0
 
 
@@ -53,7 +54,8 @@ class Deployment:
         self.start_pools()
         try:
             self.gateways = [GatewayActor.options(num_cpus=1).remote(
-                cfg.model_dir, self.table, self.workers, cfg.limits, cfg.dtype) for _ in range(cfg.gateways)]
+                cfg.model_dir, self.table, self.workers, cfg.limits, cfg.dtype, cfg.transport)
+                for _ in range(cfg.gateways)]
             self._wait([g.ready.remote() for g in self.gateways], "gateways to load the model")
         except BaseException:
             self.shutdown()

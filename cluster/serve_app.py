@@ -30,6 +30,8 @@ class AppArgs(BaseModel):
     pools: int = Field(4, ge=1, le=32, description="Expert pools (each hosts a block of experts of every layer).")
     replicas: int = Field(1, ge=1, le=8, description="Replicas of every pool.")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Override the checkpoint dtype.")
+    transport: Literal["dataplane", "ray"] = Field("dataplane", description="Gateway <-> pool bytes: the data "
+                                                   "plane (shared memory / TCP) or plain Ray calls.")
     host: str = Field("127.0.0.1", description="gRPC bind address; loopback by default.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port.")
     token: str | None = Field(None, description="Bearer token required on every call except health.")
@@ -51,7 +53,8 @@ class AppArgs(BaseModel):
         limits = EngineLimits(max_running=self.max_running, max_queue=self.max_queue, max_tokens=self.max_tokens,
                               max_prompt_len=self.max_prompt_len)
         return DeploymentConfig(self.model or str(demo_checkpoint()), pools=self.pools, replicas=self.replicas,
-                                gateways=0, dtype=self.dtype, limits=limits, address="auto")
+                                gateways=0, dtype=self.dtype, limits=limits, address="auto",
+                                transport=self.transport)
 
     def server_options(self) -> ServerOptions:
         return ServerOptions(host=self.host, port=self.port, token=self.token, tls_cert=self.tls_cert,

@@ -7,11 +7,13 @@ It reads only its own experts' tensors from the checkpoint, never the whole mode
 from __future__ import annotations
 
 import os
+import socket
 
 import numpy as np
 import torch
 
 from model.checkpoint import CheckpointReader, load_experts
+from experts.dataplane import DataPlaneServer
 from experts.wire import decode, encode
 from model.config import DTYPES, YuanConfig
 
@@ -25,6 +27,7 @@ class ExpertPool:
         self.cfg = cfg.with_(torch_dtype=dtype) if dtype else cfg
         self.banks: list = []
         self.tensors_read: set[str] = set()
+        self.data_plane: DataPlaneServer | None = None
         self.load(expert_ids)
 
     def load(self, expert_ids: list[int]) -> dict:
@@ -38,6 +41,17 @@ class ExpertPool:
         return {"experts": list(self.banks[0].expert_ids) if self.banks else [],
                 "bytes": sum(b.nbytes() for b in self.banks), "pid": os.getpid(),
                 "tensors_read": len(self.tensors_read), "device": str(self.device)}
+
+    def open_data_plane(self) -> dict:
+        """Start (once) the data-plane server; returns where gateways reach it."""
+        if self.data_plane is None:
+            self.data_plane = DataPlaneServer(self._compute_tensors, self.cfg.hidden_size)
+        return {"address": self.data_plane.address(), "host": socket.gethostname()}
+
+    def _compute_tensors(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                         weights: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.banks[layer](x.to(self.device), expert_ids.to(self.device), weights.to(self.device)).cpu()
 
     def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """x `[n, d]`, expert_ids `[n, A]` (-1: not here), weights `[n, A]` -> partial sums `[n, d]`."""

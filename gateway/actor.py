@@ -1,4 +1,4 @@
-"""Ray shell over `Gateway`: holds the non-expert model, reaches expert pools through `RayDispatcher`.
+"""Ray shell over `Gateway`: holds the non-expert model, reaches expert pools through `PoolDispatcher`.
 
 Several gateway actors may share the same pools (data-parallel attention). Requests arrive as
 plain types (ids, a dict of sampling fields) so any client, the gRPC server included, can call it.
@@ -14,7 +14,7 @@ import torch
 
 from cluster.placement import RoutingTable
 from gateway.engine import Engine, EngineLimits
-from gateway.ray_dispatcher import RayDispatcher
+from gateway.pool_dispatcher import PoolDispatcher
 from gateway.sampling import SamplingParams
 from gateway.service import Gateway
 from model.checkpoint import load_model
@@ -23,10 +23,10 @@ from model.checkpoint import load_model
 @ray.remote
 class GatewayActor:
     def __init__(self, model_dir: str, table: RoutingTable, workers: list, limits: EngineLimits,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, transport: str = "dataplane") -> None:
         torch.set_num_threads(1)
         model, _ = load_model(model_dir, dtype)  # no expert weights here
-        self.dispatcher = RayDispatcher(table, workers)
+        self.dispatcher = PoolDispatcher(table, workers, transport)
         self.gateway = Gateway(Engine(model, self.dispatcher, limits))
         self.params_held = sum(p.numel() for p in model.parameters())
 

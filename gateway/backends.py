@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gateway.engine import Engine, EngineLimits, local_engine
-from gateway.ray_dispatcher import RayDispatcher
+from gateway.pool_dispatcher import PoolDispatcher
 from gateway.server import Backend
 from gateway.tokenizer import load_tokenizer
 from model.checkpoint import load_model
@@ -20,6 +20,7 @@ def _info(engine: Engine, pools: int, replicas: int, version: int, workers: list
     lim = engine.limits
     return {"config": asdict(engine.model.cfg), "pools": pools, "replicas": replicas,
             "routing_table_version": version, "workers": workers,
+            "transport": getattr(engine.dispatcher, "transport", "local"),
             "limits": {"max_prompt_len": lim.max_prompt_len, "max_tokens": lim.max_tokens,
                        "max_queue": lim.max_queue, "max_running": lim.max_running}}
 
@@ -38,7 +39,7 @@ def ray_backend(cfg) -> Backend:
     deployment = Deployment(cfg).start_pools()
     try:
         model, _ = load_model(cfg.model_dir, cfg.dtype)
-        engine = Engine(model, RayDispatcher(deployment.table, deployment.workers), cfg.limits)
+        engine = Engine(model, PoolDispatcher(deployment.table, deployment.workers, cfg.transport), cfg.limits)
         info = _info(engine, cfg.pools, cfg.replicas, deployment.table.version,
                      [list(w) for w in deployment.table.workers])
         return Backend(engine, load_tokenizer(Path(cfg.model_dir), model.cfg), info, deployment.shutdown)

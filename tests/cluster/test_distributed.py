@@ -115,3 +115,46 @@ def test_two_gateways_share_the_same_pools(deploy, golden):
     rb = [b.generate.remote(f"b{c['index']}", c["prompt_ids"], GREEDY16) for c in cases]
     for res, case in zip(ray.get(ra) + ray.get(rb), cases + cases):
         assert res["token_ids"] == case["generated_ids"]
+
+
+@pytest.mark.parametrize("transport", ["ray", "dataplane"])
+def test_each_transport_is_token_exact(ray_cluster, fixture_dir, golden, transport):
+    from gateway.engine import Engine
+    from gateway.pool_dispatcher import PoolDispatcher
+    from model.checkpoint import load_model
+
+    d = Deployment(DeploymentConfig(str(fixture_dir), pools=2, gateways=0)).start_pools()
+    try:
+        model, _ = load_model(str(fixture_dir))
+        disp = PoolDispatcher(d.table, d.workers, transport)
+        seqs = Engine(model, disp).generate([c["prompt_ids"] for c in golden["cases"]],
+                                            SamplingParams(max_tokens=16, ignore_eod=True))
+        assert [s.output_ids for s in seqs] == [c["generated_ids"] for c in golden["cases"]]
+        assert disp.fallbacks == 0
+        disp.close()
+    finally:
+        d.shutdown()
+
+
+def test_a_broken_data_plane_falls_back_to_ray_calls(ray_cluster, fixture_dir, golden):
+    from gateway.engine import Engine
+    from gateway.pool_dispatcher import PoolDispatcher
+    from model.checkpoint import load_model
+
+    d = Deployment(DeploymentConfig(str(fixture_dir), pools=2, gateways=0)).start_pools()
+    try:
+        model, _ = load_model(str(fixture_dir))
+        disp = PoolDispatcher(d.table, d.workers, "dataplane")
+        engine = Engine(model, disp)
+        case = golden["cases"][4]
+        seq = engine.add("a", case["prompt_ids"], SamplingParams(max_tokens=16, ignore_eod=True))
+        for _ in range(5):
+            engine.step()
+        disp._channels[(0, 0)].sock.close()  # the socket dies mid-generation
+        while not seq.finished:
+            engine.step()
+        assert seq.output_ids == case["generated_ids"]
+        assert disp.fallbacks >= 1 and (0, 0) not in disp._channels
+        disp.close()
+    finally:
+        d.shutdown()

@@ -1,0 +1,123 @@
+"""The gateway's side of the expert step: plan, send to the pools, await all, combine.
+
+Per layer one request goes to every worker that has work, all in flight at once. Each worker is
+reached by its transport: the data plane (`experts/dataplane.py`, shared memory on one node, TCP
+across nodes) by default, or plain Ray actor calls, which stay as the fallback: a worker whose data
+plane fails is served by Ray calls from then on (`fallbacks` counts them). `submit`/`wait` split a
+layer's call so two micro-batches can overlap; each micro-batch (`lane`) has its own connections.
+The routing table can be swapped between steps (`set_table`) without touching this path.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from cluster.placement import RoutingTable
+from experts.dataplane import DataPlaneError, PoolChannel
+from experts.wire import decode, encode
+from router.plan import WorkerRequest, combine, plan_dispatch
+
+TRANSPORTS = ("dataplane", "ray")
+LANES = 2
+
+
+@dataclass
+class Pending:
+    """One layer's requests in flight."""
+
+    layer: int
+    lane: int
+    x: torch.Tensor
+    requests: list[WorkerRequest]
+    handles: list  # per request: an ObjectRef (Ray) or the PoolChannel that was sent to
+
+
+class PoolDispatcher:
+    def __init__(self, table: RoutingTable, workers: list, transport: str = "dataplane") -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.transport = transport
+        self.outstanding: dict[int, int] = {}  # tokens in flight per worker
+        self.tokens_sent: dict[int, int] = {}
+        self.fallbacks = 0
+        self._channels: dict[tuple[int, int], PoolChannel] = {}
+        self.set_table(table, workers)
+
+    def set_table(self, table: RoutingTable, workers: list) -> None:
+        if len(workers) != len(table.workers):
+            raise ValueError(f"routing table v{table.version} has {len(table.workers)} workers, "
+                             f"got {len(workers)} handles")
+        self.close()
+        self.table, self.workers, self._replicas = table, list(workers), table.replica_lists()
+        if self.transport == "dataplane":
+            here = socket.gethostname()
+            for w, info in enumerate(ray.get([h.open_data_plane.remote() for h in self.workers])):
+                for lane in range(LANES):
+                    try:
+                        self._channels[(w, lane)] = PoolChannel(info["address"], same_node=info["host"] == here)
+                    except OSError:
+                        self.fallbacks += 1  # unreachable: this worker is served by Ray calls
+
+    def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        return self.wait(self.submit(layer, x, expert_ids, weights))
+
+    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+               lane: int = 0) -> Pending:
+        requests = plan_dispatch(expert_ids, weights, self._replicas, self.outstanding)
+        handles = []
+        for r in requests:
+            n = int(r.rows.numel())
+            self.outstanding[r.worker] = self.outstanding.get(r.worker, 0) + n
+            self.tokens_sent[r.worker] = self.tokens_sent.get(r.worker, 0) + n
+            handles.append(self._send(r, layer, x[r.rows], lane))
+        return Pending(layer, lane, x, requests, handles)
+
+    def wait(self, pending: Pending) -> torch.Tensor:
+        x = pending.x
+        try:
+            partials = [self._receive(r, h, pending) for r, h in zip(pending.requests, pending.handles)]
+            return combine(x.shape[0], x.shape[1], pending.requests, partials, x.dtype)
+        finally:
+            for r in pending.requests:
+                self.outstanding[r.worker] -= int(r.rows.numel())
+
+    def _send(self, r: WorkerRequest, layer: int, rows: torch.Tensor, lane: int):
+        channel = self._channels.get((r.worker, lane))
+        if channel is not None:
+            try:
+                channel.send(layer, rows, r.expert_ids, r.weights)
+                return channel
+            except DataPlaneError:
+                self._drop(r.worker)
+        return self._ray_call(r, layer, rows)
+
+    def _receive(self, r: WorkerRequest, handle, pending: Pending) -> torch.Tensor:
+        x = pending.x
+        if isinstance(handle, PoolChannel):
+            try:
+                return handle.recv(x.shape[1])
+            except DataPlaneError:  # resend this request the Ray way
+                self._drop(r.worker)
+                handle = self._ray_call(r, pending.layer, x[r.rows])
+        return decode(ray.get(handle), x.dtype)
+
+    def _ray_call(self, r: WorkerRequest, layer: int, rows: torch.Tensor):
+        return self.workers[r.worker].compute.remote(layer, encode(rows), encode(r.expert_ids), encode(r.weights))
+
+    def _drop(self, worker: int) -> None:
+        """Stop using a worker's data plane (it failed); Ray calls serve it from now on."""
+        self.fallbacks += 1
+        for lane in range(LANES):
+            channel = self._channels.pop((worker, lane), None)
+            if channel is not None:
+                channel.close()
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
