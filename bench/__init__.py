@@ -1,1 +1,16 @@
 """Benchmarks: numbers measured side by side in one run, never asserted in tests."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    p.add_argument("--pools", type=int, nargs="*", default=[1, 2, 4])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--dispatch-pools", type=int, default=4, help="0 skips the dispatch round-trip measurement")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--plot", default=None, help="write a PNG of throughput vs concurrency here")

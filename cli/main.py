@@ -1,4 +1,5 @@
-"""`yuan-serve`: init-checkpoint, inspect, generate (engine `ray` by default, or `local`), up, client.
+"""`yuan-serve`: init-checkpoint, inspect, plan, generate (engine `ray` by default, or `local`), up, client,
+bench.
 
 `generate --json` prints exactly one JSON object `{"token_ids", "text", "finish_reason", ...}` on
 stdout (generated ids only); scripts depend on that contract. Errors print one line on stderr and
@@ -46,6 +47,32 @@ def cmd_inspect(args: argparse.Namespace) -> None:
           f"({cfg.top_k} of {cfg.num_experts} experts per layer)")
     print(f"forward GFLOPs     {counts['gflops_per_token']:10.3f}    per token "
           f"(2 per active parameter, attention over {args.context} tokens of context)")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from cluster.capacity import capacity_plan
+    from model.config import YuanConfig, preset
+
+    cfg = YuanConfig.from_file(Path(args.model) / "config.json") if args.model else preset(args.preset)
+    plan = capacity_plan(cfg, args.gpus, args.gpu_mem, args.hbm_tbs, args.link_gbs, args.batch, args.context)
+    if args.json:
+        print(json.dumps(plan))
+        return
+    gb = 1e9
+    print(f"{args.gpus} GPUs x {args.gpu_mem:g} GB, one expert pool each, bf16 weights")
+    print(f"  experts per pool           {plan['experts_per_pool']} (of {cfg.num_experts}, every layer)")
+    print(f"  bytes per pool             {plan['bytes_per_pool'] / gb:8.2f} GB  "
+          f"({'fits' if plan['fits'] else 'DOES NOT FIT'}; room for {plan['spare_expert_replicas_per_gpu']} "
+          f"more expert replicas per GPU)")
+    print(f"  gateway weights            {plan['gateway_weight_bytes'] / gb:8.2f} GB, cache "
+          f"{plan['gateway_cache_bytes'] / gb:.2f} GB for {args.batch} sequences x {args.context} tokens")
+    print(f"  moved per layer per token  {plan['bytes_moved_per_layer_per_token'] / 1024:8.1f} KiB "
+          f"({plan['bytes_moved_per_token'] / 2**20:.2f} MiB per token over all layers)")
+    print(f"  decode bound, memory       {plan['tokens_per_s_bound_memory']:10.0f} tokens/s per gateway "
+          f"(batch {args.batch}, {plan['experts_touched_per_layer']:.1f} experts touched per layer, "
+          f"{args.hbm_tbs:g} TB/s)")
+    print(f"  decode bound, link         {plan['tokens_per_s_bound_link']:10.0f} tokens/s per gateway "
+          f"({args.link_gbs:g} GB/s)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -103,6 +130,12 @@ def _generate_ray(args, model_dir: str, prompt: list[int], params) -> tuple[list
     return result["token_ids"], result["finish_reason"], timing
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from bench.serving import run_cli
+
+    run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="yuan-serve", description="Serve Yuan 2.0-M32 (Attention Router MoE).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--context", type=int, default=0, help="context length for attention FLOPs")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("plan", help="capacity plan on paper: bytes per pool, bytes moved, tokens/s bounds")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--preset", default="m32")
+    g.add_argument("--model", help="checkpoint directory (reads its config.json)")
+    s.add_argument("--gpus", type=int, required=True)
+    s.add_argument("--gpu-mem", type=float, required=True, help="GB of memory per GPU")
+    s.add_argument("--hbm-tbs", type=float, default=4.8, help="GPU memory bandwidth, TB/s (H200: 4.8)")
+    s.add_argument("--link-gbs", type=float, default=50.0, help="gateway <-> pool link, GB/s")
+    s.add_argument("--batch", type=int, default=64, help="tokens per decode step per gateway")
+    s.add_argument("--context", type=int, default=4096)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("generate", help="generate a completion")
     s.add_argument("--engine", choices=["local", "ray"], default="ray",
@@ -152,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     up.add_parser(sub)
     client.add_parser(sub)
+    s = sub.add_parser("bench", help="serving benchmark: in-process vs distributed, side by side")
+    s.set_defaults(func=_bench)
+    from bench import add_arguments
+
+    add_arguments(s)
     return p
 
 

@@ -88,3 +88,15 @@ def test_generate_ray_engine_json_contract(fixture_dir, golden):
     assert result["timing"]["pools"] == 2 and result["timing"]["generate_s"] > 0
     out = run("generate", "--model", str(fixture_dir), "--token-ids", "1,99999", "--pools", "1", "--json")
     assert out.returncode == 2 and "token_ids" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plan_m32_on_eight_gpus():
+    out = run("plan", "--preset", "m32", "--gpus", "8", "--gpu-mem", "141", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["experts_per_pool"] == 4 and plan["fits"]
+    assert plan["bytes_per_pool"] == 4 * 24 * 3 * 8192 * 2048 * 2  # bf16 experts, every layer
+    assert plan["bytes_moved_per_layer_per_token"] == 2 * 2 * 2048 * 2  # top-2 out and back, bf16
+    assert 0 < plan["tokens_per_s_bound_memory"] < plan["tokens_per_s_bound_link"]
+    small = json.loads(run("plan", "--preset", "m32", "--gpus", "2", "--gpu-mem", "24", "--json").stdout)
+    assert not small["fits"]

@@ -1,0 +1,204 @@
+"""Serving benchmark: the in-process engine and the distributed engine side by side, in one run.
+
+For each preset (random checkpoints in the real layout), each engine (in-process; 1, 2, 4 pools
+over the data plane) and each concurrency, C streams of the same prompts run through the same
+`Gateway` class the server uses. Reported: tokens/s, TTFT and TPOT p50/p99, the expert step's
+round trip per layer p50/p99, and a step breakdown. Numbers are printed, never asserted.
+Usage: yuan-serve bench [--presets tiny small] [--pools 1 2 4] [--concurrency 1 8 32] [--json] [--plot FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bench import add_arguments
+from cluster.deployment import Deployment, DeploymentConfig
+from cluster.ray_cluster import connect
+from gateway.engine import Engine, EngineLimits
+from gateway.pool_dispatcher import PoolDispatcher
+from gateway.sampling import SamplingParams
+from gateway.service import Gateway
+from model.checkpoint import load_experts, load_model, write_random_checkpoint
+from model.config import preset
+from model.dispatcher import LocalDispatcher
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(len(s) * q))] if s else 0.0
+
+
+@dataclass
+class TimedDispatcher:
+    """Times each layer's expert step (for the distributed engine: pool compute + transport + waiting)."""
+
+    inner: object
+    times: list[float] = field(default_factory=list)
+
+    def experts(self, layer, x, expert_ids, weights):
+        t0 = time.perf_counter()
+        out = self.inner.experts(layer, x, expert_ids, weights)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+async def run_load(gateway: Gateway, prompts: list[list[int]], max_tokens: int) -> dict:
+    """All prompts at once as concurrent streams; per-request TTFT and TPOT."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eod=True)
+
+    async def one(i: int) -> tuple[float, float, int]:
+        t0 = time.perf_counter()
+        stamps = [e.at async for e in gateway.stream(f"b{i}", prompts[i], params)]
+        tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
+        return stamps[0] - t0, tpot, len(stamps)
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    wall = time.perf_counter() - t0
+    ttft, tpot, tokens = zip(*results)
+    return {"tokens_per_s": sum(tokens) / wall, "wall_s": wall, "tokens": sum(tokens),
+            "ttft_ms": {"p50": pct(ttft, 0.5) * 1e3, "p99": pct(ttft, 0.99) * 1e3},
+            "tpot_ms": {"p50": pct(tpot, 0.5) * 1e3, "p99": pct(tpot, 0.99) * 1e3}}
+
+
+def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len: int, max_tokens: int) -> dict:
+    g = torch.Generator().manual_seed(concurrency)
+    vocab = engine.model.cfg.vocab_size
+    prompts = [torch.randint(0, min(vocab, 256), (prompt_len,), generator=g).tolist() for _ in range(concurrency)]
+    gateway = Gateway(engine)
+    asyncio.run(run_load(gateway, prompts[:1], 2))  # warm-up
+    timed.times.clear()
+    steps0 = engine.steps
+    result = asyncio.run(run_load(gateway, prompts, max_tokens))
+    gateway.close()
+    steps = engine.steps - steps0
+    layers = engine.model.cfg.num_layers
+    expert_s = sum(timed.times)
+    result["steps"] = steps
+    result["expert_step_ms"] = {"p50": pct(timed.times, 0.5) * 1e3, "p99": pct(timed.times, 0.99) * 1e3}
+    step_s = result["wall_s"] / max(1, steps)
+    result["breakdown_ms_per_step"] = {"total": step_s * 1e3, "expert_calls": expert_s / max(1, steps) * 1e3,
+                                       "gateway_compute": (result["wall_s"] - expert_s) / max(1, steps) * 1e3,
+                                       "expert_calls_per_layer": expert_s / max(1, steps * layers) * 1e3}
+    return result
+
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len: int, max_tokens: int,
+        dispatch_pools: int = 4, dispatch_iters: int = 200) -> dict:
+    torch.set_num_threads(1)
+    connect(num_cpus=16)
+    out: dict = {"config": {"presets": presets, "pools": pools, "concurrency": concurrency,
+                            "prompt_len": prompt_len, "max_tokens": max_tokens}, "results": {},
+                 "throughput_ratio": {}}
+    limits = EngineLimits(max_running=max(concurrency), max_tokens=max_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in presets:
+            ckpt = write_random_checkpoint(preset(name), f"{tmp}/{name}", seed=0)
+            model, reader = load_model(str(ckpt))
+            engines = {"in-process": LocalDispatcher(load_experts(reader, model.cfg, list(range(model.cfg.num_experts))))}
+            res = out["results"][name] = {}
+            for label, disp in engines.items():
+                res[label] = {}
+                for c in concurrency:
+                    progress(f"{name} {label} x{c}")
+                    timed = TimedDispatcher(disp)
+                    res[label][c] = measure(Engine(model, timed, limits), timed, c, prompt_len, max_tokens)
+            for P in pools:
+                label = f"{P} pools"
+                d = Deployment(DeploymentConfig(str(ckpt), pools=P, gateways=0)).start_pools()
+                try:
+                    disp = PoolDispatcher(d.table, d.workers)
+                    res[label] = {}
+                    for c in concurrency:
+                        progress(f"{name} {label} x{c}")
+                        timed = TimedDispatcher(disp)
+                        res[label][c] = measure(Engine(model, timed, limits), timed, c, prompt_len, max_tokens)
+                    disp.close()
+                finally:
+                    d.shutdown()
+            best = f"{max(pools)} pools" if pools else None
+            if best:
+                out["throughput_ratio"][name] = {c: res[best][c]["tokens_per_s"] / res["in-process"][c]["tokens_per_s"]
+                                                 for c in concurrency}
+    if dispatch_pools:
+        from bench.dispatch import TRANSPORT_CFG
+        from bench.dispatch import measure as dispatch_measure
+
+        progress(f"dispatch round trip, 64 tokens x {TRANSPORT_CFG.hidden_size} to {dispatch_pools} pools")
+        with tempfile.TemporaryDirectory() as tmp:
+            write_random_checkpoint(TRANSPORT_CFG, tmp + "/ckpt", seed=0)
+            rt = dispatch_measure(tmp + "/ckpt", dispatch_pools, 64, dispatch_iters, "echo")
+        out["dispatch_round_trip_ms"] = {**rt["dataplane"], "pools": dispatch_pools, "tokens": 64,
+                                         "hidden": TRANSPORT_CFG.hidden_size, "ray_calls": rt["ray"]}
+    return out
+
+
+def table(out: dict) -> str:
+    lines = []
+    for name, res in out["results"].items():
+        lines.append(f"\npreset {name}: tokens/s | TTFT p50/p99 ms | TPOT p50/p99 ms | expert step per layer ms")
+        for label, by_c in res.items():
+            for c, r in by_c.items():
+                b = r["breakdown_ms_per_step"]
+                lines.append(f"  {label:>10} x{c:<3} {r['tokens_per_s']:9.1f} | {r['ttft_ms']['p50']:7.1f} / "
+                             f"{r['ttft_ms']['p99']:7.1f} | {r['tpot_ms']['p50']:6.2f} / {r['tpot_ms']['p99']:6.2f} | "
+                             f"{b['expert_calls_per_layer']:6.3f}  (step {b['total']:.2f} ms: gateway "
+                             f"{b['gateway_compute']:.2f}, expert calls {b['expert_calls']:.2f})")
+        if name in out["throughput_ratio"]:
+            ratios = ", ".join(f"x{c}: {v:.2f}" for c, v in out["throughput_ratio"][name].items())
+            lines.append(f"  distributed / in-process throughput: {ratios}")
+    if "dispatch_round_trip_ms" in out:
+        rt = out["dispatch_round_trip_ms"]
+        lines.append(f"\ndispatch round trip, {rt['tokens']} tokens x {rt['hidden']} to {rt['pools']} pools (echo): "
+                     f"p50 {rt['p50']:.3f} ms, p99 {rt['p99']:.3f} ms (Ray calls: p50 {rt['ray_calls']['p50']:.3f} ms)")
+    return "\n".join(lines)
+
+
+def plot(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(out["results"])
+    fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4), squeeze=False)
+    for ax, name in zip(axes[0], presets):
+        for label, by_c in out["results"][name].items():
+            cs = sorted(by_c)
+            ax.plot(cs, [by_c[c]["tokens_per_s"] for c in cs], marker="o", label=label)
+        ax.set(title=f"preset {name}", xlabel="concurrent streams", ylabel="tokens/s", xscale="log")
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.minorticks_off()
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="yuan-serve bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    run_cli(p.parse_args(argv))
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    out = run(args.presets, args.pools, args.concurrency, args.prompt_len, args.max_tokens, args.dispatch_pools)
+    if args.plot:
+        plot(out, args.plot)
+        out["plot"] = args.plot
+    print(json.dumps(out) if args.json else table(out))
+
+
+if __name__ == "__main__":
+    main()

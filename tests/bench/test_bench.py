@@ -1,0 +1,30 @@
+"""The serving benchmark runs and its numbers are sane (never timed asserts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.serving import plot, run, table
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_bench_runs_side_by_side_and_reports_sane_numbers(ray_cluster, tmp_path):
+    out = run(["tiny"], pools=[1], concurrency=[1, 3], prompt_len=4, max_tokens=5, dispatch_pools=2,
+              dispatch_iters=20)
+    res = out["results"]["tiny"]
+    assert set(res) == {"in-process", "1 pools"}
+    for by_c in res.values():
+        for c, r in by_c.items():
+            assert r["tokens"] == c * 5, "every stream gets all its tokens"
+            assert r["tokens_per_s"] > 0 and r["ttft_ms"]["p50"] > 0
+            assert r["ttft_ms"]["p99"] >= r["ttft_ms"]["p50"] and r["tpot_ms"]["p99"] >= r["tpot_ms"]["p50"]
+            b = r["breakdown_ms_per_step"]
+            assert 0 < b["expert_calls"] < b["total"]
+    assert set(out["throughput_ratio"]["tiny"]) == {1, 3}
+    rt = out["dispatch_round_trip_ms"]
+    assert rt["pools"] == 2 and rt["tokens"] == 64 and 0 < rt["p50"] <= rt["p99"]
+    assert "distributed / in-process" in table(out)
+    png = tmp_path / "bench.png"
+    plot(out, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
