@@ -12,5 +12,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--dispatch-pools", type=int, default=4, help="0 skips the dispatch round-trip measurement")
+    p.add_argument("--no-overlap", action="store_true", help="skip the micro-batch overlap variant")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--plot", default=None, help="write a PNG of throughput vs concurrency here")

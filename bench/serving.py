@@ -38,14 +38,21 @@ def pct(samples: list[float], q: float) -> float:
 
 @dataclass
 class TimedDispatcher:
-    """Times each layer's expert step (for the distributed engine: pool compute + transport + waiting)."""
+    """Times each layer's expert step from submit to result (for the distributed engine: pool compute,
+    transport and waiting; with overlap, the other micro-batch's attention runs inside it)."""
 
     inner: object
     times: list[float] = field(default_factory=list)
 
     def experts(self, layer, x, expert_ids, weights):
-        t0 = time.perf_counter()
-        out = self.inner.experts(layer, x, expert_ids, weights)
+        return self.wait(self.submit(layer, x, expert_ids, weights))
+
+    def submit(self, layer, x, expert_ids, weights, lane=0):
+        return time.perf_counter(), self.inner.submit(layer, x, expert_ids, weights, lane)
+
+    def wait(self, handle):
+        t0, inner = handle
+        out = self.inner.wait(inner)
         self.times.append(time.perf_counter() - t0)
         return out
 
@@ -96,7 +103,7 @@ def progress(msg: str) -> None:
 
 
 def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len: int, max_tokens: int,
-        dispatch_pools: int = 4, dispatch_iters: int = 200) -> dict:
+        dispatch_pools: int = 4, dispatch_iters: int = 200, overlap: bool = True) -> dict:
     torch.set_num_threads(1)
     connect(num_cpus=16)
     out: dict = {"config": {"presets": presets, "pools": pools, "concurrency": concurrency,
@@ -116,15 +123,17 @@ def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len
                     timed = TimedDispatcher(disp)
                     res[label][c] = measure(Engine(model, timed, limits), timed, c, prompt_len, max_tokens)
             for P in pools:
-                label = f"{P} pools"
                 d = Deployment(DeploymentConfig(str(ckpt), pools=P, gateways=0)).start_pools()
                 try:
                     disp = PoolDispatcher(d.table, d.workers)
-                    res[label] = {}
-                    for c in concurrency:
-                        progress(f"{name} {label} x{c}")
-                        timed = TimedDispatcher(disp)
-                        res[label][c] = measure(Engine(model, timed, limits), timed, c, prompt_len, max_tokens)
+                    variants = [(f"{P} pools", 1)] + ([(f"{P} pools+overlap", 2)] if overlap and P == max(pools) else [])
+                    for label, micro in variants:
+                        res[label] = {}
+                        for c in concurrency:
+                            progress(f"{name} {label} x{c}")
+                            timed = TimedDispatcher(disp)
+                            engine = Engine(model, timed, limits, micro_batches=micro)
+                            res[label][c] = measure(engine, timed, c, prompt_len, max_tokens)
                     disp.close()
                 finally:
                     d.shutdown()
@@ -193,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    out = run(args.presets, args.pools, args.concurrency, args.prompt_len, args.max_tokens, args.dispatch_pools)
+    out = run(args.presets, args.pools, args.concurrency, args.prompt_len, args.max_tokens, args.dispatch_pools,
+              overlap=not args.no_overlap)
     if args.plot:
         plot(out, args.plot)
         out["plot"] = args.plot

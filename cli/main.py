@@ -118,7 +118,8 @@ def _generate_ray(args, model_dir: str, prompt: list[int], params) -> tuple[list
 
     t0 = time.perf_counter()
     deployment = Deployment(DeploymentConfig(model_dir, pools=args.pools, replicas=args.replicas,
-                                             dtype=args.dtype, address=args.address, transport=args.transport))
+                                             dtype=args.dtype, address=args.address, transport=args.transport,
+                                             micro_batches=args.micro_batches))
     try:
         deployment.start()
         t1 = time.perf_counter()
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int, default=1, help="replicas of every pool (ray engine)")
     s.add_argument("--transport", choices=["dataplane", "ray"], default="dataplane",
                    help="gateway <-> pool bytes (ray engine)")
+    s.add_argument("--micro-batches", type=int, choices=[1, 2], default=1,
+                   help="2: overlap one half-batch's attention with the other's experts (ray engine)")
     s.add_argument("--address", default=None,
                    help="join this Ray cluster ('auto', 'ray://host:port'); default: start an embedded one")
     s.add_argument("--model", help="checkpoint directory (default: the demo checkpoint, created once)")

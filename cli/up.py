@@ -22,7 +22,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     from cluster.serve_app import build_app
 
     app_args = {k: v for k, v in {
-        "model": args.model, "pools": args.pools, "transport": args.transport, "replicas": args.replicas, "host": args.host, "port": args.port,
+        "model": args.model, "pools": args.pools, "transport": args.transport, "micro_batches": args.micro_batches, "replicas": args.replicas, "host": args.host, "port": args.port,
         "token": args.token, "tls_cert": args.tls_cert, "tls_key": args.tls_key, "grace_s": args.grace_s,
         "max_running": args.max_running, "max_queue": args.max_queue, "max_tokens": args.max_tokens,
         "max_prompt_len": args.max_prompt_len}.items() if v is not None}
@@ -67,6 +67,8 @@ def add_parser(sub) -> None:
     s.add_argument("--transport", choices=["dataplane", "ray"], default=None,
                    help="gateway <-> pool bytes (default: dataplane)")
     s.add_argument("--token", default=None, help="require this bearer token on every call but health")
+    s.add_argument("--micro-batches", type=int, choices=[1, 2], default=None,
+                   help="2: overlap one half-batch's attention with the other's experts")
     s.add_argument("--tls-cert", default=None)
     s.add_argument("--tls-key", default=None)
     s.add_argument("--grace-s", type=float, default=None)

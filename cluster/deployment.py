@@ -35,6 +35,7 @@ class DeploymentConfig:
     limits: EngineLimits = field(default_factory=EngineLimits)
     address: str | None = None  # None: embedded local cluster
     transport: str = "dataplane"  # gateway <-> pool bytes: "dataplane" or "ray" (docs/TRANSPORT.md)
+    micro_batches: int = 1  # 2: decode in two halves, one's attention overlapping the other's experts
     start_timeout_s: float = 180.0
 
 
@@ -54,7 +55,7 @@ class Deployment:
         self.start_pools()
         try:
             self.gateways = [GatewayActor.options(num_cpus=1).remote(
-                cfg.model_dir, self.table, self.workers, cfg.limits, cfg.dtype, cfg.transport)
+                cfg.model_dir, self.table, self.workers, cfg.limits, cfg.dtype, cfg.transport, cfg.micro_batches)
                 for _ in range(cfg.gateways)]
             self._wait([g.ready.remote() for g in self.gateways], "gateways to load the model")
         except BaseException:

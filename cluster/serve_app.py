@@ -38,6 +38,8 @@ class AppArgs(BaseModel):
     tls_cert: str | None = Field(None, description="PEM certificate path (with tls_key) for TLS.")
     tls_key: str | None = Field(None, description="PEM private key path (with tls_cert).")
     grace_s: float = Field(10.0, ge=0, description="Drain: seconds in-flight requests get to finish.")
+    micro_batches: Literal[1, 2] = Field(1, description="2: decode in two halves, one's attention overlapping "
+                                         "the other's expert step.")
     max_running: int = Field(64, ge=1, description="Sequences decoding together.")
     max_queue: int = Field(256, ge=1, description="Requests waiting for a slot; more get RESOURCE_EXHAUSTED.")
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
@@ -54,7 +56,7 @@ class AppArgs(BaseModel):
                               max_prompt_len=self.max_prompt_len)
         return DeploymentConfig(self.model or str(demo_checkpoint()), pools=self.pools, replicas=self.replicas,
                                 gateways=0, dtype=self.dtype, limits=limits, address="auto",
-                                transport=self.transport)
+                                transport=self.transport, micro_batches=self.micro_batches)
 
     def server_options(self) -> ServerOptions:
         return ServerOptions(host=self.host, port=self.port, token=self.token, tls_cert=self.tls_cert,

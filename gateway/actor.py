@@ -23,11 +23,11 @@ from model.checkpoint import load_model
 @ray.remote
 class GatewayActor:
     def __init__(self, model_dir: str, table: RoutingTable, workers: list, limits: EngineLimits,
-                 dtype: str | None = None, transport: str = "dataplane") -> None:
+                 dtype: str | None = None, transport: str = "dataplane", micro_batches: int = 1) -> None:
         torch.set_num_threads(1)
         model, _ = load_model(model_dir, dtype)  # no expert weights here
         self.dispatcher = PoolDispatcher(table, workers, transport)
-        self.gateway = Gateway(Engine(model, self.dispatcher, limits))
+        self.gateway = Gateway(Engine(model, self.dispatcher, limits, micro_batches=micro_batches))
         self.params_held = sum(p.numel() for p in model.parameters())
 
     async def ready(self) -> dict:

@@ -61,8 +61,11 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: YuanModel, dispatcher: Dispatcher, limits: EngineLimits = EngineLimits(),
-                 use_cache: bool = True) -> None:
+                 use_cache: bool = True, micro_batches: int = 1) -> None:
+        if micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches must be 1 or 2, got {micro_batches}")
         self.model, self.dispatcher, self.use_cache = model, dispatcher, use_cache
+        self.micro_batches = micro_batches
         cfg = model.cfg
         self.max_len = cfg.max_position_embeddings
         max_prompt = limits.max_prompt_len or self.max_len - 1
@@ -175,7 +178,8 @@ class Engine:
         token_ids = torch.tensor([s.tokens[-1] for s in batch])
         positions = torch.tensor([s.length - 1 for s in batch])
         seg_starts = torch.tensor([s.seg_start for s in batch])
-        return self.model.decode(token_ids, positions, seg_starts, self.dispatcher, self.cache)
+        return self.model.decode(token_ids, positions, seg_starts, self.dispatcher, self.cache,
+                                 self.micro_batches)
 
     def _append(self, seq: Sequence, token: int) -> None:
         cfg, p = self.model.cfg, seq.params

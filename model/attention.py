@@ -60,16 +60,16 @@ class LFAttention(nn.Module):
         return self.o_proj(out.reshape(h.shape[0], -1))
 
     def forward_decode(self, h: torch.Tensor, positions: torch.Tensor, seg_starts: torch.Tensor,
-                       cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        """h `[B, d]`: one new token for each of the cache's B active slots, in slot order."""
+                       cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache, slots: slice) -> torch.Tensor:
+        """h `[B, d]`: one new token for each cache slot in the range `slots`, in slot order."""
         B = h.shape[0]
-        f = self.lf.forward_decode(h, cache.lf[:B])
+        f = self.lf.forward_decode(h, cache.lf[slots])
         q, k, v = self._qkv(h, f, cos, sin)
-        cache.write_decode(positions, k, v, h)
+        cache.write_decode(slots, positions, k, v, h)
         L = int(positions.max()) + 1
         keys = torch.arange(L, device=h.device)
         mask = (keys[None, :] <= positions[:, None]) & (keys[None, :] >= seg_starts[:, None])  # [B, L]
-        out = _attend(q[:, :, None], cache.k[:B, :, :L], cache.v[:B, :, :L], mask[:, None, None])
+        out = _attend(q[:, :, None], cache.k[slots, :, :L], cache.v[slots, :, :L], mask[:, None, None])
         return self.o_proj(out.reshape(B, -1))
 
 

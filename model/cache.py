@@ -28,14 +28,13 @@ class LayerCache:
         self.lf[slot, 0] = h[n - 2] if n >= 2 else 0
         self.lf[slot, 1] = h[n - 1]
 
-    def write_decode(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def write_decode(self, slots: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      h: torch.Tensor) -> None:
-        """One new token for each of slots `0..B-1`: k, v `[B, H, D]`, h `[B, d]`."""
-        B = k.shape[0]
-        rows = torch.arange(B)
+        """One new token for each slot of the range `slots`: k, v `[B, H, D]`, h `[B, d]`."""
+        rows = torch.arange(slots.start, slots.stop)
         self.k[rows, :, positions] = k
         self.v[rows, :, positions] = v
-        self.lf[:B] = torch.stack([self.lf[:B, 1], h], dim=1)
+        self.lf[slots] = torch.stack([self.lf[slots, 1], h], dim=1)
 
     def resize(self, slots: int, capacity: int) -> None:
         S, C = min(slots, self.k.shape[0]), min(capacity, self.k.shape[2])

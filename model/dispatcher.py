@@ -1,8 +1,10 @@
 """The expert step behind one interface, so the model code is the same in every deployment.
 
-The in-process engine uses `LocalDispatcher`; the gateway swaps in a dispatcher that sends the
-same inputs to expert pools over Ray. Contract: given the post-attention normed states of T
-tokens, their top-A expert ids and weights, return `sum_a weight[t, a] * expert_a(x[t])` `[T, d]`.
+The in-process engine uses `LocalDispatcher`; the gateway swaps in one that sends the same inputs to
+expert pools. Contract: given the post-attention normed states of T tokens, their top-A expert ids
+and weights, return `sum_a weight[t, a] * expert_a(x[t])` `[T, d]`. `submit`/`wait` split that call
+so the model can run one micro-batch's attention while another's experts are out (`lane` names the
+micro-batch); `experts` is `wait(submit(...))`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ class Dispatcher(Protocol):
         """x `[T, d]`, expert_ids `[T, A]`, weights `[T, A]` -> weighted expert sum `[T, d]`."""
         ...
 
+    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+               lane: int = 0) -> object:
+        """Start the expert step; returns a handle for `wait`."""
+        ...
+
+    def wait(self, handle: object) -> torch.Tensor:
+        """The result of a `submit`."""
+        ...
+
 
 class LocalDispatcher:
     """All experts of every layer in this process: the reference for every distributed path."""
@@ -30,3 +41,10 @@ class LocalDispatcher:
     def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         return self.banks[layer](x, expert_ids, weights)
+
+    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+               lane: int = 0) -> torch.Tensor:
+        return self.experts(layer, x, expert_ids, weights)  # nothing to overlap with in-process
+
+    def wait(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle

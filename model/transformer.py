@@ -30,9 +30,13 @@ class DecoderLayer(nn.Module):
         self.router = router(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
 
     def moe(self, layer: int, x: torch.Tensor, dispatcher: Dispatcher) -> torch.Tensor:
+        return x + dispatcher.wait(self.submit_moe(layer, x, dispatcher))
+
+    def submit_moe(self, layer: int, x: torch.Tensor, dispatcher: Dispatcher, lane: int = 0) -> object:
+        """Route the post-attention states and start their expert step."""
         g = self.post_norm(x)
         expert_ids, weights = self.router(g)
-        return x + dispatcher.experts(layer, g, expert_ids, weights)
+        return dispatcher.submit(layer, g, expert_ids, weights, lane)
 
 
 class YuanModel(nn.Module):
@@ -85,12 +89,27 @@ class YuanModel(nn.Module):
 
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, seg_starts: torch.Tensor,
-               dispatcher: Dispatcher, cache: KVCache) -> torch.Tensor:
-        """One new token per active slot (slot order): ids, positions and segment starts `[B]`."""
+               dispatcher: Dispatcher, cache: KVCache, micro_batches: int = 1) -> torch.Tensor:
+        """One new token per active slot (slot order): ids, positions and segment starts `[B]`.
+
+        With `micro_batches=2` the batch is cut into two halves (two slot ranges) run ping-pong:
+        while one half's experts are out, the other half's attention runs (two-batch overlap).
+        Every token still sees exactly the same layer code.
+        """
+        B = token_ids.shape[0]
+        n = micro_batches if B >= micro_batches else 1
+        bounds = [round(m * B / n) for m in range(n + 1)]
+        parts = [slice(bounds[m], bounds[m + 1]) for m in range(n)]
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        x = self.embed(token_ids)
+        xs = [self.embed(token_ids[p]) for p in parts]
+        pending: list[object | None] = [None] * n
         for i, layer in enumerate(self.layers):
-            h = layer.input_norm(x)
-            x = x + layer.attn.forward_decode(h, positions, seg_starts, cos, sin, cache.layers[i])
-            x = layer.moe(i, x, dispatcher)
-        return self.lm_head(self.norm(x))
+            for m, p in enumerate(parts):
+                if pending[m] is not None:  # this half's experts of the previous layer
+                    xs[m] = xs[m] + dispatcher.wait(pending[m])
+                h = layer.input_norm(xs[m])
+                xs[m] = xs[m] + layer.attn.forward_decode(h, positions[p], seg_starts[p], cos[p], sin[p],
+                                                          cache.layers[i], p)
+                pending[m] = layer.submit_moe(i, xs[m], dispatcher, lane=m)
+        xs = [x + dispatcher.wait(pm) for x, pm in zip(xs, pending)]
+        return self.lm_head(self.norm(torch.cat(xs)))

@@ -117,8 +117,8 @@ def test_two_gateways_share_the_same_pools(deploy, golden):
         assert res["token_ids"] == case["generated_ids"]
 
 
-@pytest.mark.parametrize("transport", ["ray", "dataplane"])
-def test_each_transport_is_token_exact(ray_cluster, fixture_dir, golden, transport):
+@pytest.mark.parametrize("transport, micro_batches", [("ray", 1), ("dataplane", 1), ("ray", 2), ("dataplane", 2)])
+def test_each_transport_is_token_exact(ray_cluster, fixture_dir, golden, transport, micro_batches):
     from gateway.engine import Engine
     from gateway.pool_dispatcher import PoolDispatcher
     from model.checkpoint import load_model
@@ -127,7 +127,7 @@ def test_each_transport_is_token_exact(ray_cluster, fixture_dir, golden, transpo
     try:
         model, _ = load_model(str(fixture_dir))
         disp = PoolDispatcher(d.table, d.workers, transport)
-        seqs = Engine(model, disp).generate([c["prompt_ids"] for c in golden["cases"]],
+        seqs = Engine(model, disp, micro_batches=micro_batches).generate([c["prompt_ids"] for c in golden["cases"]],
                                             SamplingParams(max_tokens=16, ignore_eod=True))
         assert [s.output_ids for s in seqs] == [c["generated_ids"] for c in golden["cases"]]
         assert disp.fallbacks == 0
