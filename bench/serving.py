@@ -38,8 +38,8 @@ def pct(samples: list[float], q: float) -> float:
 
 @dataclass
 class TimedDispatcher:
-    """Times each layer's expert step from submit to result (for the distributed engine: pool compute,
-    transport and waiting; with overlap, the other micro-batch's attention runs inside it)."""
+    """Times the gateway thread's time inside each layer's expert step (submit + wait): for the
+    distributed engine pool compute, transport and waiting; with overlap, only what is not hidden."""
 
     inner: object
     times: list[float] = field(default_factory=list)
@@ -48,12 +48,15 @@ class TimedDispatcher:
         return self.wait(self.submit(layer, x, expert_ids, weights))
 
     def submit(self, layer, x, expert_ids, weights, lane=0):
-        return time.perf_counter(), self.inner.submit(layer, x, expert_ids, weights, lane)
+        t0 = time.perf_counter()
+        handle = self.inner.submit(layer, x, expert_ids, weights, lane)
+        return time.perf_counter() - t0, handle
 
     def wait(self, handle):
-        t0, inner = handle
+        spent, inner = handle
+        t0 = time.perf_counter()
         out = self.inner.wait(inner)
-        self.times.append(time.perf_counter() - t0)
+        self.times.append(spent + time.perf_counter() - t0)
         return out
 
 
