@@ -74,7 +74,10 @@ class _Region:
 
     def close(self) -> None:
         if self.shm is not None:
-            self.shm.close()
+            try:
+                self.shm.close()
+            except BufferError:  # a tensor still views it; the mapping goes with that tensor
+                pass
             self.shm.unlink()
             self.shm = None
 
@@ -209,22 +212,26 @@ class PoolChannel:
         self.mine, self.theirs = _Region(), _Attached()
         self._pending: tuple[int, torch.dtype] | None = None
 
-    def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
-        n, d = x.shape
-        parts = [t.contiguous().view(torch.uint8).reshape(-1).numpy() if t.numel() else np.empty(0, np.uint8)
-                 for t in (x, expert_ids, weights)]
-        head = {"layer": layer, "n": n, "a": expert_ids.shape[1], "dtype": str(x.dtype).removeprefix("torch."),
-                "inline": self.inline}
+    def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+             rows: torch.Tensor | None = None) -> None:
+        """Send rows `rows` of x (all rows if None) with their expert ids and weights `[n, A]`."""
+        n, d, a = expert_ids.shape[0], x.shape[1], expert_ids.shape[1]
+        head = {"layer": layer, "n": n, "a": a, "dtype": str(x.dtype).removeprefix("torch."), "inline": self.inline}
         try:
             if self.inline:
+                xs = x if rows is None else x[rows]
+                parts = [t.contiguous().view(torch.uint8).reshape(-1).numpy() if t.numel() else np.empty(0, np.uint8)
+                         for t in (xs, expert_ids, weights)]
                 _send(self.sock, head, [memoryview(p) for p in parts])
-            else:
-                total = sum(p.nbytes for p in parts)
-                head["shm"] = self.mine.ensure(max(1, total))
-                buf, at = self.mine.shm.buf, 0
-                for p in parts:
-                    buf[at:at + p.nbytes] = memoryview(p)
-                    at += p.nbytes
+            else:  # write straight into our shared region: one copy, gathered in place
+                bx, bi, bw = _layout(n, a, d, x.dtype)
+                head["shm"] = self.mine.ensure(max(1, bx + bi + bw))
+                buf = self.mine.shm.buf
+                if n:
+                    out = _tensor(buf, 0, bx, (n, d), x.dtype)
+                    torch.index_select(x, 0, rows, out=out) if rows is not None else out.copy_(x)
+                    _tensor(buf, bx, bi, (n, a), torch.long).copy_(expert_ids)
+                    _tensor(buf, bx + bi, bw, (n, a), x.dtype).copy_(weights)
                 _send(self.sock, head)
         except OSError as e:
             raise DataPlaneError(f"data plane send failed: {e}") from e

@@ -19,7 +19,7 @@ import torch
 from cluster.placement import RoutingTable
 from experts.dataplane import DataPlaneError, PoolChannel
 from experts.wire import decode, encode
-from router.plan import WorkerRequest, combine, plan_dispatch
+from router.plan import DispatchTable, WorkerRequest, combine, plan_dispatch
 
 TRANSPORTS = ("dataplane", "ray")
 LANES = 2
@@ -52,7 +52,7 @@ class PoolDispatcher:
             raise ValueError(f"routing table v{table.version} has {len(table.workers)} workers, "
                              f"got {len(workers)} handles")
         self.close()
-        self.table, self.workers, self._replicas = table, list(workers), table.replica_lists()
+        self.table, self.workers, self._plan = table, list(workers), DispatchTable(table.replica_lists())
         if self.transport == "dataplane":
             here = socket.gethostname()
             for w, info in enumerate(ray.get([h.open_data_plane.remote() for h in self.workers])):
@@ -68,13 +68,13 @@ class PoolDispatcher:
 
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                lane: int = 0) -> Pending:
-        requests = plan_dispatch(expert_ids, weights, self._replicas, self.outstanding)
+        requests = plan_dispatch(expert_ids, weights, self._plan, self.outstanding)
         handles = []
         for r in requests:
             n = int(r.rows.numel())
             self.outstanding[r.worker] = self.outstanding.get(r.worker, 0) + n
             self.tokens_sent[r.worker] = self.tokens_sent.get(r.worker, 0) + n
-            handles.append(self._send(r, layer, x[r.rows], lane))
+            handles.append(self._send(r, layer, x, lane))
         return Pending(layer, lane, x, requests, handles)
 
     def wait(self, pending: Pending) -> torch.Tensor:
@@ -86,15 +86,15 @@ class PoolDispatcher:
             for r in pending.requests:
                 self.outstanding[r.worker] -= int(r.rows.numel())
 
-    def _send(self, r: WorkerRequest, layer: int, rows: torch.Tensor, lane: int):
+    def _send(self, r: WorkerRequest, layer: int, x: torch.Tensor, lane: int):
         channel = self._channels.get((r.worker, lane))
         if channel is not None:
             try:
-                channel.send(layer, rows, r.expert_ids, r.weights)
+                channel.send(layer, x, r.expert_ids, r.weights, rows=r.rows)
                 return channel
             except DataPlaneError:
                 self._drop(r.worker)
-        return self._ray_call(r, layer, rows)
+        return self._ray_call(r, layer, x[r.rows])
 
     def _receive(self, r: WorkerRequest, handle, pending: Pending) -> torch.Tensor:
         x = pending.x

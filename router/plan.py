@@ -22,24 +22,47 @@ class WorkerRequest:
     weights: torch.Tensor  # [n, A]
 
 
-def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, replicas: list[list[int]],
+class DispatchTable:
+    """A routing table prepared for planning: a fixed owner per single-replica expert, and the
+    replica lists of the experts that have several (the only ones that need a choice per batch)."""
+
+    def __init__(self, replicas: list[list[int]]) -> None:
+        self.replicas = replicas
+        self.owner = torch.tensor([r[0] if len(r) == 1 else -1 for r in replicas], dtype=torch.long)
+        self.multi = [e for e, r in enumerate(replicas) if len(r) > 1]
+        self.num_workers = max(w for r in replicas for w in r) + 1
+
+
+def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: DispatchTable,
                   outstanding: dict[int, int] | None = None) -> list[WorkerRequest]:
     """Split a batch's routed pairs among workers; `outstanding` is tokens already in flight per worker."""
-    load = dict(outstanding or {})
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=len(replicas)).tolist()
-    owner = torch.full((len(replicas),), -1, dtype=torch.long)
-    for e in sorted(range(len(replicas)), key=lambda e: -counts[e]):
-        if counts[e]:
-            w = min(replicas[e], key=lambda w: load.get(w, 0))
-            owner[e] = w
-            load[w] = load.get(w, 0) + counts[e]
+    owner = table.owner
+    if table.multi:
+        owner = owner.clone()
+        counts = torch.bincount(expert_ids.reshape(-1), minlength=len(table.replicas))
+        load = dict(outstanding or {})
+        fixed = torch.bincount(owner[owner >= 0], weights=counts[owner >= 0].double(),
+                               minlength=table.num_workers).tolist()
+        for w, n in enumerate(fixed):
+            load[w] = load.get(w, 0) + n
+        for e in sorted(table.multi, key=lambda e: -int(counts[e])):
+            if counts[e]:
+                w = min(table.replicas[e], key=lambda w: load.get(w, 0))
+                owner[e] = w
+                load[w] += int(counts[e])
+    T, A = expert_ids.shape
     pair_worker = owner[expert_ids]  # [T, A]
+    # One entry per (worker, token) that has work there, sorted by worker then token.
+    keys = torch.unique(pair_worker * T + torch.arange(T)[:, None])
+    workers, rows = keys // T, keys % T
+    mine = pair_worker[rows] == workers[:, None]  # [K, A]
+    ids = torch.where(mine, expert_ids[rows], -1)
+    wts = torch.where(mine, weights[rows], 0)
+    sizes = torch.bincount(workers).tolist()
     requests = []
-    for w in sorted(set(pair_worker.reshape(-1).tolist())):
-        mine = pair_worker == w
-        rows = mine.any(dim=1).nonzero().squeeze(1)
-        requests.append(WorkerRequest(w, rows, torch.where(mine, expert_ids, -1)[rows],
-                                      torch.where(mine, weights, 0)[rows]))
+    for w, r, i, x in zip(range(len(sizes)), rows.split(sizes), ids.split(sizes), wts.split(sizes)):
+        if sizes[w]:
+            requests.append(WorkerRequest(w, r, i, x))
     return requests
 
 

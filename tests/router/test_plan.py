@@ -7,7 +7,7 @@ import torch
 
 from cluster.placement import PlacementError, RoutingTable, plan_pools
 from model.experts import ExpertBank
-from router.plan import combine, plan_dispatch
+from router.plan import DispatchTable, combine, plan_dispatch
 
 
 def test_plan_pools_covers_every_expert_in_blocks():
@@ -26,7 +26,7 @@ def test_each_pair_goes_to_exactly_one_holder():
     table = plan_pools(32, pools=4)
     ids = torch.tensor([[0, 9], [9, 17], [31, 30], [1, 2]])
     w = torch.rand(4, 2)
-    reqs = plan_dispatch(ids, w, table.replica_lists())
+    reqs = plan_dispatch(ids, w, DispatchTable(table.replica_lists()))
     seen = torch.zeros(4, 2, dtype=torch.long)
     for r in reqs:
         mine = r.expert_ids >= 0
@@ -40,9 +40,9 @@ def test_each_pair_goes_to_exactly_one_holder():
 def test_replica_choice_follows_load_not_turns():
     table = plan_pools(32, pools=1, replicas=2)
     ids = torch.tensor([[0, 1]] * 6 + [[2, 3]] * 2)
-    reqs = plan_dispatch(ids, torch.ones(8, 2), table.replica_lists(), outstanding={0: 100})
+    reqs = plan_dispatch(ids, torch.ones(8, 2), DispatchTable(table.replica_lists()), outstanding={0: 100})
     assert {r.worker for r in reqs} == {1}, "worker 0 is busy: everything goes to worker 1"
-    reqs = plan_dispatch(ids, torch.ones(8, 2), table.replica_lists())
+    reqs = plan_dispatch(ids, torch.ones(8, 2), DispatchTable(table.replica_lists()))
     tokens = {r.worker: int((r.expert_ids >= 0).sum()) for r in reqs}
     assert sorted(tokens.values()) == [8, 8], "experts spread so both replicas carry equal pairs"
 
@@ -62,7 +62,7 @@ def test_split_and_combine_equals_one_bank_bitwise():
         parts.append(bank)
     x, ids = torch.randn(20, d), torch.stack([torch.randperm(8)[:2] for _ in range(20)])
     w = torch.rand(20, 2)
-    reqs = plan_dispatch(ids, w, table.replica_lists())
+    reqs = plan_dispatch(ids, w, DispatchTable(table.replica_lists()))
     out = combine(20, d, reqs, [parts[r.worker](x[r.rows], r.expert_ids, r.weights) for r in reqs], x.dtype)
     with torch.no_grad():
         assert torch.equal(out, full(x, ids, w))
