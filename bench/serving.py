@@ -128,7 +128,7 @@ def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len
             for P in pools:
                 d = Deployment(DeploymentConfig(str(ckpt), pools=P, gateways=0)).start_pools()
                 try:
-                    disp = PoolDispatcher(d.table, d.workers)
+                    disp = PoolDispatcher(d.table, d.workers, num_layers=model.cfg.num_layers)
                     variants = [(f"{P} pools", 1)] + ([(f"{P} pools+overlap", 2)] if overlap and P == max(pools) else [])
                     for label, micro in variants:
                         res[label] = {}

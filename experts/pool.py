@@ -16,6 +16,7 @@ from model.checkpoint import CheckpointReader, load_experts
 from experts.dataplane import DataPlaneServer
 from experts.wire import decode, encode
 from model.config import DTYPES, YuanConfig
+from model.experts import ExpertBank
 
 
 class ExpertPool:
@@ -35,6 +36,26 @@ class ExpertPool:
         reader = CheckpointReader(self.model_dir)
         self.banks = [b.to(self.device) for b in load_experts(reader, self.cfg, sorted(expert_ids))]
         self.tensors_read = reader.tensors_read
+        return self.info()
+
+    def set_experts(self, expert_ids: list[int]) -> dict:
+        """Hold exactly `expert_ids`: kept experts are copied, new ones read from the checkpoint (only
+        theirs), and the banks are swapped in one assignment, so calls in flight on other threads
+        finish on the old banks and the next call sees the new ones."""
+        ids = sorted(set(expert_ids))
+        held = {e: j for j, e in enumerate(self.banks[0].expert_ids)} if self.banks else {}
+        new = [e for e in ids if e not in held]
+        fresh = load_experts(CheckpointReader(self.model_dir), self.cfg, new) if new else None
+        banks = []
+        for layer, old in enumerate(self.banks):
+            bank = ExpertBank(ids, self.cfg.hidden_size, self.cfg.ffn_hidden_size).to(old.w1.dtype).to(self.device)
+            with torch.no_grad():
+                for j, e in enumerate(ids):
+                    src, k = (old, held[e]) if e in held else (fresh[layer], new.index(e))
+                    bank.w1[j].copy_(src.w1[k])
+                    bank.w2[j].copy_(src.w2[k])
+            banks.append(bank.eval().requires_grad_(False))
+        self.banks = banks
         return self.info()
 
     def info(self) -> dict:

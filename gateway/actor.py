@@ -26,7 +26,7 @@ class GatewayActor:
                  dtype: str | None = None, transport: str = "dataplane", micro_batches: int = 1) -> None:
         torch.set_num_threads(1)
         model, _ = load_model(model_dir, dtype)  # no expert weights here
-        self.dispatcher = PoolDispatcher(table, workers, transport)
+        self.dispatcher = PoolDispatcher(table, workers, transport, model.cfg.num_layers)
         self.gateway = Gateway(Engine(model, self.dispatcher, limits, micro_batches=micro_batches))
         self.params_held = sum(p.numel() for p in model.parameters())
 

@@ -39,8 +39,8 @@ def ray_backend(cfg) -> Backend:
     deployment = Deployment(cfg).start_pools()
     try:
         model, _ = load_model(cfg.model_dir, cfg.dtype)
-        engine = Engine(model, PoolDispatcher(deployment.table, deployment.workers, cfg.transport), cfg.limits,
-                        micro_batches=cfg.micro_batches)
+        dispatcher = PoolDispatcher(deployment.table, deployment.workers, cfg.transport, model.cfg.num_layers)
+        engine = Engine(model, dispatcher, cfg.limits, micro_batches=cfg.micro_batches)
         info = _info(engine, cfg.pools, cfg.replicas, deployment.table.version,
                      [list(w) for w in deployment.table.workers])
         return Backend(engine, load_tokenizer(Path(cfg.model_dir), model.cfg), info, deployment.shutdown)

@@ -19,6 +19,7 @@ import torch
 from cluster.placement import RoutingTable
 from experts.dataplane import DataPlaneError, PoolChannel
 from experts.wire import decode, encode
+from router.load import LoadTracker
 from router.plan import DispatchTable, WorkerRequest, combine, plan_dispatch
 
 TRANSPORTS = ("dataplane", "ray")
@@ -37,25 +38,34 @@ class Pending:
 
 
 class PoolDispatcher:
-    def __init__(self, table: RoutingTable, workers: list, transport: str = "dataplane") -> None:
+    def __init__(self, table: RoutingTable, workers: list, transport: str = "dataplane",
+                 num_layers: int = 1) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.transport = transport
         self.outstanding: dict[int, int] = {}  # tokens in flight per worker
-        self.tokens_sent: dict[int, int] = {}
+        self.load = LoadTracker(num_layers, table.num_experts)
         self.fallbacks = 0
         self._channels: dict[tuple[int, int], PoolChannel] = {}
         self.set_table(table, workers)
 
     def set_table(self, table: RoutingTable, workers: list) -> None:
+        """Switch to a new routing table (call between steps). Connections to workers that stay
+        are kept; new workers get theirs; gone ones are closed."""
         if len(workers) != len(table.workers):
             raise ValueError(f"routing table v{table.version} has {len(table.workers)} workers, "
                              f"got {len(workers)} handles")
+        old = {id(h): w for w, h in enumerate(getattr(self, "workers", []))}
+        kept = {(w, lane): self._channels.pop((old[id(h)], lane))
+                for w, h in enumerate(workers) if id(h) in old for lane in range(LANES)
+                if (old[id(h)], lane) in self._channels}
         self.close()
+        self._channels = kept
         self.table, self.workers, self._plan = table, list(workers), DispatchTable(table.replica_lists())
         if self.transport == "dataplane":
+            new = [w for w in range(len(workers)) if (w, 0) not in kept]
             here = socket.gethostname()
-            for w, info in enumerate(ray.get([h.open_data_plane.remote() for h in self.workers])):
+            for w, info in zip(new, ray.get([self.workers[w].open_data_plane.remote() for w in new])):
                 for lane in range(LANES):
                     try:
                         self._channels[(w, lane)] = PoolChannel(info["address"], same_node=info["host"] == here)
@@ -69,11 +79,12 @@ class PoolDispatcher:
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                lane: int = 0) -> Pending:
         requests = plan_dispatch(expert_ids, weights, self._plan, self.outstanding)
+        self.load.record_routing(layer, expert_ids)
         handles = []
         for r in requests:
             n = int(r.rows.numel())
             self.outstanding[r.worker] = self.outstanding.get(r.worker, 0) + n
-            self.tokens_sent[r.worker] = self.tokens_sent.get(r.worker, 0) + n
+            self.load.record_request(r.worker, n, int((r.expert_ids >= 0).sum()))
             handles.append(self._send(r, layer, x, lane))
         return Pending(layer, lane, x, requests, handles)
 

@@ -66,14 +66,25 @@ class Gateway:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[TokenEvent]:
         return [event async for event in self.stream(request_id, prompt_ids, params)]
 
+    async def switch_table(self, table, workers: list) -> None:
+        """Make the dispatcher use a new routing table from the next step on; returns once applied."""
+        done = asyncio.get_running_loop().create_future()
+        self._post(("table", (table, workers, done), None, None))
+        await done
+
     def cancel(self, request_id: str) -> None:
         """Remove a request at the next step boundary; its stream ends with 'cancelled'."""
         self._post(("abort", request_id, None, None))
 
     def stats(self) -> dict:
-        return {**self.engine.stats(), "streams": len(self._streams),
-                "cache_bytes": self.engine.cache.nbytes() if self.engine.cache else 0,
-                "tokens_sent": dict(getattr(self.engine.dispatcher, "tokens_sent", {}))}
+        stats = {**self.engine.stats(), "streams": len(self._streams),
+                 "cache_bytes": self.engine.cache.nbytes() if self.engine.cache else 0}
+        load = getattr(self.engine.dispatcher, "load", None)
+        if load is not None:  # expert pools: where the work went
+            stats |= {"tokens_sent": dict(load.worker_tokens), "worker_pairs": dict(load.worker_pairs),
+                      "expert_tokens": load.expert_tokens.tolist(),
+                      "routing_table_version": self.engine.dispatcher.table.version}
+        return stats
 
     def _post(self, op: tuple) -> None:
         self._inbox.append(op)
@@ -103,7 +114,14 @@ class Gateway:
     def _apply_inbox(self) -> None:
         ops, self._inbox = self._inbox, []
         for op, request_id, prompt, params in ops:
-            if op == "add":
+            if op == "table":  # between steps: nothing is in flight
+                table, workers, done = request_id
+                try:
+                    self.engine.dispatcher.set_table(table, workers)
+                    done.set_result(None)
+                except Exception as e:
+                    done.set_exception(e)
+            elif op == "add":
                 try:
                     self.engine.add(request_id, prompt, params)
                 except (InvalidRequest, QueueFull) as e:

@@ -185,10 +185,14 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         except Unavailable as e:
             await self._abort(context, e)
         s = gateway.stats()
+        expert_tokens = s.get("expert_tokens", [])
         return pb.StatsResponse(running=s["running"], waiting=s["waiting"],
                                 cache_slots_used=s["cache_slots_used"], cache_tokens=s["cache_tokens"],
                                 cache_bytes=s["cache_bytes"], steps=s["steps"],
-                                tokens_sent=s.get("tokens_sent", {}))
+                                tokens_sent=s.get("tokens_sent", {}), worker_pairs=s.get("worker_pairs", {}),
+                                num_layers=len(expert_tokens), num_experts=len(expert_tokens[0]) if expert_tokens else 0,
+                                expert_tokens=[n for row in expert_tokens for n in row],
+                                routing_table_version=s.get("routing_table_version", 0))
 
 
 def _timings(arrived: float, first: TokenEvent | None, last: TokenEvent | None, count: int) -> pb.Timings:

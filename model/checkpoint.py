@@ -244,9 +244,8 @@ def random_state_dict(cfg: YuanConfig, seed: int, router_skew: float = 0.0,
     """Random weights in the HF layout, scaled so routing decisions are clear (not round-off ties).
 
     Residual dimension 0 carries a constant that attention and experts never write (as in the
-    golden fixture's design), so every layer's router and the LM head can read it. With
-    `router_skew` > 0 the routers read it so that a Zipf-like set of experts (a different
-    permutation per layer) wins more often: a skewed load for balancing work.
+    golden fixture's design). Routers ignore it by default; with `router_skew` > 0 they read it so
+    that the first quarter of the experts (Zipf-like, in every layer) win more often: a skewed load.
     With `printable_head`, LM-head rows of ids other than printable ASCII bytes read only the
     constant dimension, negatively, so a byte-tokenizer demo model prints readable (random) text.
     """
@@ -277,16 +276,24 @@ def random_state_dict(cfg: YuanConfig, seed: int, router_skew: float = 0.0,
         keep[32:127] = True
         head[~keep] = 0.0
         head[~keep, 0] = -50.0
+    for name, t in state.items():  # routers ignore the constant, unless skewed below
+        if ".mlp.gate." in name:
+            t[:, 0] = 0.0
     if router_skew > 0:
-        hot = 1.0 / torch.arange(1, N + 1, dtype=torch.float32)  # Zipf-like hotness by rank
+        # Hot experts' queries, and one "magnet" expert's key and value, read the constant: a hot
+        # expert's row of M then leans on the magnet's large value, lifting its score by about its
+        # hotness: Zipf-like over the first quarter of the expert ids, the same in every layer
+        # (popular experts stay popular), so contiguous pools see the skew too.
+        h = 1.0 / torch.arange(1, N + 1, dtype=torch.float32) * router_skew
+        h[max(1, N // 4):] = 0.0
+        magnet = 0
         for i in range(cfg.num_layers):
-            h = hot[torch.randperm(N, generator=g)] * router_skew
-            for part in ("query", "key", "value"):
-                name = f"model.layers.{i}.mlp.gate.{part}.weight"
-                if name in state:
-                    state[name][:, 0] += h
-            if f"model.layers.{i}.mlp.gate.weight" in state:
-                state[f"model.layers.{i}.mlp.gate.weight"][:, 0] += h
+            if f"model.layers.{i}.mlp.gate.query.weight" in state:
+                state[f"model.layers.{i}.mlp.gate.query.weight"][:, 0] = h
+                state[f"model.layers.{i}.mlp.gate.key.weight"][magnet, 0] = router_skew
+                state[f"model.layers.{i}.mlp.gate.value.weight"][magnet, 0] = router_skew
+            else:
+                state[f"model.layers.{i}.mlp.gate.weight"][:, 0] = h
     return {k: v.to(DTYPES[cfg.torch_dtype]) for k, v in state.items()}
 
 

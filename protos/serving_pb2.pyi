@@ -147,8 +147,15 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("running", "waiting", "cache_slots_used", "cache_tokens", "cache_bytes", "steps", "tokens_sent")
+    __slots__ = ("running", "waiting", "cache_slots_used", "cache_tokens", "cache_bytes", "steps", "tokens_sent", "num_layers", "num_experts", "expert_tokens", "worker_pairs", "routing_table_version")
     class TokensSentEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class WorkerPairsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +169,11 @@ class StatsResponse(_message.Message):
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SENT_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     cache_slots_used: int
@@ -169,4 +181,9 @@ class StatsResponse(_message.Message):
     cache_bytes: int
     steps: int
     tokens_sent: _containers.ScalarMap[int, int]
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_slots_used: _Optional[int] = ..., cache_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_sent: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    num_layers: int
+    num_experts: int
+    expert_tokens: _containers.RepeatedScalarFieldContainer[int]
+    worker_pairs: _containers.ScalarMap[int, int]
+    routing_table_version: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_slots_used: _Optional[int] = ..., cache_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_sent: _Optional[_Mapping[int, int]] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., worker_pairs: _Optional[_Mapping[int, int]] = ..., routing_table_version: _Optional[int] = ...) -> None: ...

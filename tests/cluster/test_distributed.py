@@ -126,7 +126,7 @@ def test_each_transport_is_token_exact(ray_cluster, fixture_dir, golden, transpo
     d = Deployment(DeploymentConfig(str(fixture_dir), pools=2, gateways=0)).start_pools()
     try:
         model, _ = load_model(str(fixture_dir))
-        disp = PoolDispatcher(d.table, d.workers, transport)
+        disp = PoolDispatcher(d.table, d.workers, transport, model.cfg.num_layers)
         seqs = Engine(model, disp, micro_batches=micro_batches).generate([c["prompt_ids"] for c in golden["cases"]],
                                             SamplingParams(max_tokens=16, ignore_eod=True))
         assert [s.output_ids for s in seqs] == [c["generated_ids"] for c in golden["cases"]]
@@ -144,7 +144,7 @@ def test_a_broken_data_plane_falls_back_to_ray_calls(ray_cluster, fixture_dir, g
     d = Deployment(DeploymentConfig(str(fixture_dir), pools=2, gateways=0)).start_pools()
     try:
         model, _ = load_model(str(fixture_dir))
-        disp = PoolDispatcher(d.table, d.workers, "dataplane")
+        disp = PoolDispatcher(d.table, d.workers, "dataplane", model.cfg.num_layers)
         engine = Engine(model, disp)
         case = golden["cases"][4]
         seq = engine.add("a", case["prompt_ids"], SamplingParams(max_tokens=16, ignore_eod=True))
