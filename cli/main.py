@@ -1,5 +1,5 @@
 """`yuan-serve`: init-checkpoint, inspect, plan, generate (engine `ray` by default, or `local`), up, client,
-bench.
+stats, bench.
 
 `generate --json` prints exactly one JSON object `{"token_ids", "text", "finish_reason", ...}` on
 stdout (generated ids only); scripts depend on that contract. Errors print one line on stderr and
@@ -197,10 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_generate)
 
-    from cli import client, up
+    from cli import client, stats, up
 
     up.add_parser(sub)
     client.add_parser(sub)
+    stats.add_parser(sub)
     s = sub.add_parser("bench", help="serving benchmark: in-process vs distributed, side by side")
     s.set_defaults(func=_bench)
     from bench import add_arguments

@@ -103,3 +103,27 @@ def test_deadline_cancels_the_request_in_the_engine(server):
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         stats = settled(stub)
         assert stats.running == 0 and stats.cache_slots_used == 0
+
+
+def test_stats_cli_plots_one_cell_per_layer_and_expert(server, golden, tmp_path):
+    import subprocess
+    import sys
+
+    from cli.stats import fetch
+
+    with grpc.insecure_channel(server) as ch:
+        case = golden["cases"][3]
+        pb_grpc.YuanServingStub(ch).Generate(pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=4), timeout=60)
+    stats = fetch(server)
+    assert stats.num_layers == 3 and stats.num_experts == 32
+    assert len(stats.expert_tokens) == 3 * 32 and sum(stats.expert_tokens) > 0
+    assert set(stats.worker_pairs) == {0, 1, 2, 3} and stats.routing_table_version == 1
+    png = tmp_path / "load.png"
+    out = subprocess.run([sys.executable, "-m", "cli.main", "stats", "--target", server, "--plot", str(png)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "max/mean" in out.stdout
+
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(png)).shape[0] > 100
