@@ -36,6 +36,7 @@ class DeploymentConfig:
     address: str | None = None  # None: embedded local cluster
     transport: str = "dataplane"  # gateway <-> pool bytes: "dataplane" or "ray" (docs/TRANSPORT.md)
     micro_batches: int = 1  # 2: decode in two halves, one's attention overlapping the other's experts
+    pool_max_restarts: int = 5  # Ray restarts a dead pool process this many times
     start_timeout_s: float = 180.0
 
 
@@ -87,6 +88,7 @@ class Deployment:
                 strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r)
                 self.workers.append(ExpertPoolActor.options(
                     scheduling_strategy=strategy, num_cpus=1, num_gpus=1 if gpus else 0,
+                    max_restarts=cfg.pool_max_restarts,
                 ).remote(cfg.model_dir, list(self.table.workers[p * R + r]), cfg.dtype, "cuda" if gpus else "cpu"))
         self._wait([g.ready() for g in self._groups], "placement groups for the expert pools")
         self.pool_info = self._wait([w.info.remote() for w in self.workers], "expert pools to load their experts")

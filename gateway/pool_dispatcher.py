@@ -6,15 +6,22 @@ across nodes) by default, or plain Ray actor calls, which stay as the fallback: 
 plane fails is served by Ray calls from then on (`fallbacks` counts them). `submit`/`wait` split a
 layer's call so two micro-batches can overlap; each micro-batch (`lane`) has its own connections.
 The routing table can be swapped between steps (`set_table`) without touching this path.
+
+Faults: when a worker dies mid-step, its request goes again to another worker holding all of its
+experts, or, when it held the only copy, waits for Ray to restart it (pools run with
+`max_restarts`), puts the table's experts back on it and reconnects its data plane. `faults` counts
+such events so the gateway can flag the requests they delayed.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from cluster.placement import RoutingTable
 from experts.dataplane import DataPlaneError, PoolChannel
@@ -46,6 +53,8 @@ class PoolDispatcher:
         self.outstanding: dict[int, int] = {}  # tokens in flight per worker
         self.load = LoadTracker(num_layers, table.num_experts)
         self.fallbacks = 0
+        self.faults = 0
+        self.recovery_timeout_s = 120.0
         self._channels: dict[tuple[int, int], PoolChannel] = {}
         self.set_table(table, workers)
 
@@ -115,7 +124,46 @@ class PoolDispatcher:
             except DataPlaneError:  # resend this request the Ray way
                 self._drop(r.worker)
                 handle = self._ray_call(r, pending.layer, x[r.rows])
-        return decode(ray.get(handle), x.dtype)
+        try:
+            return decode(ray.get(handle), x.dtype)
+        except (RayActorError, ActorUnavailableError):
+            return self._recover(r, pending)
+
+    def _recover(self, r: WorkerRequest, pending: Pending) -> torch.Tensor:
+        """The worker died: another replica holding all of the request's experts computes it, or the
+        restarted worker does once Ray has brought it back."""
+        self.faults += 1
+        x, needed = pending.x, set(r.expert_ids[r.expert_ids >= 0].tolist())
+        others = [w for w, held in enumerate(self.table.workers) if w != r.worker and needed <= set(held)]
+        deadline = time.monotonic() + self.recovery_timeout_s
+        while True:
+            for w in others + [r.worker]:
+                try:
+                    if w == r.worker:
+                        self._resync(w)
+                    ref = self.workers[w].compute.remote(pending.layer, encode(x[r.rows]), encode(r.expert_ids),
+                                                         encode(r.weights))
+                    return decode(ray.get(ref), x.dtype)
+                except (RayActorError, ActorUnavailableError, GetTimeoutError):
+                    continue
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"expert pool worker {r.worker} did not come back within "
+                                   f"{self.recovery_timeout_s:.0f}s and no other replica holds experts {sorted(needed)}")
+            time.sleep(0.2)
+
+    def _resync(self, worker: int) -> None:
+        """A restarted worker: give it this table's experts again and reconnect its data plane."""
+        info = ray.get(self.workers[worker].info.remote(), timeout=5)
+        if info["experts"] != list(self.table.workers[worker]):
+            ray.get(self.workers[worker].set_experts.remote(list(self.table.workers[worker])))
+        if self.transport == "dataplane" and (worker, 0) not in self._channels:
+            address = ray.get(self.workers[worker].open_data_plane.remote())
+            for lane in range(LANES):
+                try:
+                    self._channels[(worker, lane)] = PoolChannel(address["address"],
+                                                                 same_node=address["host"] == socket.gethostname())
+                except OSError:
+                    break
 
     def _ray_call(self, r: WorkerRequest, layer: int, rows: torch.Tensor):
         return self.workers[r.worker].compute.remote(layer, encode(rows), encode(r.expert_ids), encode(r.weights))

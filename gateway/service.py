@@ -30,6 +30,7 @@ class TokenEvent:
     error: str | None = None  # set when an accepted request failed inside the engine
     at: float = 0.0  # perf_counter() when the token was ready
     admitted_at: float | None = None  # perf_counter() when the request got its batch slot
+    fault: bool = False  # a pool fault delayed this request (so far)
 
 
 class Gateway:
@@ -40,6 +41,7 @@ class Gateway:
         self._wake: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._faulted: set[str] = set()  # requests a pool fault delayed
 
     async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         """Submit a request and yield its tokens. Raises `InvalidRequest`/`QueueFull` before any token.
@@ -103,11 +105,14 @@ class Gateway:
                     continue
                 await self._wake.wait()
                 continue
+            faults = getattr(self.engine.dispatcher, "faults", 0)
             try:
                 batch = await loop.run_in_executor(self._executor, self.engine.step)
             except Exception as e:  # a failed step fails its requests, never the gateway
                 self._fail_all(f"{type(e).__name__}: {e}")
                 continue
+            if getattr(self.engine.dispatcher, "faults", 0) != faults:
+                self._faulted.update(s.request_id for s in list(self.engine.running) + batch)
             for seq in batch:
                 self._deliver(seq)
 
@@ -137,13 +142,15 @@ class Gateway:
         if queue is None:
             return
         event = TokenEvent(seq.request_id, seq.output_ids[-1], len(seq.output_ids) - 1, seq.finish_reason,
-                           at=time.perf_counter(), admitted_at=seq.admitted_at)
+                           at=time.perf_counter(), admitted_at=seq.admitted_at,
+                           fault=seq.request_id in self._faulted)
         if seq.finished:
             self._finish(seq.request_id, event)
         else:
             queue.put_nowait(event)
 
     def _finish(self, request_id: str, event: TokenEvent) -> None:
+        self._faulted.discard(request_id)
         queue = self._streams.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(event)

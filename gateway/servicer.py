@@ -100,7 +100,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         code, message = status_for(exc)
         await context.abort(code, message)
 
-    async def _run(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def _run(self, req: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         """The request's stream messages; raises before the first one if the request is refused."""
         arrived = time.perf_counter()
         gateway = self.state.ready()
@@ -115,6 +115,8 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
             async for event in stream:
                 if event.error:
                     raise RuntimeError(event.error)
+                if event.fault:  # say so at the end: a pool fault delayed this response
+                    context.set_trailing_metadata((("yuan-fault", "pool-failure-recovered"),))
                 first = first or event
                 last = event
                 msg = pb.GenerateStreamResponse(request_id=rid, index=event.index)
@@ -140,7 +142,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
             ids: list[int] = []
             chunks: list[str] = []
             final = None
-            async for msg in self._run(request):
+            async for msg in self._run(request, context):
                 if msg.HasField("token_id"):
                     ids.append(msg.token_id)
                 chunks.append(msg.text)
@@ -153,7 +155,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
 
     async def GenerateStream(self, request, context):
         try:
-            async for msg in self._run(request):
+            async for msg in self._run(request, context):
                 yield msg
         except (InvalidRequest, QueueFull, Unavailable, RuntimeError) as e:
             await self._abort(context, e)
