@@ -93,6 +93,26 @@ class Deployment:
         self._wait([g.ready() for g in self._groups], "placement groups for the expert pools")
         self.pool_info = self._wait([w.info.remote() for w in self.workers], "expert pools to load their experts")
 
+    def add_worker(self, expert_ids: list[int] | None = None):
+        """Start one more expert-pool worker (its own placement group); returns its handle once ready."""
+        cfg = self.cfg
+        gpus = ray.cluster_resources().get("GPU", 0) > len(self.workers)
+        group = placement_group([{"CPU": 1, "GPU": 1} if gpus else {"CPU": 1}])
+        self._groups.append(group)
+        self._wait([group.ready()], "a placement group for a new pool")
+        worker = ExpertPoolActor.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+            num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=cfg.pool_max_restarts,
+        ).remote(cfg.model_dir, list(expert_ids or []), cfg.dtype, "cuda" if gpus else "cpu")
+        self._wait([worker.info.remote()], "a new pool to start")
+        self.workers.append(worker)
+        return worker
+
+    def remove_worker(self, worker) -> None:
+        """Stop a worker that no routing table uses any more."""
+        self.workers = [w for w in self.workers if w is not worker]
+        ray.kill(worker)
+
     def _wait(self, refs: list, what: str) -> list:
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.start_timeout_s)
         if pending:

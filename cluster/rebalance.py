@@ -24,24 +24,30 @@ class Rebalancer:
     def dispatcher(self):
         return self.gateway.engine.dispatcher
 
-    def plan(self, since: dict | None = None) -> RoutingTable:
+    def plan(self, since: dict | None = None, num_workers: int | None = None) -> RoutingTable:
         """The placement that balances the load measured since the snapshot `since` (or ever)."""
         snap = self.dispatcher.load.snapshot()
         load = window(since, snap) if since is not None else snap
-        per_expert = load["expert_tokens"].sum(0).tolist()
+        per_expert = [n + 1 for n in load["expert_tokens"].sum(0).tolist()]  # +1: unseen experts still placed
         pair_counts = load["pair_tokens"]
-        nz = pair_counts.nonzero().tolist()
-        pairs = {(a, b): float(pair_counts[a, b]) for a, b in nz}
-        return balanced_placement(per_expert, len(self.workers), self.slots, self.dispatcher.table.version + 1, pairs)
+        pairs = {(a, b): float(pair_counts[a, b]) for a, b in pair_counts.nonzero().tolist()}
+        n = num_workers or len(self.workers)
+        slots = max(self.slots, -(-len(per_expert) // n))
+        return balanced_placement(per_expert, n, slots, self.dispatcher.table.version + 1, pairs)
 
-    async def apply(self, new: RoutingTable) -> RoutingTable:
+    async def apply(self, new: RoutingTable, workers: list | None = None) -> RoutingTable:
+        """Move to `new`, served by `workers` (default: the same ones; new handles start empty-handed,
+        handles left out stop getting work at the switch and can then be stopped)."""
+        workers = list(self.workers if workers is None else workers)
+        if len(new.workers) != len(workers):
+            raise ValueError(f"table v{new.version} has {len(new.workers)} workers, got {len(workers)} handles")
         old = self.dispatcher.table
-        if len(new.workers) != len(self.workers):
-            raise ValueError(f"table v{new.version} has {len(new.workers)} workers, the deployment {len(self.workers)}")
-        grow = [w.set_experts.remote(sorted(set(a) | set(b))) for w, a, b in zip(self.workers, old.workers, new.workers)]
+        held = {id(h): set(e) for h, e in zip(self.dispatcher.workers, old.workers)}
+        grow = [w.set_experts.remote(sorted(held.get(id(w), set()) | set(e))) for w, e in zip(workers, new.workers)]
         await asyncio.gather(*grow)
-        await self.gateway.switch_table(new, self.workers)
-        await asyncio.gather(*[w.set_experts.remote(list(e)) for w, e in zip(self.workers, new.workers)])
+        await self.gateway.switch_table(new, workers)
+        self.workers = workers
+        await asyncio.gather(*[w.set_experts.remote(list(e)) for w, e in zip(workers, new.workers)])
         return new
 
     async def rebalance(self, since: dict | None = None) -> RoutingTable:
