@@ -25,7 +25,9 @@ def cmd_up(args: argparse.Namespace) -> None:
         "model": args.model, "pools": args.pools, "transport": args.transport, "micro_batches": args.micro_batches, "replicas": args.replicas, "host": args.host, "port": args.port,
         "token": args.token, "tls_cert": args.tls_cert, "tls_key": args.tls_key, "grace_s": args.grace_s,
         "max_running": args.max_running, "max_queue": args.max_queue, "max_tokens": args.max_tokens,
-        "max_prompt_len": args.max_prompt_len}.items() if v is not None}
+        "max_prompt_len": args.max_prompt_len, "rebalance_every_s": args.rebalance_every,
+        "autoscale_min_pools": args.autoscale[0] if args.autoscale else None,
+        "autoscale_max_pools": args.autoscale[1] if args.autoscale else None}.items() if v is not None}
     app = build_app(app_args)  # validates before anything starts
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -76,5 +78,9 @@ def add_parser(sub) -> None:
     s.add_argument("--max-queue", type=int, default=None)
     s.add_argument("--max-tokens", type=int, default=None)
     s.add_argument("--max-prompt-len", type=int, default=None)
+    s.add_argument("--rebalance-every", type=float, default=None, metavar="S",
+                   help="re-place expert replicas from measured load every S seconds")
+    s.add_argument("--autoscale", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="let the pool count follow load between MIN and MAX")
     s.add_argument("--start-timeout", type=float, default=300.0)
     s.set_defaults(func=cmd_up)

@@ -40,6 +40,14 @@ class AppArgs(BaseModel):
     grace_s: float = Field(10.0, ge=0, description="Drain: seconds in-flight requests get to finish.")
     micro_batches: Literal[1, 2] = Field(1, description="2: decode in two halves, one's attention overlapping "
                                          "the other's expert step.")
+    rebalance_every_s: float | None = Field(None, gt=0, description="Re-place expert replicas from measured "
+                                            "load this often; empty: never.")
+    slots_per_pool: int | None = Field(None, ge=1, description="Experts one pool may hold (its memory budget); "
+                                       "default: its share + 4.")
+    autoscale_min_pools: int | None = Field(None, ge=1, description="With autoscale_max_pools: pool count follows load.")
+    autoscale_max_pools: int | None = Field(None, ge=1, description="Upper bound of the pool count.")
+    pairs_per_s_per_pool: float = Field(2000.0, gt=0, description="Load one pool should carry (routed pairs/s).")
+    metrics_per_layer: bool = Field(False, description="Prometheus expert load per layer too (more series).")
     max_running: int = Field(64, ge=1, description="Sequences decoding together.")
     max_queue: int = Field(256, ge=1, description="Requests waiting for a slot; more get RESOURCE_EXHAUSTED.")
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
@@ -49,7 +57,21 @@ class AppArgs(BaseModel):
     def _tls_pair(self) -> AppArgs:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key: give both or neither")
+        if (self.autoscale_min_pools is None) != (self.autoscale_max_pools is None):
+            raise ValueError("autoscale_min_pools and autoscale_max_pools: give both or neither")
+        if self.autoscale_min_pools is not None and self.autoscale_min_pools > self.autoscale_max_pools:
+            raise ValueError("autoscale_min_pools must be <= autoscale_max_pools")
         return self
+
+    def control_config(self):
+        from cluster.autoscale import ScalingPolicy
+        from cluster.controller import ControlConfig
+
+        policy = None
+        if self.autoscale_min_pools is not None:
+            policy = ScalingPolicy(self.autoscale_min_pools, self.autoscale_max_pools, self.pairs_per_s_per_pool)
+        return ControlConfig(rebalance_every_s=self.rebalance_every_s, slots_per_pool=self.slots_per_pool,
+                             autoscale=policy, metrics_per_layer=self.metrics_per_layer)
 
     def deployment_config(self) -> DeploymentConfig:
         limits = EngineLimits(max_running=self.max_running, max_queue=self.max_queue, max_tokens=self.max_tokens,
@@ -69,8 +91,8 @@ class GatewayDeployment:
     def __init__(self, args: AppArgs) -> None:
         from gateway.backends import ray_backend
 
-        cfg = args.deployment_config()
-        self.server = GatewayServer(lambda: ray_backend(cfg), args.server_options())
+        cfg, control = args.deployment_config(), args.control_config()
+        self.server = GatewayServer(lambda: ray_backend(cfg, control), args.server_options())
         self.port = self.server.start()
 
     def check_health(self) -> None:

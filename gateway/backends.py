@@ -32,8 +32,10 @@ def local_backend(model_dir: str, limits: EngineLimits = EngineLimits(), dtype: 
                    _info(engine, 1, 1, 0, [list(range(n))]))
 
 
-def ray_backend(cfg) -> Backend:
-    """Start the expert pools of a `cluster.deployment.DeploymentConfig` and a gateway engine here."""
+def ray_backend(cfg, control=None) -> Backend:
+    """Start the expert pools of a `cluster.deployment.DeploymentConfig` and a gateway engine here;
+    `control` (a `cluster.controller.ControlConfig`) adds metrics, rebalancing and autoscaling."""
+    from cluster.controller import control_loop
     from cluster.deployment import Deployment
 
     deployment = Deployment(cfg).start_pools()
@@ -43,7 +45,8 @@ def ray_backend(cfg) -> Backend:
         engine = Engine(model, dispatcher, cfg.limits, micro_batches=cfg.micro_batches)
         info = _info(engine, cfg.pools, cfg.replicas, deployment.table.version,
                      [list(w) for w in deployment.table.workers])
-        return Backend(engine, load_tokenizer(Path(cfg.model_dir), model.cfg), info, deployment.shutdown)
+        run_control = (lambda gateway: control_loop(gateway, deployment, control)) if control else None
+        return Backend(engine, load_tokenizer(Path(cfg.model_dir), model.cfg), info, deployment.shutdown, run_control)
     except BaseException:
         deployment.shutdown()
         raise

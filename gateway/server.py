@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,7 @@ class Backend:
     tokenizer: Tokenizer
     info: dict
     close: Callable[[], None] = field(default=lambda: None)
+    control: Callable[[Gateway], Awaitable[None]] | None = None  # runs beside the engine until drain
 
 
 class _BearerAuth(grpc.aio.ServerInterceptor):
@@ -161,11 +162,14 @@ class GatewayServer:
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._bound.set()
         loop = asyncio.get_running_loop()
+        control = None
         try:
             self.backend = await loop.run_in_executor(None, self.factory)
             gateway = Gateway(self.backend.engine)
             self.state.tokenizer, self.state.info = self.backend.tokenizer, self.backend.info
             self.state.gateway = gateway
+            if self.backend.control is not None:
+                control = asyncio.ensure_future(self.backend.control(gateway))
             for name in ("", SERVICE):
                 await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         except BaseException as e:
@@ -176,6 +180,8 @@ class GatewayServer:
         # Drain: health says NOT_SERVING and new calls get UNAVAILABLE while the port stays open;
         # in-flight calls get the grace period to finish, then are cancelled with the server.
         self.state.draining = True
+        if control is not None:
+            control.cancel()
         for name in ("", SERVICE):
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = loop.time() + opts.grace_s

@@ -127,3 +127,23 @@ def test_stats_cli_plots_one_cell_per_layer_and_expert(server, golden, tmp_path)
     import matplotlib.image
 
     assert matplotlib.image.imread(str(png)).shape[0] > 100
+
+
+def test_server_control_loop_rebalances_and_exports_metrics(ray_cluster, fixture_dir, golden):
+    from cluster.controller import ControlConfig
+
+    control = ControlConfig(interval_s=0.2, rebalance_every_s=0.2, slots_per_pool=10)
+    srv = GatewayServer(lambda: ray_backend(DeploymentConfig(str(fixture_dir), pools=4), control), ServerOptions(port=0))
+    port = srv.start()
+    try:
+        srv.wait_ready(180)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.YuanServingStub(ch)
+            deadline = time.monotonic() + 30
+            while stub.Stats(pb.StatsRequest()).routing_table_version < 2 and time.monotonic() < deadline:
+                for case in golden["cases"][:3]:  # load to rebalance by; tokens stay exact throughout
+                    req = pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True)
+                    assert list(stub.Generate(req, timeout=60).token_ids) == case["generated_ids"]
+            assert stub.Stats(pb.StatsRequest()).routing_table_version >= 2, "the control loop rebalanced"
+    finally:
+        srv.stop(grace_s=0)
