@@ -13,5 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--dispatch-pools", type=int, default=4, help="0 skips the dispatch round-trip measurement")
     p.add_argument("--no-overlap", action="store_true", help="skip the micro-batch overlap variant")
+    p.add_argument("--skew", type=float, default=4.0,
+                   help="router skew of the rebalancing run (4 pools, before/after); 0 skips it")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--plot", default=None, help="write a PNG of throughput vs concurrency here")

@@ -101,12 +101,49 @@ def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len
     return result
 
 
+def imbalance(worker_pairs: dict[int, int], workers: int) -> float:
+    loads = [worker_pairs.get(w, 0) for w in range(workers)]
+    return max(loads) / max(1e-9, sum(loads) / workers)
+
+
+def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_tokens: int, tmp: str) -> dict:
+    """A skewed checkpoint on contiguous pools, then rebalanced from the load it measured: tokens per
+    pool (max/mean) and throughput, before and after, in one run."""
+    from cluster.rebalance import Rebalancer
+    from router.load import window
+
+    ckpt = write_random_checkpoint(preset("tiny"), f"{tmp}/skewed", seed=3, router_skew=skew)
+    model, _ = load_model(str(ckpt))
+    d = Deployment(DeploymentConfig(str(ckpt), pools=pools, gateways=0)).start_pools()
+    try:
+        disp = PoolDispatcher(d.table, d.workers, num_layers=model.cfg.num_layers)
+        limits = EngineLimits(max_running=concurrency, max_tokens=max_tokens)
+        out = {}
+        for phase in ("before", "after"):
+            if phase == "after":
+                progress(f"rebalancing {pools} pools from the measured load")
+                rebalancer = Rebalancer(Gateway(Engine(model, disp)), d.workers, slots_per_worker=32 // pools + 4)
+                asyncio.run(rebalancer.apply(rebalancer.plan(start)))
+            progress(f"skewed tiny, {pools} pools, x{concurrency}, {phase} rebalancing")
+            start = disp.load.snapshot()
+            timed = TimedDispatcher(disp)
+            result = measure(Engine(model, timed, limits), timed, concurrency, prompt_len, max_tokens)
+            out[phase] = {"max_over_mean": imbalance(window(start, disp.load.snapshot())["worker_pairs"], pools),
+                          "tokens_per_s": result["tokens_per_s"]}
+        disp.close()
+    finally:
+        d.shutdown()
+    return {"skew": skew, "pools": pools, "concurrency": concurrency,
+            "load_balance": {p: out[p]["max_over_mean"] for p in out},
+            "throughput": {p: out[p]["tokens_per_s"] for p in out}}
+
+
 def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len: int, max_tokens: int,
-        dispatch_pools: int = 4, dispatch_iters: int = 200, overlap: bool = True) -> dict:
+        dispatch_pools: int = 4, dispatch_iters: int = 200, overlap: bool = True, skew: float = 0.0) -> dict:
     torch.set_num_threads(1)
     connect(num_cpus=16)
     out: dict = {"config": {"presets": presets, "pools": pools, "concurrency": concurrency,
@@ -144,6 +181,10 @@ def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len
             if best:
                 out["throughput_ratio"][name] = {c: res[best][c]["tokens_per_s"] / res["in-process"][c]["tokens_per_s"]
                                                  for c in concurrency}
+    if skew > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            b = balance(skew, 4, max(concurrency), prompt_len, max_tokens, tmp)
+        out["load_balance"], out["balance_run"] = b["load_balance"], b
     if dispatch_pools:
         from bench.dispatch import TRANSPORT_CFG
         from bench.dispatch import measure as dispatch_measure
@@ -171,6 +212,11 @@ def table(out: dict) -> str:
         if name in out["throughput_ratio"]:
             ratios = ", ".join(f"x{c}: {v:.2f}" for c, v in out["throughput_ratio"][name].items())
             lines.append(f"  distributed / in-process throughput: {ratios}")
+    if "balance_run" in out:
+        b = out["balance_run"]
+        lines.append(f"\nskewed tiny (router skew {b['skew']}), {b['pools']} pools, x{b['concurrency']}: tokens per pool "
+                     f"max/mean {b['load_balance']['before']:.2f} -> {b['load_balance']['after']:.2f} after rebalancing; "
+                     f"throughput {b['throughput']['before']:.1f} -> {b['throughput']['after']:.1f} tokens/s")
     if "dispatch_round_trip_ms" in out:
         rt = out["dispatch_round_trip_ms"]
         lines.append(f"\ndispatch round trip, {rt['tokens']} tokens x {rt['hidden']} to {rt['pools']} pools (echo): "
@@ -206,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     out = run(args.presets, args.pools, args.concurrency, args.prompt_len, args.max_tokens, args.dispatch_pools,
-              overlap=not args.no_overlap)
+              overlap=not args.no_overlap, skew=args.skew)
     if args.plot:
         plot(out, args.plot)
         out["plot"] = args.plot

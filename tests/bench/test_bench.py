@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_bench_runs_side_by_side_and_reports_sane_numbers(ray_cluster, tmp_path):
     out = run(["tiny"], pools=[1], concurrency=[1, 3], prompt_len=4, max_tokens=5, dispatch_pools=2,
-              dispatch_iters=20)
+              dispatch_iters=20, skew=4.0)
     res = out["results"]["tiny"]
     assert set(res) == {"in-process", "1 pools", "1 pools+overlap"}
     for by_c in res.values():
@@ -25,6 +25,9 @@ def test_bench_runs_side_by_side_and_reports_sane_numbers(ray_cluster, tmp_path)
     rt = out["dispatch_round_trip_ms"]
     assert rt["pools"] == 2 and rt["tokens"] == 64 and 0 < rt["p50"] <= rt["p99"]
     assert "distributed / in-process" in table(out)
+    lb = out["load_balance"]
+    assert lb["before"] >= 1.0 and lb["after"] >= 1.0, "max/mean is at least 1 by definition"
+    assert out["balance_run"]["throughput"]["after"] > 0
     png = tmp_path / "bench.png"
     plot(out, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
