@@ -74,12 +74,16 @@ class _Region:
 
     def close(self) -> None:
         if self.shm is not None:
-            try:
-                self.shm.close()
-            except BufferError:  # a tensor still views it; the mapping goes with that tensor
-                pass
+            _unmap(self.shm)
             self.shm.unlink()
             self.shm = None
+
+
+def _unmap(shm: shared_memory.SharedMemory) -> None:
+    try:
+        shm.close()
+    except BufferError:  # a tensor still views it; the mapping goes with that tensor
+        pass
 
 
 class _Attached:
@@ -98,10 +102,7 @@ class _Attached:
 
     def close(self) -> None:
         if self.shm is not None:
-            try:
-                self.shm.close()
-            except BufferError:  # a tensor still views it; the mapping goes with that tensor
-                pass
+            _unmap(self.shm)
             self.shm = None
 
 

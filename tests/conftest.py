@@ -67,3 +67,17 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+def settled_stats(stub, timeout: float = 10.0):
+    """A server's Stats once nothing runs (cancellations apply at the next step boundary)."""
+    import time
+
+    from protos import serving_pb2 as pb
+
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = stub.Stats(pb.StatsRequest())
+        if (stats.running == 0 and stats.waiting == 0) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)

@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+from conftest import settled_stats as settled
 
 from cluster.deployment import DeploymentConfig
 from gateway.backends import ray_backend
@@ -34,13 +35,6 @@ def reference(fixture_dir):
     return lambda prompt, n: engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids
 
 
-def settled(stub, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = stub.Stats(pb.StatsRequest())
-        if (stats.running == 0 and stats.waiting == 0) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.02)
 
 
 def test_unary_and_stream_equal_golden(server, golden):

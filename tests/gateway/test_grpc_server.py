@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+from conftest import settled_stats as settled
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -123,14 +124,6 @@ def test_model_info_and_stats(srv):
     assert settled(srv.stub).cache_slots_used == 0
 
 
-def settled(stub, timeout: float = 5.0) -> pb.StatsResponse:
-    """Stats once nothing runs (cancellations apply at the next step boundary)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = stub.Stats(pb.StatsRequest())
-        if (stats.running == 0 and stats.waiting == 0) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.02)
 
 
 def test_reflection_lists_the_service(srv):
