@@ -108,6 +108,12 @@ class Deployment:
         self.workers.append(worker)
         return worker
 
+    def replace_worker(self, old, expert_ids: list[int]):
+        """A new worker holding `expert_ids` in place of a failing one (which is stopped)."""
+        new = self.add_worker(expert_ids)
+        self.remove_worker(old)
+        return new
+
     def remove_worker(self, worker) -> None:
         """Stop a worker that no routing table uses any more."""
         self.workers = [w for w in self.workers if w is not worker]

@@ -42,6 +42,7 @@ def ray_backend(cfg, control=None) -> Backend:
     try:
         model, _ = load_model(cfg.model_dir, cfg.dtype)
         dispatcher = PoolDispatcher(deployment.table, deployment.workers, cfg.transport, model.cfg.num_layers)
+        dispatcher.replace_worker = deployment.replace_worker
         engine = Engine(model, dispatcher, cfg.limits, micro_batches=cfg.micro_batches)
         info = _info(engine, cfg.pools, cfg.replicas, deployment.table.version,
                      [list(w) for w in deployment.table.workers])

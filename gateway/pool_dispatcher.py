@@ -9,8 +9,10 @@ The routing table can be swapped between steps (`set_table`) without touching th
 
 Faults: when a worker dies mid-step, its request goes again to another worker holding all of its
 experts, or, when it held the only copy, waits for Ray to restart it (pools run with
-`max_restarts`), puts the table's experts back on it and reconnects its data plane. `faults` counts
-such events so the gateway can flag the requests they delayed.
+`max_restarts`), puts the table's experts back on it and reconnects its data plane. A worker that
+stays unusable for `replace_after_s` (it keeps dying, or has no restarts left) leaves the routing
+table: a new worker started by `replace_worker` takes its place under a new table version. `faults` counts such
+events so the gateway can flag the requests they delayed.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class PoolDispatcher:
         self.fallbacks = 0
         self.faults = 0
         self.recovery_timeout_s = 120.0
+        self.replace_after_s = 30.0  # a worker unusable this long is replaced (Ray's restart comes first)
+        self.replaced = 0
+        self.replace_worker = None  # (old handle, expert ids) -> new ready handle; set by the deployment
         self._channels: dict[tuple[int, int], PoolChannel] = {}
         self.set_table(table, workers)
 
@@ -133,6 +138,7 @@ class PoolDispatcher:
         """The worker died: another replica holding all of the request's experts computes it, or the
         restarted worker does once Ray has brought it back."""
         self.faults += 1
+        failing_since = time.monotonic()
         x, needed = pending.x, set(r.expert_ids[r.expert_ids >= 0].tolist())
         others = [w for w, held in enumerate(self.table.workers) if w != r.worker and needed <= set(held)]
         deadline = time.monotonic() + self.recovery_timeout_s
@@ -145,11 +151,24 @@ class PoolDispatcher:
                                                          encode(r.weights))
                     return decode(ray.get(ref), x.dtype)
                 except (RayActorError, ActorUnavailableError, GetTimeoutError):
-                    continue
+                    if w == r.worker and time.monotonic() - failing_since >= self.replace_after_s:
+                        self._replace(w)
+                        failing_since = time.monotonic()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"expert pool worker {r.worker} did not come back within "
                                    f"{self.recovery_timeout_s:.0f}s and no other replica holds experts {sorted(needed)}")
             time.sleep(0.2)
+
+    def _replace(self, worker: int) -> None:
+        """Take a failing worker out of the table: a new one holding its experts takes its index,
+        under a new table version."""
+        if self.replace_worker is None:
+            return
+        old = self.workers[worker]
+        self._drop(worker)
+        self.workers[worker] = self.replace_worker(old, list(self.table.workers[worker]))
+        self.table = RoutingTable(self.table.version + 1, self.table.workers, self.table.num_experts)
+        self.replaced += 1
 
     def _resync(self, worker: int) -> None:
         """A restarted worker: give it this table's experts again and reconnect its data plane."""

@@ -185,9 +185,9 @@ class GatewayServer:
         for name in ("", SERVICE):
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = loop.time() + opts.grace_s
-        while self.state.gateway is not None and self.state.gateway.stats()["streams"] and loop.time() < deadline:
+        while self.state.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        await server.stop(0)
+        await server.stop(min(1.0, max(0.0, deadline - loop.time())))  # let final statuses go out
         if self.state.gateway is not None:
             self.state.gateway.close()
         if self.backend is not None:

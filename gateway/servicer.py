@@ -54,6 +54,7 @@ class ServingState:
     tokenizer: Tokenizer | None = None
     info: dict | None = None
     draining: bool = False
+    inflight: int = 0  # generation RPCs not yet fully written to their clients (drain waits for them)
 
     def ready(self) -> Gateway:
         if self.draining:
@@ -138,6 +139,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
             await stream.aclose()  # cancels the request in the engine if it is still running
 
     async def Generate(self, request, context):
+        self.state.inflight += 1
         try:
             ids: list[int] = []
             chunks: list[str] = []
@@ -152,13 +154,18 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
                                        timings=final.timings)
         except (InvalidRequest, QueueFull, Unavailable, RuntimeError) as e:
             await self._abort(context, e)
+        finally:
+            self.state.inflight -= 1
 
     async def GenerateStream(self, request, context):
+        self.state.inflight += 1
         try:
             async for msg in self._run(request, context):
-                yield msg
+                yield msg  # returns once gRPC has taken the message
         except (InvalidRequest, QueueFull, Unavailable, RuntimeError) as e:
             await self._abort(context, e)
+        finally:
+            self.state.inflight -= 1
 
     async def Tokenize(self, request, context):
         try:

@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+import ray
 
 from cluster.deployment import Deployment, DeploymentConfig
 from gateway.engine import Engine, local_engine
@@ -50,3 +51,44 @@ def test_killing_a_pool_mid_stream_loses_no_request(ray_cluster, fixture_dir, go
         gw.close()
         disp.close()
         d.shutdown()
+
+
+def test_a_pool_that_stays_dead_is_replaced_and_the_response_says_so(ray_cluster, fixture_dir, golden):
+    """No restarts left: the worker leaves the routing table, a new one takes its experts, and the
+    gRPC response that was delayed carries the fault in its trailing metadata."""
+    import grpc
+
+    from gateway.backends import ray_backend
+    from gateway.server import GatewayServer, ServerOptions
+    from protos import serving_pb2 as pb
+    from protos import serving_pb2_grpc as pb_grpc
+
+    backends = []
+
+    def backend():
+        b = ray_backend(DeploymentConfig(str(fixture_dir), pools=2, pool_max_restarts=0))
+        b.engine.dispatcher.replace_after_s = 0.5
+        backends.append(b)
+        return b
+
+    srv = GatewayServer(backend, ServerOptions(port=0))
+    port = srv.start()
+    try:
+        srv.wait_ready(120)
+        disp = backends[0].engine.dispatcher
+        victim = ray.get(disp.workers[0].info.remote())["pid"]
+        case = golden["cases"][5]
+        ref = local_engine(str(fixture_dir)).generate([case["prompt_ids"]], SamplingParams(max_tokens=60, ignore_eod=True))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = pb_grpc.YuanServingStub(ch).GenerateStream(
+                pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=60, ignore_eod=True), timeout=120)
+            tokens = [next(call).token_id for _ in range(3)]
+            os.kill(victim, signal.SIGKILL)
+            tokens += [m.token_id for m in call]
+            trailing = dict(call.trailing_metadata())
+        assert tokens == ref[0].output_ids
+        assert trailing.get("yuan-fault") == "pool-failure-recovered"
+        assert disp.replaced == 1 and disp.table.version == 2
+        assert ray.get(disp.workers[0].info.remote())["pid"] != victim
+    finally:
+        srv.stop(grace_s=0)
