@@ -74,7 +74,7 @@ def test_rebalance_in_the_middle_of_16_generations_changes_no_token(ray_cluster,
     ref = local_engine(str(fixture_dir))
     long = golden["cases"][5]["prompt_ids"]
     prompts = [c["prompt_ids"] for c in golden["cases"]] + [long[i * 7: i * 7 + 5 + i] for i in range(9)]
-    n = 24
+    n = 48  # long enough that generations are still running when the new table lands
     expected = [ref.generate([p], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids for p in prompts]
     d, disp, gw = serve_pools(str(fixture_dir), pools=4)
     try:
