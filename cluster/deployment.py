@@ -79,7 +79,8 @@ class Deployment:
     def _start_pools(self) -> None:
         cfg = self.cfg
         gpus = ray.cluster_resources().get("GPU", 0) >= len(self.table.workers)
-        bundle = {"CPU": 1, "GPU": 1} if gpus else {"CPU": 1}
+        cpus = self._cpus_per_worker(len(self.table.workers))
+        bundle = {"CPU": cpus, "GPU": 1} if gpus else {"CPU": cpus}
         R = cfg.replicas
         for p in range(cfg.pools):
             group = placement_group([bundle] * R, strategy="SPREAD")
@@ -87,7 +88,7 @@ class Deployment:
             for r in range(R):
                 strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r)
                 self.workers.append(ExpertPoolActor.options(
-                    scheduling_strategy=strategy, num_cpus=1, num_gpus=1 if gpus else 0,
+                    scheduling_strategy=strategy, num_cpus=cpus, num_gpus=1 if gpus else 0,
                     max_restarts=cfg.pool_max_restarts,
                 ).remote(cfg.model_dir, list(self.table.workers[p * R + r]), cfg.dtype, "cuda" if gpus else "cpu"))
         self._wait([g.ready() for g in self._groups], "placement groups for the expert pools")
@@ -97,12 +98,13 @@ class Deployment:
         """Start one more expert-pool worker (its own placement group); returns its handle once ready."""
         cfg = self.cfg
         gpus = ray.cluster_resources().get("GPU", 0) > len(self.workers)
-        group = placement_group([{"CPU": 1, "GPU": 1} if gpus else {"CPU": 1}])
+        cpus = self._cpus_per_worker(len(self.workers) + 1)
+        group = placement_group([{"CPU": cpus, "GPU": 1} if gpus else {"CPU": cpus}])
         self._groups.append(group)
         self._wait([group.ready()], "a placement group for a new pool")
         worker = ExpertPoolActor.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
-            num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=cfg.pool_max_restarts,
+            num_cpus=cpus, num_gpus=1 if gpus else 0, max_restarts=cfg.pool_max_restarts,
         ).remote(cfg.model_dir, list(expert_ids or []), cfg.dtype, "cuda" if gpus else "cpu")
         self._wait([worker.info.remote()], "a new pool to start")
         self.workers.append(worker)
@@ -118,6 +120,13 @@ class Deployment:
         """Stop a worker that no routing table uses any more."""
         self.workers = [w for w in self.workers if w is not worker]
         ray.kill(worker)
+
+    @staticmethod
+    def _cpus_per_worker(workers: int) -> float:
+        """A whole CPU per pool worker when the cluster has them; on a small cluster (`serve run` on a
+        2-core box) a share of what is left after one CPU for a gateway, so every pool still fits."""
+        total = ray.cluster_resources().get("CPU", 1.0)
+        return 1.0 if total >= workers + 1 else max(0.01, round((total - 1) / workers, 2))
 
     def _wait(self, refs: list, what: str) -> list:
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.start_timeout_s)

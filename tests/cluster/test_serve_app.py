@@ -55,3 +55,14 @@ def test_serve_runs_deploy_yaml_app(ray_cluster, fixture_dir, golden):
             assert list(res.token_ids) == case["generated_ids"]
     finally:
         serve.shutdown()
+
+
+@pytest.mark.ray
+def test_pools_fit_a_cluster_with_fewer_cpus_than_pools(ray_cluster):
+    """`serve run deploy.yaml` on a 2-core box starts Ray with 2 CPUs: pools then take a share each."""
+    from cluster.deployment import Deployment
+
+    total = ray_cluster.cluster_resources()["CPU"]
+    assert Deployment._cpus_per_worker(int(total) - 1) == 1.0
+    share = Deployment._cpus_per_worker(int(total) * 3)
+    assert 0 < share < 1 and share * int(total) * 3 <= total - 1 + 1e-9
