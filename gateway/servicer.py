@@ -177,15 +177,17 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
 
     async def ModelInfo(self, request, context):
         try:
-            self.state.ready()
+            gateway = self.state.ready()
         except Unavailable as e:
             await self._abort(context, e)
         info = self.state.info
+        table = getattr(gateway.engine.dispatcher, "table", None)  # live: rebalancing and scaling change it
+        workers = [list(w) for w in table.workers] if table else info["workers"]
         return pb.ModelInfoResponse(
             config_json=json.dumps(info["config"]), num_experts=info["config"]["num_experts"],
             top_k=info["config"]["top_k"], pools=info["pools"], replicas=info["replicas"],
-            routing_table_version=info["routing_table_version"],
-            workers=[pb.Worker(worker=i, experts=e) for i, e in enumerate(info["workers"])],
+            routing_table_version=table.version if table else info["routing_table_version"],
+            workers=[pb.Worker(worker=i, experts=e) for i, e in enumerate(workers)],
             limits_json=json.dumps(info["limits"]))
 
     async def Stats(self, request, context):

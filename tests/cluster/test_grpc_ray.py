@@ -139,5 +139,8 @@ def test_server_control_loop_rebalances_and_exports_metrics(ray_cluster, fixture
                     req = pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True)
                     assert list(stub.Generate(req, timeout=60).token_ids) == case["generated_ids"]
             assert stub.Stats(pb.StatsRequest()).routing_table_version >= 2, "the control loop rebalanced"
+            info = stub.ModelInfo(pb.ModelInfoRequest())
+            assert info.routing_table_version >= 2, "ModelInfo shows the live routing table"
+            assert any(len([w for w in info.workers if e in w.experts]) > 1 for e in range(32)), "hot experts replicated"
     finally:
         srv.stop(grace_s=0)
