@@ -37,11 +37,19 @@ class LoadMetrics:
         tags = ("layer", "expert") if per_layer else ("expert",)
         self.expert = Counter("yuan_expert_tokens", "Tokens routed to each expert", tag_keys=tags)
         self.pairs = Counter("yuan_pool_pairs", "(token, expert) pairs computed per pool worker", tag_keys=("worker",))
+        self.compute = Counter("yuan_pool_compute_seconds", "Expert math time per pool worker", tag_keys=("worker",))
+        self.queue = Gauge("yuan_queue_delay_seconds_mean", "Mean wait for a batch slot since the last export")
         self.workers = Gauge("yuan_pool_workers", "Expert-pool workers in the routing table")
         self.version = Gauge("yuan_routing_table_version", "Routing table version in use")
         self._last: dict | None = None
+        self._last_queue = (0, 0.0)
 
-    def export(self, dispatcher) -> None:
+    def export(self, gateway: Gateway) -> None:
+        dispatcher, engine = gateway.engine.dispatcher, gateway.engine
+        admitted, delay = engine.admitted - self._last_queue[0], engine.queue_delay_s - self._last_queue[1]
+        if admitted:
+            self.queue.set(delay / admitted)
+        self._last_queue = (engine.admitted, engine.queue_delay_s)
         snap = dispatcher.load.snapshot()
         if self._last is not None:
             diff = window(self._last, snap)
@@ -56,6 +64,9 @@ class LoadMetrics:
             for w, n in diff["worker_pairs"].items():
                 if n > 0:
                     self.pairs.inc(n, tags={"worker": str(w)})
+            for w, s in diff["worker_compute_s"].items():
+                if s > 0:
+                    self.compute.inc(s, tags={"worker": str(w)})
         self.workers.set(len(dispatcher.table.workers))
         self.version.set(dispatcher.table.version)
         self._last = snap
@@ -72,7 +83,7 @@ async def control_loop(gateway: Gateway, deployment: Deployment, cfg: ControlCon
     while True:
         await asyncio.sleep(cfg.interval_s)
         if metrics:
-            metrics.export(dispatcher)
+            metrics.export(gateway)
         if autoscaler:
             await autoscaler.tick()
         if cfg.rebalance_every_s and time.monotonic() - last_rebalance >= cfg.rebalance_every_s:

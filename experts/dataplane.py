@@ -17,6 +17,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing import resource_tracker, shared_memory
 
@@ -177,14 +178,16 @@ class DataPlaneServer:
         ids = _tensor(buf, bx, bi, (n, a), torch.long)
         w = _tensor(buf, bx + bi, bw, (n, a), dtype)
         with self._lock:
+            t0 = time.perf_counter()
             out = self.compute(head["layer"], x, ids, w).contiguous()
+            compute_s = time.perf_counter() - t0
         raw = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
         if head["inline"]:
-            _send(conn, {"ok": True, "inline": True}, [raw])
+            _send(conn, {"ok": True, "inline": True, "compute_s": compute_s}, [raw])
             return
         renamed = mine.ensure(max(1, raw.nbytes))
         mine.shm.buf[: raw.nbytes] = raw
-        _send(conn, {"ok": True, "inline": False, "shm": renamed})
+        _send(conn, {"ok": True, "inline": False, "shm": renamed, "compute_s": compute_s})
 
     def close(self) -> None:
         self._closed = True
@@ -212,6 +215,7 @@ class PoolChannel:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.mine, self.theirs = _Region(), _Attached()
         self._pending: tuple[int, torch.dtype] | None = None
+        self.last_compute_s = 0.0  # the pool's own time for the last request's expert math
 
     def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
              rows: torch.Tensor | None = None) -> None:
@@ -245,6 +249,7 @@ class PoolChannel:
             head = _recv(self.sock)
             if not head["ok"]:
                 raise DataPlaneError(f"pool failed: {head['error']}")
+            self.last_compute_s = head.get("compute_s", 0.0)
             nbytes = count * torch.empty((), dtype=dtype).element_size()
             buf = _recv_exact(self.sock, nbytes) if head["inline"] else self.theirs.view(head.get("shm"))
         except OSError as e:

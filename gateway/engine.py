@@ -45,6 +45,7 @@ class Sequence:
     finish_reason: str | None = None  # "length" | "stop" | "eod" | "cancelled"
     generator: torch.Generator | None = None
     admitted_at: float | None = None  # perf_counter() when it got a slot (for queue time)
+    arrived_at: float = field(default_factory=time.perf_counter)
 
     @property
     def tokens(self) -> list[int]:
@@ -76,6 +77,8 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index = cache slot when caching
         self.steps = 0
+        self.admitted = 0
+        self.queue_delay_s = 0.0  # summed over admitted requests: arrival to batch slot
 
     # ---- requests ---------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
@@ -128,6 +131,7 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.running), "waiting": len(self.waiting), "steps": self.steps,
+                "admitted": self.admitted, "queue_delay_s": self.queue_delay_s,
                 "cache_slots_used": self.cache.active if self.cache else 0,
                 "cache_tokens": sum(s.length for s in self.running)}
 
@@ -164,6 +168,8 @@ class Engine:
                 break
             seq = self.waiting.popleft()
             seq.admitted_at = time.perf_counter()
+            self.admitted += 1
+            self.queue_delay_s += seq.admitted_at - seq.arrived_at
             budget -= n
             if self.cache:
                 seq.slot = self.cache.allocate()

@@ -125,7 +125,9 @@ class PoolDispatcher:
         x = pending.x
         if isinstance(handle, PoolChannel):
             try:
-                return handle.recv(x.shape[1])
+                out = handle.recv(x.shape[1])
+                self.load.record_compute(r.worker, handle.last_compute_s)
+                return out
             except DataPlaneError:  # resend this request the Ray way
                 self._drop(r.worker)
                 handle = self._ray_call(r, pending.layer, x[r.rows])

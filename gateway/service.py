@@ -84,6 +84,7 @@ class Gateway:
         load = getattr(self.engine.dispatcher, "load", None)
         if load is not None:  # expert pools: where the work went
             stats |= {"tokens_sent": dict(load.worker_tokens), "worker_pairs": dict(load.worker_pairs),
+                      "worker_compute_s": dict(load.worker_compute_s),
                       "expert_tokens": load.expert_tokens.tolist(),
                       "routing_table_version": self.engine.dispatcher.table.version}
         return stats

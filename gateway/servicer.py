@@ -203,7 +203,9 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
                                 tokens_sent=s.get("tokens_sent", {}), worker_pairs=s.get("worker_pairs", {}),
                                 num_layers=len(expert_tokens), num_experts=len(expert_tokens[0]) if expert_tokens else 0,
                                 expert_tokens=[n for row in expert_tokens for n in row],
-                                routing_table_version=s.get("routing_table_version", 0))
+                                routing_table_version=s.get("routing_table_version", 0),
+                                worker_compute_s=s.get("worker_compute_s", {}), admitted=s["admitted"],
+                                queue_delay_s=s["queue_delay_s"])
 
 
 def _timings(arrived: float, first: TokenEvent | None, last: TokenEvent | None, count: int) -> pb.Timings:

@@ -147,7 +147,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("running", "waiting", "cache_slots_used", "cache_tokens", "cache_bytes", "steps", "tokens_sent", "num_layers", "num_experts", "expert_tokens", "worker_pairs", "routing_table_version")
+    __slots__ = ("running", "waiting", "cache_slots_used", "cache_tokens", "cache_bytes", "steps", "tokens_sent", "num_layers", "num_experts", "expert_tokens", "worker_pairs", "routing_table_version", "worker_compute_s", "admitted", "queue_delay_s")
     class TokensSentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,13 @@ class StatsResponse(_message.Message):
         key: int
         value: int
         def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class WorkerComputeSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     CACHE_SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +181,9 @@ class StatsResponse(_message.Message):
     EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WORKER_PAIRS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DELAY_S_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     cache_slots_used: int
@@ -186,4 +196,7 @@ class StatsResponse(_message.Message):
     expert_tokens: _containers.RepeatedScalarFieldContainer[int]
     worker_pairs: _containers.ScalarMap[int, int]
     routing_table_version: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_slots_used: _Optional[int] = ..., cache_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_sent: _Optional[_Mapping[int, int]] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., worker_pairs: _Optional[_Mapping[int, int]] = ..., routing_table_version: _Optional[int] = ...) -> None: ...
+    worker_compute_s: _containers.ScalarMap[int, float]
+    admitted: int
+    queue_delay_s: float
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_slots_used: _Optional[int] = ..., cache_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_sent: _Optional[_Mapping[int, int]] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., worker_pairs: _Optional[_Mapping[int, int]] = ..., routing_table_version: _Optional[int] = ..., worker_compute_s: _Optional[_Mapping[int, float]] = ..., admitted: _Optional[int] = ..., queue_delay_s: _Optional[float] = ...) -> None: ...

@@ -17,6 +17,7 @@ class LoadTracker:
         self.pair_tokens = torch.zeros(num_experts, num_experts, dtype=torch.long)  # [E, E], a < b
         self.worker_pairs: dict[int, int] = {}  # (token, expert) pairs computed per worker
         self.worker_tokens: dict[int, int] = {}  # token rows sent per worker
+        self.worker_compute_s: dict[int, float] = {}  # expert math time each worker reported
 
     def record_routing(self, layer: int, expert_ids: torch.Tensor) -> None:
         E = self.num_experts
@@ -30,9 +31,13 @@ class LoadTracker:
         self.worker_tokens[worker] = self.worker_tokens.get(worker, 0) + tokens
         self.worker_pairs[worker] = self.worker_pairs.get(worker, 0) + pairs
 
+    def record_compute(self, worker: int, seconds: float) -> None:
+        self.worker_compute_s[worker] = self.worker_compute_s.get(worker, 0.0) + seconds
+
     def snapshot(self) -> dict:
         return {"expert_tokens": self.expert_tokens.clone(), "pair_tokens": self.pair_tokens.clone(),
-                "worker_pairs": dict(self.worker_pairs), "worker_tokens": dict(self.worker_tokens)}
+                "worker_pairs": dict(self.worker_pairs), "worker_tokens": dict(self.worker_tokens),
+                "worker_compute_s": dict(self.worker_compute_s)}
 
 
 def window(before: dict, after: dict) -> dict:
@@ -40,4 +45,6 @@ def window(before: dict, after: dict) -> dict:
     return {"expert_tokens": after["expert_tokens"] - before["expert_tokens"],
             "pair_tokens": after["pair_tokens"] - before["pair_tokens"],
             "worker_pairs": {w: n - before["worker_pairs"].get(w, 0) for w, n in after["worker_pairs"].items()},
-            "worker_tokens": {w: n - before["worker_tokens"].get(w, 0) for w, n in after["worker_tokens"].items()}}
+            "worker_tokens": {w: n - before["worker_tokens"].get(w, 0) for w, n in after["worker_tokens"].items()},
+            "worker_compute_s": {w: s - before["worker_compute_s"].get(w, 0.0)
+                                 for w, s in after["worker_compute_s"].items()}}

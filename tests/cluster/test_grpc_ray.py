@@ -144,3 +144,15 @@ def test_server_control_loop_rebalances_and_exports_metrics(ray_cluster, fixture
             assert any(len([w for w in info.workers if e in w.experts]) > 1 for e in range(32)), "hot experts replicated"
     finally:
         srv.stop(grace_s=0)
+
+
+def test_stats_report_pool_compute_time_and_queue_delay(server, golden):
+    with grpc.insecure_channel(server) as ch:
+        stub = pb_grpc.YuanServingStub(ch)
+        before = stub.Stats(pb.StatsRequest())
+        case = golden["cases"][4]
+        stub.Generate(pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=8), timeout=60)
+        after = stub.Stats(pb.StatsRequest())
+    assert after.admitted == before.admitted + 1 and after.queue_delay_s >= before.queue_delay_s
+    assert set(after.worker_compute_s) == {0, 1, 2, 3}
+    assert sum(after.worker_compute_s.values()) > sum(before.worker_compute_s.values())
