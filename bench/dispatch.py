@@ -21,6 +21,7 @@ from cluster.deployment import Deployment, DeploymentConfig
 from cluster.placement import plan_pools
 from experts.pool import ExpertPool
 from cluster.ray_cluster import connect
+from gateway.compiled_dispatcher import CompiledGraphDispatcher
 from gateway.pool_dispatcher import TRANSPORTS, PoolDispatcher
 from model.checkpoint import write_random_checkpoint
 from model.config import YuanConfig
@@ -60,7 +61,8 @@ class EchoPool(ExpertPool):
         return x.copy()
 
 
-def measure(model_dir: str, pools: int, tokens: int, iters: int, compute: str) -> dict[str, dict[str, float]]:
+def measure(model_dir: str, pools: int, tokens: int, iters: int, compute: str,
+            compiled: bool = False) -> dict[str, dict[str, float]]:
     if compute == "experts":
         d = Deployment(DeploymentConfig(model_dir, pools=pools, gateways=0)).start_pools()
         table, workers, stop = d.table, d.workers, d.shutdown
@@ -78,6 +80,10 @@ def measure(model_dir: str, pools: int, tokens: int, iters: int, compute: str) -
             disp = PoolDispatcher(table, workers, transport)
             out[transport] = round_trips(disp, tokens, iters)
             disp.close()
+        if compiled:
+            disp = CompiledGraphDispatcher(table, workers)
+            out["compiled"] = round_trips(disp, tokens, iters)
+            disp.close()
         return out
     finally:
         stop()
@@ -90,12 +96,13 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--inline-kib", type=int, default=1024, help="Ray's inline object limit (its default: 100)")
     p.add_argument("--compute", nargs="+", choices=["echo", "experts"], default=["echo", "experts"])
+    p.add_argument("--compiled", action="store_true", help="also measure a Ray Compiled Graph transport")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     connect(num_cpus=16, inline_object_bytes=args.inline_kib * 1024)
     with tempfile.TemporaryDirectory() as tmp:
         write_random_checkpoint(TRANSPORT_CFG, tmp + "/ckpt", seed=0)
-        rows = {c: {P: measure(tmp + "/ckpt", P, args.tokens, args.iters, c) for P in args.pools}
+        rows = {c: {P: measure(tmp + "/ckpt", P, args.tokens, args.iters, c, args.compiled) for P in args.pools}
                 for c in args.compute}
     ray.shutdown()
     if args.json:
@@ -104,11 +111,11 @@ def main() -> None:
         return
     print(f"per-layer dispatch round trip, {args.tokens} tokens x {TRANSPORT_CFG.hidden_size} float32, "
           f"Ray inline limit {args.inline_kib} KiB, {args.iters} iterations")
-    print(f"{'pools':>8} {'compute':>8} {'transport':>10} {'p50 ms':>8} {'p99 ms':>8}   ray/dataplane p50")
+    print(f"{'pools':>8} {'compute':>8} {'transport':>10} {'p50 ms':>8} {'p99 ms':>8}   ray/this p50")
     for c, by_pools in rows.items():
         for P, r in by_pools.items():
-            for t in TRANSPORTS:
-                ratio = f"{r['ray']['p50'] / r['dataplane']['p50']:8.1f}x" if t == "dataplane" else ""
+            for t in r:
+                ratio = f"{r['ray']['p50'] / r[t]['p50']:8.1f}x" if t != "ray" else ""
                 print(f"{P:>8} {c:>8} {t:>10} {r[t]['p50']:8.3f} {r[t]['p99']:8.3f}   {ratio}")
 
 
