@@ -80,6 +80,9 @@ async def run_load(gateway: Gateway, prompts: list[list[int]], max_tokens: int) 
 
 
 def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len: int, max_tokens: int) -> dict:
+    """Breakdown per step: gateway compute (attention, router, sampling, scheduling), expert calls
+    (wall time the gateway spent in them), and of that the pools' own expert math (summed over pools,
+    which run in parallel) and the rest (transport and waiting)."""
     g = torch.Generator().manual_seed(concurrency)
     vocab = engine.model.cfg.vocab_size
     prompts = [torch.randint(0, min(vocab, 256), (prompt_len,), generator=g).tolist() for _ in range(concurrency)]
@@ -87,7 +90,10 @@ def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len
     asyncio.run(run_load(gateway, prompts[:1], 2))  # warm-up
     timed.times.clear()
     steps0 = engine.steps
+    load = getattr(timed.inner, "load", None)
+    compute0 = sum(load.worker_compute_s.values()) if load else 0.0
     result = asyncio.run(run_load(gateway, prompts, max_tokens))
+    pool_s = (sum(load.worker_compute_s.values()) - compute0) if load else sum(timed.times)
     gateway.close()
     steps = engine.steps - steps0
     layers = engine.model.cfg.num_layers
@@ -95,8 +101,11 @@ def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len
     result["steps"] = steps
     result["expert_step_ms"] = {"p50": pct(timed.times, 0.5) * 1e3, "p99": pct(timed.times, 0.99) * 1e3}
     step_s = result["wall_s"] / max(1, steps)
-    result["breakdown_ms_per_step"] = {"total": step_s * 1e3, "expert_calls": expert_s / max(1, steps) * 1e3,
-                                       "gateway_compute": (result["wall_s"] - expert_s) / max(1, steps) * 1e3,
+    per_step = 1e3 / max(1, steps)
+    result["breakdown_ms_per_step"] = {"total": step_s * 1e3, "expert_calls": expert_s * per_step,
+                                       "gateway_compute": (result["wall_s"] - expert_s) * per_step,
+                                       "pool_compute_summed": pool_s * per_step,
+                                       "transport_and_waiting": max(0.0, expert_s - pool_s) * per_step,
                                        "expert_calls_per_layer": expert_s / max(1, steps * layers) * 1e3}
     return result
 
@@ -208,7 +217,9 @@ def table(out: dict) -> str:
                 lines.append(f"  {label:>10} x{c:<3} {r['tokens_per_s']:9.1f} | {r['ttft_ms']['p50']:7.1f} / "
                              f"{r['ttft_ms']['p99']:7.1f} | {r['tpot_ms']['p50']:6.2f} / {r['tpot_ms']['p99']:6.2f} | "
                              f"{b['expert_calls_per_layer']:6.3f}  (step {b['total']:.2f} ms: gateway "
-                             f"{b['gateway_compute']:.2f}, expert calls {b['expert_calls']:.2f})")
+                             f"{b['gateway_compute']:.2f}, expert calls {b['expert_calls']:.2f} = pools "
+                             f"{b['pool_compute_summed']:.2f} summed + transport/waiting "
+                             f"{b['transport_and_waiting']:.2f})")
         if name in out["throughput_ratio"]:
             ratios = ", ".join(f"x{c}: {v:.2f}" for c, v in out["throughput_ratio"][name].items())
             lines.append(f"  distributed / in-process throughput: {ratios}")

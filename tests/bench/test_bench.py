@@ -21,6 +21,7 @@ def test_bench_runs_side_by_side_and_reports_sane_numbers(ray_cluster, tmp_path)
             assert r["ttft_ms"]["p99"] >= r["ttft_ms"]["p50"] and r["tpot_ms"]["p99"] >= r["tpot_ms"]["p50"]
             b = r["breakdown_ms_per_step"]
             assert 0 < b["expert_calls"] < b["total"]
+            assert b["pool_compute_summed"] > 0 and b["transport_and_waiting"] >= 0
     assert set(out["throughput_ratio"]["tiny"]) == {1, 3}
     rt = out["dispatch_round_trip_ms"]
     assert rt["pools"] == 2 and rt["tokens"] == 64 and 0 < rt["p50"] <= rt["p99"]
