@@ -183,9 +183,12 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         info = self.state.info
         table = getattr(gateway.engine.dispatcher, "table", None)  # live: rebalancing and scaling change it
         workers = [list(w) for w in table.workers] if table else info["workers"]
+        pools, replicas = info["pools"], info["replicas"]
+        if table is not None and table.version != info["routing_table_version"]:  # moved since start-up
+            pools, replicas = len(table.workers), max(len(r) for r in table.replica_lists())
         return pb.ModelInfoResponse(
             config_json=json.dumps(info["config"]), num_experts=info["config"]["num_experts"],
-            top_k=info["config"]["top_k"], pools=info["pools"], replicas=info["replicas"],
+            top_k=info["config"]["top_k"], pools=pools, replicas=replicas,
             routing_table_version=table.version if table else info["routing_table_version"],
             workers=[pb.Worker(worker=i, experts=e) for i, e in enumerate(workers)],
             limits_json=json.dumps(info["limits"]))

@@ -141,6 +141,7 @@ def test_server_control_loop_rebalances_and_exports_metrics(ray_cluster, fixture
             assert stub.Stats(pb.StatsRequest()).routing_table_version >= 2, "the control loop rebalanced"
             info = stub.ModelInfo(pb.ModelInfoRequest())
             assert info.routing_table_version >= 2, "ModelInfo shows the live routing table"
+            assert info.pools == 4 and info.replicas >= 2
             assert any(len([w for w in info.workers if e in w.experts]) > 1 for e in range(32)), "hot experts replicated"
     finally:
         srv.stop(grace_s=0)
