@@ -108,15 +108,13 @@ class _Attached:
 
 
 def _layout(n: int, a: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    es = torch.empty((), dtype=dtype).element_size()
-    return n * d * es, n * a * 8, n * a * es
+    return n * d * dtype.itemsize, n * a * 8, n * a * dtype.itemsize
 
 
 def _tensor(buf: memoryview, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype, count=nbytes // torch.empty((), dtype=dtype).element_size(),
-                            offset=offset).view(shape)
+    return torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).view(shape)
 
 
 # ---- pool side ----------------------------------------------------------------------------------
@@ -250,7 +248,7 @@ class PoolChannel:
             if not head["ok"]:
                 raise DataPlaneError(f"pool failed: {head['error']}")
             self.last_compute_s = head.get("compute_s", 0.0)
-            nbytes = count * torch.empty((), dtype=dtype).element_size()
+            nbytes = count * dtype.itemsize
             buf = _recv_exact(self.sock, nbytes) if head["inline"] else self.theirs.view(head.get("shm"))
         except OSError as e:
             raise DataPlaneError(f"data plane receive failed: {e}") from e
