@@ -50,17 +50,21 @@ def hf_tensor_shapes(cfg: YuanConfig) -> dict[str, tuple[int, ...]]:
         else:
             shapes[p + "mlp.gate.weight"] = (N, d)
         for e in range(N):
-            shapes[p + f"mlp.experts.{e}.w1.weight"] = (2 * F, d)
-            shapes[p + f"mlp.experts.{e}.w2.weight"] = (d, F)
+            shapes[expert_tensor_name(i, e, "w1")] = (2 * F, d)
+            shapes[expert_tensor_name(i, e, "w2")] = (d, F)
     shapes["model.norm.weight"] = (d,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
     return shapes
 
 
+def expert_tensor_name(layer: int, expert: int, which: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{expert}.{which}.weight"
+
+
 def expert_tensor_names(cfg: YuanConfig, expert_ids: list[int]) -> list[str]:
-    return [f"model.layers.{i}.mlp.experts.{e}.{w}.weight"
-            for i in range(cfg.num_layers) for e in expert_ids for w in ("w1", "w2")]
+    """Every tensor of these experts, in every layer: what a pool holding them reads."""
+    return [expert_tensor_name(i, e, w) for i in range(cfg.num_layers) for e in expert_ids for w in ("w1", "w2")]
 
 
 # Our parameter name (regex over `YuanModel.state_dict()`) -> HF name template.
@@ -193,13 +197,12 @@ def load_weights(model: nn.Module, reader: CheckpointReader) -> set[str]:
 
 def load_expert_banks(banks: list[nn.Module], reader: CheckpointReader) -> set[str]:
     """Fill per-layer `ExpertBank`s (each with its `expert_ids`); returns the HF names loaded."""
-    names = [f"model.layers.{i}.mlp.experts.{e}.{w}.weight"
-             for i, bank in enumerate(banks) for e in bank.expert_ids for w in ("w1", "w2")]
+    names = [expert_tensor_name(i, e, w) for i, bank in enumerate(banks) for e in bank.expert_ids for w in ("w1", "w2")]
     tensors = reader.read(names)
     for i, bank in enumerate(banks):
         for j, e in enumerate(bank.expert_ids):
             for w in ("w1", "w2"):
-                name = f"model.layers.{i}.mlp.experts.{e}.{w}.weight"
+                name = expert_tensor_name(i, e, w)
                 target = getattr(bank, w)
                 _check_shape(name, tensors[name], tuple(target.shape[1:]), reader.dir)
                 with torch.no_grad():
