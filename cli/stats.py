@@ -37,6 +37,8 @@ def plot(stats: pb.StatsResponse, path: str) -> None:
     im = heat.imshow(grid, aspect="auto", cmap="viridis")
     heat.set(title=f"tokens routed per (layer, expert), routing table v{stats.routing_table_version}",
              xlabel="expert", ylabel="layer")
+    heat.set_yticks(range(grid.shape[0]))
+    heat.set_xticks(range(0, grid.shape[1], max(1, grid.shape[1] // 16)))
     fig.colorbar(im, ax=heat)
     bars.bar([str(w) for w in workers], [stats.worker_pairs[w] for w in workers])
     bars.set(title="pairs computed per pool worker", xlabel="worker")
