@@ -76,15 +76,20 @@ class PoolDispatcher:
         self.close()
         self._channels = kept
         self.table, self.workers, self._plan = table, list(workers), DispatchTable(table.replica_lists())
-        if self.transport == "dataplane":
-            new = [w for w in range(len(workers)) if (w, 0) not in kept]
-            here = socket.gethostname()
-            for w, info in zip(new, ray.get([self.workers[w].open_data_plane.remote() for w in new])):
+        self._connect([w for w in range(len(workers)) if (w, 0) not in kept])
+
+    def _connect(self, workers: list[int]) -> None:
+        """Open the data plane to these workers, every lane; one that cannot be reached is served
+        by Ray calls."""
+        if self.transport != "dataplane" or not workers:
+            return
+        here = socket.gethostname()
+        for w, info in zip(workers, ray.get([self.workers[w].open_data_plane.remote() for w in workers])):
+            try:
                 for lane in range(LANES):
-                    try:
-                        self._channels[(w, lane)] = PoolChannel(info["address"], same_node=info["host"] == here)
-                    except OSError:
-                        self.fallbacks += 1  # unreachable: this worker is served by Ray calls
+                    self._channels[(w, lane)] = PoolChannel(info["address"], same_node=info["host"] == here)
+            except OSError:
+                self._drop(w)
 
     def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
@@ -98,7 +103,7 @@ class PoolDispatcher:
         for r in requests:
             n = int(r.rows.numel())
             self.outstanding[r.worker] = self.outstanding.get(r.worker, 0) + n
-            self.load.record_request(r.worker, n, int((r.expert_ids >= 0).sum()))
+            self.load.record_request(r.worker, n, r.pairs)
             handles.append(self._send(r, layer, x, lane))
         return Pending(layer, lane, x, requests, handles)
 
@@ -149,9 +154,7 @@ class PoolDispatcher:
                 try:
                     if w == r.worker:
                         self._resync(w)
-                    ref = self.workers[w].compute.remote(pending.layer, encode(x[r.rows]), encode(r.expert_ids),
-                                                         encode(r.weights))
-                    return decode(ray.get(ref), x.dtype)
+                    return decode(ray.get(self._ray_call(r, pending.layer, x[r.rows], worker=w)), x.dtype)
                 except (RayActorError, ActorUnavailableError, GetTimeoutError):
                     if w == r.worker and time.monotonic() - failing_since >= self.replace_after_s:
                         self._replace(w)
@@ -177,17 +180,13 @@ class PoolDispatcher:
         info = ray.get(self.workers[worker].info.remote(), timeout=5)
         if info["experts"] != list(self.table.workers[worker]):
             ray.get(self.workers[worker].set_experts.remote(list(self.table.workers[worker])))
-        if self.transport == "dataplane" and (worker, 0) not in self._channels:
-            address = ray.get(self.workers[worker].open_data_plane.remote())
-            for lane in range(LANES):
-                try:
-                    self._channels[(worker, lane)] = PoolChannel(address["address"],
-                                                                 same_node=address["host"] == socket.gethostname())
-                except OSError:
-                    break
+        if (worker, 0) not in self._channels:
+            self._connect([worker])
 
-    def _ray_call(self, r: WorkerRequest, layer: int, rows: torch.Tensor):
-        return self.workers[r.worker].compute.remote(layer, encode(rows), encode(r.expert_ids), encode(r.weights))
+    def _ray_call(self, r: WorkerRequest, layer: int, rows: torch.Tensor, worker: int | None = None):
+        """The request as a plain Ray actor call, to its worker or to `worker` (another replica)."""
+        target = self.workers[r.worker if worker is None else worker]
+        return target.compute.remote(layer, encode(rows), encode(r.expert_ids), encode(r.weights))
 
     def _drop(self, worker: int) -> None:
         """Stop using a worker's data plane (it failed); Ray calls serve it from now on."""

@@ -20,6 +20,7 @@ class WorkerRequest:
     rows: torch.Tensor  # [n] token rows of the batch
     expert_ids: torch.Tensor  # [n, A] global ids, -1 where the pair is computed elsewhere
     weights: torch.Tensor  # [n, A]
+    pairs: int  # (token, expert) pairs to compute: the worker's share of the work
 
 
 class DispatchTable:
@@ -63,10 +64,11 @@ def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: Dispat
     ids = torch.where(mine, expert_ids[rows], -1)
     wts = torch.where(mine, weights[rows], 0)
     sizes = torch.bincount(workers).tolist()
+    pairs = torch.bincount(workers, weights=mine.sum(1).double()).long().tolist()
     requests = []
     for w, r, i, x in zip(range(len(sizes)), rows.split(sizes), ids.split(sizes), wts.split(sizes)):
         if sizes[w]:
-            requests.append(WorkerRequest(w, r, i, x))
+            requests.append(WorkerRequest(w, r, i, x, pairs[w]))
     return requests
 
 
