@@ -131,7 +131,7 @@ def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_toke
         for phase in ("before", "after"):
             if phase == "after":
                 progress(f"rebalancing {pools} pools from the measured load")
-                rebalancer = Rebalancer(Gateway(Engine(model, disp)), d.workers, slots_per_worker=32 // pools + 4)
+                rebalancer = Rebalancer(Gateway(Engine(model, disp)), slots_per_worker=32 // pools + 4)
                 asyncio.run(rebalancer.apply(rebalancer.plan(start)))
             progress(f"skewed tiny, {pools} pools, x{concurrency}, {phase} rebalancing")
             start = disp.load.snapshot()

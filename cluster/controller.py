@@ -76,7 +76,7 @@ async def control_loop(gateway: Gateway, deployment: Deployment, cfg: ControlCon
     dispatcher = gateway.engine.dispatcher
     n_experts = dispatcher.table.num_experts
     slots = cfg.slots_per_pool or -(-n_experts // len(dispatcher.workers)) + 4
-    rebalancer = Rebalancer(gateway, dispatcher.workers, slots)
+    rebalancer = Rebalancer(gateway, slots)
     autoscaler = Autoscaler(deployment, rebalancer, cfg.autoscale) if cfg.autoscale else None
     metrics = LoadMetrics(cfg.metrics_per_layer) if cfg.metrics else None
     since, last_rebalance = dispatcher.load.snapshot(), time.monotonic()

@@ -17,12 +17,17 @@ from router.load import window
 
 
 class Rebalancer:
-    def __init__(self, gateway: Gateway, workers: list, slots_per_worker: int) -> None:
-        self.gateway, self.workers, self.slots = gateway, list(workers), slots_per_worker
+    def __init__(self, gateway: Gateway, slots_per_worker: int) -> None:
+        self.gateway, self.slots = gateway, slots_per_worker
 
     @property
     def dispatcher(self):
         return self.gateway.engine.dispatcher
+
+    @property
+    def workers(self) -> list:
+        """The workers the gateway dispatches to now (a replaced pool's successor included)."""
+        return self.dispatcher.workers
 
     def plan(self, since: dict | None = None, num_workers: int | None = None) -> RoutingTable:
         """The placement that balances the load measured since the snapshot `since` (or ever)."""
@@ -46,7 +51,6 @@ class Rebalancer:
         grow = [w.set_experts.remote(sorted(held.get(id(w), set()) | set(e))) for w, e in zip(workers, new.workers)]
         await asyncio.gather(*grow)
         await self.gateway.switch_table(new, workers)
-        self.workers = workers
         await asyncio.gather(*[w.set_experts.remote(list(e)) for w, e in zip(workers, new.workers)])
         return new
 

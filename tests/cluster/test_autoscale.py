@@ -31,7 +31,7 @@ def test_pools_follow_load_up_and_down_without_failed_requests(ray_cluster, fixt
     disp = PoolDispatcher(d.table, d.workers, num_layers=model.cfg.num_layers)
     gw = Gateway(Engine(model, disp))
     policy = ScalingPolicy(min_workers=1, max_workers=3, pairs_per_s_per_worker=1.0, up_after=1, down_after=2)
-    auto = Autoscaler(d, Rebalancer(gw, d.workers, slots_per_worker=16), policy)
+    auto = Autoscaler(d, Rebalancer(gw, slots_per_worker=16), policy)
     try:
         async def generate(tag: str):
             params = SamplingParams(max_tokens=n, ignore_eod=True)

@@ -49,7 +49,7 @@ def test_rebalancing_a_skewed_load_brings_pools_within_ten_percent(ray_cluster, 
             start = disp.load.snapshot()
             first = await generate_all(gw, prompts, 12, "a")
             before = window(start, disp.load.snapshot())
-            table = await Rebalancer(gw, d.workers, slots_per_worker=12).rebalance(since=start)
+            table = await Rebalancer(gw, slots_per_worker=12).rebalance(since=start)
             mid = disp.load.snapshot()
             second = await generate_all(gw, prompts, 12, "b")
             after = window(mid, disp.load.snapshot())
@@ -82,7 +82,7 @@ def test_rebalance_in_the_middle_of_16_generations_changes_no_token(ray_cluster,
             task = asyncio.ensure_future(generate_all(gw, prompts, n, "r"))
             while gw.engine.steps < 6:  # well into decoding
                 await asyncio.sleep(0.005)
-            table = await Rebalancer(gw, d.workers, slots_per_worker=10).rebalance()
+            table = await Rebalancer(gw, slots_per_worker=10).rebalance()
             steps_at_switch = gw.engine.steps
             return await task, table, steps_at_switch
 
