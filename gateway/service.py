@@ -37,7 +37,7 @@ class Gateway:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
-        self._inbox: list[tuple[str, str, list[int] | None, SamplingParams | None]] = []
+        self._inbox: list[tuple[str, tuple]] = []  # (op, args), applied between steps
         self._wake: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
@@ -54,7 +54,7 @@ class Gateway:
         self.engine.validate(request_id, prompt_ids, params, pending)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._streams[request_id] = queue
-        self._post(("add", request_id, list(prompt_ids), params))
+        self._post(("add", (request_id, list(prompt_ids), params)))
         finished = False
         try:
             while not finished:
@@ -71,12 +71,12 @@ class Gateway:
     async def switch_table(self, table, workers: list) -> None:
         """Make the dispatcher use a new routing table from the next step on; returns once applied."""
         done = asyncio.get_running_loop().create_future()
-        self._post(("table", (table, workers, done), None, None))
+        self._post(("table", (table, workers, done)))
         await done
 
     def cancel(self, request_id: str) -> None:
         """Remove a request at the next step boundary; its stream ends with 'cancelled'."""
-        self._post(("abort", request_id, None, None))
+        self._post(("abort", (request_id,)))
 
     def stats(self) -> dict:
         stats = {**self.engine.stats(), "streams": len(self._streams),
@@ -119,20 +119,22 @@ class Gateway:
 
     def _apply_inbox(self) -> None:
         ops, self._inbox = self._inbox, []
-        for op, request_id, prompt, params in ops:
+        for op, args in ops:
             if op == "table":  # between steps: nothing is in flight
-                table, workers, done = request_id
+                table, workers, done = args
                 try:
                     self.engine.dispatcher.set_table(table, workers)
                     done.set_result(None)
                 except Exception as e:
                     done.set_exception(e)
             elif op == "add":
+                request_id, prompt, params = args
                 try:
                     self.engine.add(request_id, prompt, params)
                 except (InvalidRequest, QueueFull) as e:
                     self._finish(request_id, TokenEvent(request_id, -1, 0, "error", str(e), time.perf_counter()))
             else:
+                (request_id,) = args
                 seq = self.engine.abort(request_id)
                 if seq is not None:
                     self._finish(request_id, TokenEvent(request_id, -1, len(seq.output_ids), "cancelled",
