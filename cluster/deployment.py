@@ -86,29 +86,29 @@ class Deployment:
             group = placement_group([bundle] * R, strategy="SPREAD")
             self._groups.append(group)
             for r in range(R):
-                strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r)
-                self.workers.append(ExpertPoolActor.options(
-                    scheduling_strategy=strategy, num_cpus=cpus, num_gpus=1 if gpus else 0,
-                    max_restarts=cfg.pool_max_restarts,
-                ).remote(cfg.model_dir, list(self.table.workers[p * R + r]), cfg.dtype, "cuda" if gpus else "cpu"))
+                self.workers.append(self._spawn(group, r, list(self.table.workers[p * R + r]), cpus, gpus))
         self._wait([g.ready() for g in self._groups], "placement groups for the expert pools")
         self.pool_info = self._wait([w.info.remote() for w in self.workers], "expert pools to load their experts")
 
     def add_worker(self, expert_ids: list[int] | None = None):
         """Start one more expert-pool worker (its own placement group); returns its handle once ready."""
-        cfg = self.cfg
         gpus = ray.cluster_resources().get("GPU", 0) > len(self.workers)
         cpus = self._cpus_per_worker(len(self.workers) + 1)
         group = placement_group([{"CPU": cpus, "GPU": 1} if gpus else {"CPU": cpus}])
         self._groups.append(group)
         self._wait([group.ready()], "a placement group for a new pool")
-        worker = ExpertPoolActor.options(
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
-            num_cpus=cpus, num_gpus=1 if gpus else 0, max_restarts=cfg.pool_max_restarts,
-        ).remote(cfg.model_dir, list(expert_ids or []), cfg.dtype, "cuda" if gpus else "cpu")
+        worker = self._spawn(group, 0, list(expert_ids or []), cpus, gpus)
         self._wait([worker.info.remote()], "a new pool to start")
         self.workers.append(worker)
         return worker
+
+    def _spawn(self, group, bundle: int, expert_ids: list[int], cpus: float, gpus: bool):
+        """One pool worker in a placement group's bundle; Ray restarts it up to `pool_max_restarts`."""
+        cfg = self.cfg
+        return ExpertPoolActor.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
+            num_cpus=cpus, num_gpus=1 if gpus else 0, max_restarts=cfg.pool_max_restarts,
+        ).remote(cfg.model_dir, expert_ids, cfg.dtype, "cuda" if gpus else "cpu")
 
     def replace_worker(self, old, expert_ids: list[int]):
         """A new worker holding `expert_ids` in place of a failing one (which is stopped)."""
