@@ -110,16 +110,11 @@ def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len
     return result
 
 
-def imbalance(worker_pairs: dict[int, int], workers: int) -> float:
-    loads = [worker_pairs.get(w, 0) for w in range(workers)]
-    return max(loads) / max(1e-9, sum(loads) / workers)
-
-
 def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_tokens: int, tmp: str) -> dict:
     """A skewed checkpoint on contiguous pools, then rebalanced from the load it measured: tokens per
     pool (max/mean) and throughput, before and after, in one run."""
     from cluster.rebalance import Rebalancer
-    from router.load import window
+    from router.load import window, worker_balance
 
     ckpt = write_random_checkpoint(preset("tiny"), f"{tmp}/skewed", seed=3, router_skew=skew)
     model, _ = load_model(str(ckpt))
@@ -127,18 +122,22 @@ def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_toke
     try:
         disp = PoolDispatcher(d.table, d.workers, num_layers=model.cfg.num_layers)
         limits = EngineLimits(max_running=concurrency, max_tokens=max_tokens)
-        out = {}
-        for phase in ("before", "after"):
-            if phase == "after":
-                progress(f"rebalancing {pools} pools from the measured load")
-                rebalancer = Rebalancer(Gateway(Engine(model, disp)), slots_per_worker=32 // pools + 4)
-                asyncio.run(rebalancer.apply(rebalancer.plan(start)))
-            progress(f"skewed tiny, {pools} pools, x{concurrency}, {phase} rebalancing")
+
+        def phase(name: str) -> tuple[dict, dict]:
+            """One load run: where it started (a load snapshot) and what it measured."""
+            progress(f"skewed tiny, {pools} pools, x{concurrency}, {name} rebalancing")
             start = disp.load.snapshot()
             timed = TimedDispatcher(disp)
             result = measure(Engine(model, timed, limits), timed, concurrency, prompt_len, max_tokens)
-            out[phase] = {"max_over_mean": imbalance(window(start, disp.load.snapshot())["worker_pairs"], pools),
-                          "tokens_per_s": result["tokens_per_s"]}
+            balance_ = worker_balance(window(start, disp.load.snapshot())["worker_pairs"], pools)
+            return start, {"max_over_mean": balance_, "tokens_per_s": result["tokens_per_s"]}
+
+        start, before = phase("before")
+        progress(f"rebalancing {pools} pools from the measured load")
+        rebalancer = Rebalancer(Gateway(Engine(model, disp)), slots_per_worker=32 // pools + 4)
+        asyncio.run(rebalancer.apply(rebalancer.plan(start)))
+        _, after = phase("after")
+        out = {"before": before, "after": after}
         disp.close()
     finally:
         d.shutdown()

@@ -13,6 +13,7 @@ import grpc
 
 from cli.client import channel
 from protos import serving_pb2 as pb
+from router.load import max_over_mean
 from protos import serving_pb2_grpc as pb_grpc
 
 
@@ -63,12 +64,11 @@ def cmd_stats(args: argparse.Namespace) -> None:
     if stats.num_experts:
         per_expert = [sum(stats.expert_tokens[layer * stats.num_experts + e] for layer in range(stats.num_layers))
                       for e in range(stats.num_experts)]
-        mean = sum(per_expert) / len(per_expert) or 1
-        print(f"expert load max/mean {max(per_expert) / mean:.2f}; hottest "
+        print(f"expert load max/mean {max_over_mean(per_expert):.2f}; hottest "
               + ", ".join(f"{e}:{per_expert[e]}" for e in sorted(range(len(per_expert)), key=lambda e: -per_expert[e])[:5]))
     if stats.worker_pairs:
         loads = [stats.worker_pairs[w] for w in sorted(stats.worker_pairs)]
-        print(f"pool worker pairs {loads} (max/mean {max(loads) / (sum(loads) / len(loads)):.2f})")
+        print(f"pool worker pairs {loads} (max/mean {max_over_mean(loads):.2f})")
     if args.plot:
         print(f"wrote {args.plot}")
 

@@ -40,6 +40,17 @@ class LoadTracker:
                 "worker_compute_s": dict(self.worker_compute_s)}
 
 
+def max_over_mean(values: list[float]) -> float:
+    """How unbalanced a load is: the largest share over the average (1.0 is perfectly even)."""
+    mean = sum(values) / len(values) if values else 0.0
+    return max(values) / mean if mean > 0 else 1.0
+
+
+def worker_balance(worker_pairs: dict[int, int], workers: int) -> float:
+    """`max_over_mean` of the pairs each of `workers` workers computed (absent ones count as 0)."""
+    return max_over_mean([worker_pairs.get(w, 0) for w in range(workers)])
+
+
 def window(before: dict, after: dict) -> dict:
     """What happened between two snapshots."""
     return {"expert_tokens": after["expert_tokens"] - before["expert_tokens"],

@@ -16,14 +16,9 @@ from gateway.sampling import SamplingParams
 from gateway.service import Gateway
 from model.checkpoint import load_model, write_random_checkpoint
 from model.config import preset
-from router.load import window
+from router.load import window, worker_balance
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def imbalance(worker_pairs: dict[int, int], workers: int) -> float:
-    loads = [worker_pairs.get(w, 0) for w in range(workers)]
-    return max(loads) / (sum(loads) / workers)
 
 
 def serve_pools(model_dir: str, pools: int):
@@ -56,7 +51,7 @@ def test_rebalancing_a_skewed_load_brings_pools_within_ten_percent(ray_cluster, 
             return first, second, before, after, table
 
         first, second, before, after, table = asyncio.run(main())
-        base, balanced = imbalance(before["worker_pairs"], 4), imbalance(after["worker_pairs"], 4)
+        base, balanced = worker_balance(before["worker_pairs"], 4), worker_balance(after["worker_pairs"], 4)
         assert base > 1.10, f"the workload should be skewed to begin with (max/mean {base:.2f})"
         assert balanced <= 1.10, f"after rebalancing max/mean is {balanced:.2f} (baseline {base:.2f})"
         assert table.version == 2 and disp.table.version == 2
