@@ -22,7 +22,6 @@ from collections.abc import Callable
 from multiprocessing import resource_tracker, shared_memory
 
 import msgpack
-import numpy as np
 import torch
 
 from model.config import DTYPES
@@ -111,6 +110,11 @@ def _layout(n: int, a: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return n * d * dtype.itemsize, n * a * 8, n * a * dtype.itemsize
 
 
+def _raw(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes, as they travel (no copy when it is already contiguous)."""
+    return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+
+
 def _tensor(buf: memoryview, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
@@ -179,7 +183,7 @@ class DataPlaneServer:
             t0 = time.perf_counter()
             out = self.compute(head["layer"], x, ids, w).contiguous()
             compute_s = time.perf_counter() - t0
-        raw = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
+        raw = _raw(out)
         if head["inline"]:
             _send(conn, {"ok": True, "inline": True, "compute_s": compute_s}, [raw])
             return
@@ -212,7 +216,7 @@ class PoolChannel:
             self.sock = socket.create_connection(tuple(address["tcp"]), timeout=timeout_s)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.mine, self.theirs = _Region(), _Attached()
-        self._pending: tuple[int, torch.dtype] | None = None
+        self._pending: tuple[tuple[int, int], torch.dtype] | None = None  # shape and dtype of the reply
         self.last_compute_s = 0.0  # the pool's own time for the last request's expert math
 
     def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
@@ -223,9 +227,7 @@ class PoolChannel:
         try:
             if self.inline:
                 xs = x if rows is None else x[rows]
-                parts = [t.contiguous().view(torch.uint8).reshape(-1).numpy() if t.numel() else np.empty(0, np.uint8)
-                         for t in (xs, expert_ids, weights)]
-                _send(self.sock, head, [memoryview(p) for p in parts])
+                _send(self.sock, head, [_raw(t) for t in (xs, expert_ids, weights)])
             else:  # write straight into our shared region: one copy, gathered in place
                 bx, bi, bw = _layout(n, a, d, x.dtype)
                 head["shm"] = self.mine.ensure(max(1, bx + bi + bw))
@@ -238,21 +240,21 @@ class PoolChannel:
                 _send(self.sock, head)
         except OSError as e:
             raise DataPlaneError(f"data plane send failed: {e}") from e
-        self._pending = (n * d, x.dtype)
+        self._pending = ((n, d), x.dtype)
 
-    def recv(self, hidden: int) -> torch.Tensor:
+    def recv(self) -> torch.Tensor:
         """The partial sums `[n, d]` of the last `send`; valid until the next `send`."""
-        count, dtype = self._pending
+        (n, d), dtype = self._pending
         try:
             head = _recv(self.sock)
             if not head["ok"]:
                 raise DataPlaneError(f"pool failed: {head['error']}")
             self.last_compute_s = head.get("compute_s", 0.0)
-            nbytes = count * dtype.itemsize
+            nbytes = n * d * dtype.itemsize
             buf = _recv_exact(self.sock, nbytes) if head["inline"] else self.theirs.view(head.get("shm"))
         except OSError as e:
             raise DataPlaneError(f"data plane receive failed: {e}") from e
-        return _tensor(buf, 0, nbytes, (count // hidden, hidden), dtype)
+        return _tensor(buf, 0, nbytes, (n, d), dtype)
 
     def close(self) -> None:
         self.sock.close()

@@ -29,23 +29,21 @@ class ExpertPool:
         self.banks: list = []
         self.tensors_read: set[str] = set()
         self.data_plane: DataPlaneServer | None = None
-        self.load(expert_ids)
-
-    def load(self, expert_ids: list[int]) -> dict:
-        """(Re)load this pool's experts: exactly their tensors, from the checkpoint."""
-        reader = CheckpointReader(self.model_dir)
-        self.banks = [b.to(self.device) for b in load_experts(reader, self.cfg, sorted(expert_ids))]
-        self.tensors_read = reader.tensors_read
-        return self.info()
+        self.set_experts(expert_ids)
 
     def set_experts(self, expert_ids: list[int]) -> dict:
         """Hold exactly `expert_ids`: kept experts are copied, new ones read from the checkpoint (only
-        theirs), and the banks are swapped in one assignment, so calls in flight on other threads
-        finish on the old banks and the next call sees the new ones."""
+        their tensors; `tensors_read` lists them), and the banks are swapped in one assignment, so
+        calls in flight on other threads finish on the old banks and the next call sees the new ones."""
         ids = sorted(set(expert_ids))
         held = {e: j for j, e in enumerate(self.banks[0].expert_ids)} if self.banks else {}
         new = [e for e in ids if e not in held]
-        fresh = load_experts(CheckpointReader(self.model_dir), self.cfg, new) if new else None
+        reader = CheckpointReader(self.model_dir)
+        fresh = [b.to(self.device) for b in load_experts(reader, self.cfg, new)]
+        self.tensors_read = reader.tensors_read
+        if not held:  # nothing to keep: the freshly read banks are the new ones
+            self.banks = fresh
+            return self.info()
         banks = []
         for layer, old in enumerate(self.banks):
             bank = ExpertBank(ids, self.cfg.hidden_size, self.cfg.ffn_hidden_size).to(old.w1.dtype).to(self.device)
@@ -75,9 +73,7 @@ class ExpertPool:
             return self.banks[layer](x.to(self.device), expert_ids.to(self.device), weights.to(self.device)).cpu()
 
     def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """x `[n, d]`, expert_ids `[n, A]` (-1: not here), weights `[n, A]` -> partial sums `[n, d]`."""
+        """x `[n, d]`, expert_ids `[n, A]` (-1: not here), weights `[n, A]` -> partial sums `[n, d]`
+        (the Ray-call path; the data plane calls `_compute_tensors` directly)."""
         dtype = DTYPES[self.cfg.torch_dtype]
-        with torch.inference_mode():
-            out = self.banks[layer](decode(x, dtype, self.device), decode(expert_ids, torch.long, self.device),
-                                    decode(weights, dtype, self.device))
-        return encode(out)
+        return encode(self._compute_tensors(layer, decode(x, dtype), decode(expert_ids, torch.long), decode(weights, dtype)))

@@ -130,7 +130,7 @@ class PoolDispatcher:
         x = pending.x
         if isinstance(handle, PoolChannel):
             try:
-                out = handle.recv(x.shape[1])
+                out = handle.recv()
                 self.load.record_compute(r.worker, handle.last_compute_s)
                 return out
             except DataPlaneError:  # resend this request the Ray way

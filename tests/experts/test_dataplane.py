@@ -33,7 +33,7 @@ def test_results_equal_the_bank_bitwise_as_regions_grow(pool, same_node):
             x, ids, w = batch(n, step)
             layer = step % 3
             channel.send(layer, x, ids, w)
-            got = channel.recv(64).clone()
+            got = channel.recv().clone()
             with torch.inference_mode():
                 assert torch.equal(got, pool.banks[layer](x, ids, w))
     finally:
@@ -46,10 +46,10 @@ def test_a_failing_request_is_reported_and_the_connection_survives(pool):
         x, ids, w = batch(4, 0)
         channel.send(0, x, torch.full_like(ids, 3), w)  # expert 3 is not held here
         with pytest.raises(DataPlaneError, match="pool failed"):
-            channel.recv(64)
+            channel.recv()
         channel.send(1, x, ids, w)
         with torch.inference_mode():
-            assert torch.equal(channel.recv(64), pool.banks[1](x, ids, w))
+            assert torch.equal(channel.recv(), pool.banks[1](x, ids, w))
     finally:
         channel.close()
 
