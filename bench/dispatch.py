@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     connect(num_cpus=16, inline_object_bytes=args.inline_kib * 1024)
+    torch.set_num_threads(1)  # as the gateway actor runs; more threads spin and starve the pools
     with tempfile.TemporaryDirectory() as tmp:
         write_random_checkpoint(TRANSPORT_CFG, tmp + "/ckpt", seed=0)
         rows = {c: {P: measure(tmp + "/ckpt", P, args.tokens, args.iters, c, args.compiled) for P in args.pools}

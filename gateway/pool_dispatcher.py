@@ -1,8 +1,9 @@
 """The gateway's side of the expert step: plan, send to the pools, await all, combine.
 
 Per layer one request goes to every worker that has work, all in flight at once. Each worker is
-reached by its transport: the data plane (`experts/dataplane.py`, shared memory on one node, TCP
-across nodes) by default, or plain Ray actor calls, which stay as the fallback: a worker whose data
+reached by its transport: the data plane (`experts/dataplane.py`) by default, where pools on this
+node read the whole batch from one shared-memory write and cut their own rows, and pools on other
+nodes get their rows over TCP; or plain Ray actor calls, which stay as the fallback: a worker whose data
 plane fails is served by Ray calls from then on (`fallbacks` counts them). `submit`/`wait` split a
 layer's call so two micro-batches can overlap; each micro-batch (`lane`) has its own connections.
 The routing table can be swapped between steps (`set_table`) without touching this path.
@@ -26,10 +27,10 @@ import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from cluster.placement import RoutingTable
-from experts.dataplane import DataPlaneError, PoolChannel
+from experts.dataplane import DataPlaneError, PoolChannel, SharedBatch
 from experts.wire import decode, encode
 from router.load import LoadTracker
-from router.plan import DispatchTable, WorkerRequest, combine, plan_dispatch
+from router.plan import DispatchTable, WorkerRequest, assign_pairs, combine, worker_request
 
 TRANSPORTS = ("dataplane", "ray")
 LANES = 2
@@ -42,8 +43,14 @@ class Pending:
     layer: int
     lane: int
     x: torch.Tensor
-    requests: list[WorkerRequest]
-    handles: list  # per request: an ObjectRef (Ray) or the PoolChannel that was sent to
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    pair_worker: torch.Tensor  # [T, A] the worker of each pair
+    sent: list[tuple[int, int, object]]  # (worker, pairs, handle: a PoolChannel or an ObjectRef)
+    batch_written: bool = False  # the lane's shared batch holds this layer
+
+    def request(self, worker: int) -> WorkerRequest:
+        return worker_request(worker, self.pair_worker, self.expert_ids, self.weights)
 
 
 class PoolDispatcher:
@@ -52,7 +59,7 @@ class PoolDispatcher:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.transport = transport
-        self.outstanding: dict[int, int] = {}  # tokens in flight per worker
+        self.outstanding: dict[int, int] = {}  # pairs in flight per worker
         self.load = LoadTracker(num_layers, table.num_experts)
         self.fallbacks = 0
         self.faults = 0
@@ -61,6 +68,7 @@ class PoolDispatcher:
         self.replaced = 0
         self.replace_worker = None  # (old handle, expert ids) -> new ready handle; set by the deployment
         self._channels: dict[tuple[int, int], PoolChannel] = {}
+        self._batches = [SharedBatch() for _ in range(LANES)]
         self.set_table(table, workers)
 
     def set_table(self, table: RoutingTable, workers: list) -> None:
@@ -73,7 +81,7 @@ class PoolDispatcher:
         kept = {(w, lane): self._channels.pop((old[id(h)], lane))
                 for w, h in enumerate(workers) if id(h) in old for lane in range(LANES)
                 if (old[id(h)], lane) in self._channels}
-        self.close()
+        self._close_channels()
         self._channels = kept
         self.table, self.workers, self._plan = table, list(workers), DispatchTable(table.replica_lists())
         self._connect([w for w in range(len(workers)) if (w, 0) not in kept])
@@ -97,49 +105,61 @@ class PoolDispatcher:
 
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                lane: int = 0) -> Pending:
-        requests = plan_dispatch(expert_ids, weights, self._plan, self.outstanding)
+        pair_worker = assign_pairs(expert_ids, self._plan, self.outstanding)
+        pairs = torch.bincount(pair_worker.reshape(-1), minlength=len(self.workers)).tolist()
+        pending = Pending(layer, lane, x, expert_ids, weights, pair_worker, [])
+        for w, n in enumerate(pairs):
+            if n:
+                pending.sent.append((w, n, self._send(w, pending)))
+        # Bookkeeping after the sends: the pools are already working while it runs.
+        for w, n, _ in pending.sent:
+            self.outstanding[w] = self.outstanding.get(w, 0) + n
         self.load.record_routing(layer, expert_ids)
-        handles = []
-        for r in requests:
-            n = int(r.rows.numel())
-            self.outstanding[r.worker] = self.outstanding.get(r.worker, 0) + n
-            self.load.record_request(r.worker, n, r.pairs)
-            handles.append(self._send(r, layer, x, lane))
-        return Pending(layer, lane, x, requests, handles)
+        return pending
 
     def wait(self, pending: Pending) -> torch.Tensor:
         x = pending.x
         try:
-            partials = [self._receive(r, h, pending) for r, h in zip(pending.requests, pending.handles)]
-            return combine(x.shape[0], x.shape[1], pending.requests, partials, x.dtype)
+            return combine(x.shape[0], x.shape[1], (self._receive(w, n, h, pending) for w, n, h in pending.sent), x.dtype)
         finally:
-            for r in pending.requests:
-                self.outstanding[r.worker] -= int(r.rows.numel())
+            for w, n, _ in pending.sent:
+                self.outstanding[w] -= n
 
-    def _send(self, r: WorkerRequest, layer: int, x: torch.Tensor, lane: int):
-        channel = self._channels.get((r.worker, lane))
+    def _send(self, worker: int, pending: Pending):
+        channel = self._channels.get((worker, pending.lane))
         if channel is not None:
             try:
-                channel.send(layer, x, r.expert_ids, r.weights, rows=r.rows)
+                if channel.shared:
+                    batch = self._batches[pending.lane]
+                    if not pending.batch_written:
+                        batch.write(pending.x, pending.expert_ids, pending.weights, pending.pair_worker)
+                        pending.batch_written = True
+                    channel.send_shared(pending.layer, worker, batch)
+                else:
+                    r = pending.request(worker)
+                    channel.send(pending.layer, pending.x, r.expert_ids, r.weights, rows=r.rows)
                 return channel
             except DataPlaneError:
-                self._drop(r.worker)
-        return self._ray_call(r, layer, x[r.rows])
+                self._drop(worker)
+        return self._ray_call(pending.request(worker), pending.layer, pending.x)
 
-    def _receive(self, r: WorkerRequest, handle, pending: Pending) -> torch.Tensor:
-        x = pending.x
+    def _receive(self, worker: int, pairs: int, handle, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+        """The worker's rows and partial sums, by whatever road is still open."""
         if isinstance(handle, PoolChannel):
             try:
-                out = handle.recv()
-                self.load.record_compute(r.worker, handle.last_compute_s)
-                return out
+                rows, out = handle.recv()
+                self.load.record_request(worker, rows.numel(), pairs)
+                self.load.record_compute(worker, handle.last_compute_s)
+                return rows, out
             except DataPlaneError:  # resend this request the Ray way
-                self._drop(r.worker)
-                handle = self._ray_call(r, pending.layer, x[r.rows])
+                self._drop(worker)
+                handle = self._ray_call(pending.request(worker), pending.layer, pending.x)
+        r = pending.request(worker)
+        self.load.record_request(worker, r.rows.numel(), pairs)
         try:
-            return decode(ray.get(handle), x.dtype)
+            return r.rows, decode(ray.get(handle), pending.x.dtype)
         except (RayActorError, ActorUnavailableError):
-            return self._recover(r, pending)
+            return r.rows, self._recover(r, pending)
 
     def _recover(self, r: WorkerRequest, pending: Pending) -> torch.Tensor:
         """The worker died: another replica holding all of the request's experts computes it, or the
@@ -154,7 +174,7 @@ class PoolDispatcher:
                 try:
                     if w == r.worker:
                         self._resync(w)
-                    return decode(ray.get(self._ray_call(r, pending.layer, x[r.rows], worker=w)), x.dtype)
+                    return decode(ray.get(self._ray_call(r, pending.layer, x, worker=w)), x.dtype)
                 except (RayActorError, ActorUnavailableError, GetTimeoutError):
                     if w == r.worker and time.monotonic() - failing_since >= self.replace_after_s:
                         self._replace(w)
@@ -183,10 +203,10 @@ class PoolDispatcher:
         if (worker, 0) not in self._channels:
             self._connect([worker])
 
-    def _ray_call(self, r: WorkerRequest, layer: int, rows: torch.Tensor, worker: int | None = None):
-        """The request as a plain Ray actor call, to its worker or to `worker` (another replica)."""
+    def _ray_call(self, r: WorkerRequest, layer: int, x: torch.Tensor, worker: int | None = None):
+        """The request (its rows of x) as a plain Ray actor call, to its worker or to `worker` (another replica)."""
         target = self.workers[r.worker if worker is None else worker]
-        return target.compute.remote(layer, encode(rows), encode(r.expert_ids), encode(r.weights))
+        return target.compute.remote(layer, encode(x.index_select(0, r.rows)), encode(r.expert_ids), encode(r.weights))
 
     def _drop(self, worker: int) -> None:
         """Stop using a worker's data plane (it failed); Ray calls serve it from now on."""
@@ -196,7 +216,12 @@ class PoolDispatcher:
             if channel is not None:
                 channel.close()
 
-    def close(self) -> None:
+    def _close_channels(self) -> None:
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
+
+    def close(self) -> None:
+        self._close_channels()
+        for batch in self._batches:
+            batch.close()

@@ -1,14 +1,18 @@
-"""Dispatch planning: from a batch's top-A choices, one request per worker, and the way back.
+"""Dispatch planning: which worker computes each routed (token, expert) pair, and the way back.
 
-Pure tensors, no Ray. Each (token, expert) pair goes to one worker holding that expert. An expert
-with several replicas has its pairs split among them by load (tokens in flight plus this batch's
-other assignments, water-filled so replicas end level), never round-robin. A worker gets each of its tokens once, with the pairs
-it should compute (other pairs masked as -1), and returns one weighted partial sum per token.
+Pure tensors, no Ray. `assign_pairs` gives every pair one worker holding its expert. An expert with
+several replicas has its pairs split among them by load (pairs in flight plus this batch's other
+assignments, water-filled so replicas end level), never round-robin. `worker_request` cuts one
+worker's share out of the batch: each of its tokens once, with the pairs it should compute (other
+pairs masked as -1); the worker returns one weighted partial sum per token and `combine` adds them.
+The gateway cuts requests for workers it sends rows to; a pool on the gateway's node reads the whole
+batch from shared memory and cuts its own with the same function.
 Legend: T tokens, A active experts per token, n tokens sent to one worker.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +23,7 @@ class WorkerRequest:
     worker: int
     rows: torch.Tensor  # [n] token rows of the batch
     expert_ids: torch.Tensor  # [n, A] global ids, -1 where the pair is computed elsewhere
-    weights: torch.Tensor  # [n, A]
+    weights: torch.Tensor  # [n, A], 0 where the pair is computed elsewhere
     pairs: int  # (token, expert) pairs to compute: the worker's share of the work
 
 
@@ -34,42 +38,48 @@ class DispatchTable:
         self.num_workers = max(w for r in replicas for w in r) + 1
 
 
+def assign_pairs(expert_ids: torch.Tensor, table: DispatchTable,
+                 outstanding: dict[int, int] | None = None) -> torch.Tensor:
+    """The worker of each pair `[T, A]`; `outstanding` is pairs already in flight per worker."""
+    pair_worker = table.owner[expert_ids]  # [T, A]; -1 for experts with several replicas
+    if not table.multi:
+        return pair_worker
+    # Fill replicas of hot experts by water-filling: each pair goes to the replica with the least
+    # load so far (pairs in flight, plus this batch's fixed assignments), in token order.
+    load = torch.zeros(table.num_workers)
+    for w, n in (outstanding or {}).items():
+        load[w] += n
+    fixed = pair_worker[pair_worker >= 0]
+    load += torch.bincount(fixed, minlength=table.num_workers)[: table.num_workers].float()
+    flat_ids, flat_worker = expert_ids.reshape(-1), pair_worker.reshape(-1)
+    counts = torch.bincount(flat_ids, minlength=len(table.replicas))
+    for e in sorted(table.multi, key=lambda e: -int(counts[e])):
+        if not counts[e]:
+            continue
+        where = (flat_ids == e).nonzero().squeeze(1)
+        reps = torch.tensor(table.replicas[e])
+        share = _water_fill(load[reps], int(counts[e]))
+        flat_worker[where] = torch.repeat_interleave(reps, share)
+        load[reps] += share.float()
+    return pair_worker
+
+
+def worker_request(worker: int, pair_worker: torch.Tensor, expert_ids: torch.Tensor,
+                   weights: torch.Tensor) -> WorkerRequest:
+    """`worker`'s share of a batch: the rows with at least one of its pairs, others masked."""
+    mine = pair_worker == worker
+    rows = mine.any(1).nonzero().squeeze(1)
+    mine = mine[rows]
+    return WorkerRequest(worker, rows, torch.where(mine, expert_ids[rows], -1),
+                         torch.where(mine, weights[rows], 0), int(mine.sum()))
+
+
 def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: DispatchTable,
                   outstanding: dict[int, int] | None = None) -> list[WorkerRequest]:
-    """Split a batch's routed pairs among workers; `outstanding` is tokens already in flight per worker."""
-    T, A = expert_ids.shape
-    pair_worker = table.owner[expert_ids]  # [T, A]; -1 for experts with several replicas
-    if table.multi:
-        # Fill replicas of hot experts by water-filling: each pair goes to the replica with the least
-        # load so far (tokens in flight, plus this batch's fixed assignments), in token order.
-        load = torch.zeros(table.num_workers)
-        for w, n in (outstanding or {}).items():
-            load[w] += n
-        fixed = pair_worker[pair_worker >= 0]
-        load += torch.bincount(fixed, minlength=table.num_workers)[: table.num_workers].float()
-        flat_ids, flat_worker = expert_ids.reshape(-1), pair_worker.reshape(-1)
-        counts = torch.bincount(flat_ids, minlength=len(table.replicas))
-        for e in sorted(table.multi, key=lambda e: -int(counts[e])):
-            if not counts[e]:
-                continue
-            where = (flat_ids == e).nonzero().squeeze(1)
-            reps = torch.tensor(table.replicas[e])
-            share = _water_fill(load[reps], int(counts[e]))
-            flat_worker[where] = torch.repeat_interleave(reps, share)
-            load[reps] += share.float()
-    # One entry per (worker, token) that has work there, sorted by worker then token.
-    keys = torch.unique(pair_worker * T + torch.arange(T)[:, None])
-    workers, rows = keys // T, keys % T
-    mine = pair_worker[rows] == workers[:, None]  # [K, A]
-    ids = torch.where(mine, expert_ids[rows], -1)
-    wts = torch.where(mine, weights[rows], 0)
-    sizes = torch.bincount(workers).tolist()
-    pairs = torch.bincount(workers, weights=mine.sum(1).double()).long().tolist()
-    requests = []
-    for w, r, i, x in zip(range(len(sizes)), rows.split(sizes), ids.split(sizes), wts.split(sizes)):
-        if sizes[w]:
-            requests.append(WorkerRequest(w, r, i, x, pairs[w]))
-    return requests
+    """Every worker's request for a batch, for workers with work, in worker order."""
+    pair_worker = assign_pairs(expert_ids, table, outstanding)
+    pairs = torch.bincount(pair_worker.reshape(-1), minlength=table.num_workers).tolist()
+    return [worker_request(w, pair_worker, expert_ids, weights) for w, n in enumerate(pairs) if n]
 
 
 def _water_fill(load: torch.Tensor, n: int) -> torch.Tensor:
@@ -87,10 +97,11 @@ def _water_fill(load: torch.Tensor, n: int) -> torch.Tensor:
     return share
 
 
-def combine(num_tokens: int, hidden: int, requests: list[WorkerRequest], partials: list[torch.Tensor],
+def combine(num_tokens: int, hidden: int, parts: Iterable[tuple[torch.Tensor, torch.Tensor]],
             dtype: torch.dtype) -> torch.Tensor:
-    """Add each worker's per-token partial sums back into their rows `[T, d]`."""
+    """Add each worker's per-token partial sums `(rows [n], partial [n, d])` back into `[T, d]`.
+    Each part is added as it arrives, so a part may be a view its sender reuses afterwards."""
     out = torch.zeros(num_tokens, hidden, dtype=dtype)
-    for req, part in zip(requests, partials):
-        out.index_add_(0, req.rows, part)
+    for rows, part in parts:
+        out.index_add_(0, rows, part)
     return out

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts.dataplane import DataPlaneError, PoolChannel
+from experts.dataplane import DataPlaneError, PoolChannel, SharedBatch
 from experts.pool import ExpertPool
+from router.plan import worker_request
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def pool(fixture_dir):
     p.data_plane.close()
 
 
-def batch(n: int, seed: int):
+def batch_of(n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 64, generator=g)
     ids = torch.randint(8, 24, (n, 2), generator=g)
@@ -25,39 +26,55 @@ def batch(n: int, seed: int):
     return x, ids, torch.rand(n, 2, generator=g)
 
 
+def ask(channel: PoolChannel, batch: SharedBatch, layer: int, x, ids, w, worker: int = 0):
+    """Send a batch whose pairs with id -1 belong to another worker (7), the way the dispatcher does."""
+    pair_worker = torch.where(ids >= 0, worker, 7)
+    r = worker_request(worker, pair_worker, ids, w)
+    if channel.shared:
+        batch.write(x, ids.clamp(min=0), w, pair_worker)
+        channel.send_shared(layer, worker, batch)
+    else:
+        channel.send(layer, x, r.expert_ids, r.weights, rows=r.rows)
+    return r
+
+
 @pytest.mark.parametrize("same_node", [True, False], ids=["shared-memory", "tcp-inline"])
 def test_results_equal_the_bank_bitwise_as_regions_grow(pool, same_node):
-    channel = PoolChannel(pool.open_data_plane()["address"], same_node=same_node)
+    channel, batch = PoolChannel(pool.open_data_plane()["address"], same_node=same_node), SharedBatch()
     try:
         for step, n in enumerate([3, 700, 1, 2000, 5]):  # regions grow past their first size
-            x, ids, w = batch(n, step)
+            x, ids, w = batch_of(n, step)
             layer = step % 3
-            channel.send(layer, x, ids, w)
-            got = channel.recv().clone()
+            r = ask(channel, batch, layer, x, ids, w, worker=step)
+            rows, got = channel.recv()
+            assert torch.equal(rows, r.rows)
             with torch.inference_mode():
-                assert torch.equal(got, pool.banks[layer](x, ids, w))
+                assert torch.equal(got, pool.banks[layer](x[r.rows], r.expert_ids, r.weights))
     finally:
         channel.close()
+        batch.close()
 
 
 def test_a_failing_request_is_reported_and_the_connection_survives(pool):
-    channel = PoolChannel(pool.open_data_plane()["address"], same_node=True)
+    channel, batch = PoolChannel(pool.open_data_plane()["address"], same_node=True), SharedBatch()
     try:
-        x, ids, w = batch(4, 0)
-        channel.send(0, x, torch.full_like(ids, 3), w)  # expert 3 is not held here
+        x, ids, w = batch_of(4, 0)
+        ask(channel, batch, 0, x, torch.full_like(ids, 3), w)  # expert 3 is not held here
         with pytest.raises(DataPlaneError, match="pool failed"):
             channel.recv()
-        channel.send(1, x, ids, w)
+        r = ask(channel, batch, 1, x, ids, w)
+        rows, got = channel.recv()
         with torch.inference_mode():
-            assert torch.equal(channel.recv(), pool.banks[1](x, ids, w))
+            assert torch.equal(got, pool.banks[1](x[rows], r.expert_ids, r.weights))
     finally:
         channel.close()
+        batch.close()
 
 
 def test_a_closed_pool_is_a_data_plane_error(fixture_dir):
     p = ExpertPool(str(fixture_dir), [0, 1])
-    channel = PoolChannel(p.open_data_plane()["address"], same_node=True)
+    channel = PoolChannel(p.open_data_plane()["address"], same_node=False)
     p.data_plane.close()
     channel.sock.close()  # the connection is gone, as when the pool process dies
     with pytest.raises(DataPlaneError):
-        channel.send(0, *batch(2, 0))
+        channel.send(0, *batch_of(2, 0))

@@ -63,6 +63,6 @@ def test_split_and_combine_equals_one_bank_bitwise():
     x, ids = torch.randn(20, d), torch.stack([torch.randperm(8)[:2] for _ in range(20)])
     w = torch.rand(20, 2)
     reqs = plan_dispatch(ids, w, DispatchTable(table.replica_lists()))
-    out = combine(20, d, reqs, [parts[r.worker](x[r.rows], r.expert_ids, r.weights) for r in reqs], x.dtype)
+    out = combine(20, d, [(r.rows, parts[r.worker](x[r.rows], r.expert_ids, r.weights)) for r in reqs], x.dtype)
     with torch.no_grad():
         assert torch.equal(out, full(x, ids, w))
