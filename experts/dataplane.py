@@ -7,12 +7,12 @@ raw, either in shared memory (same node: the writer owns its region, grows it as
 in the header) or inline on the socket (across nodes). Measured here: 0.03 ms for a 128 KiB round
 trip through shared memory and a Unix socket, against about 7 ms per pool for a Ray actor call.
 
-Same node ("shared"): the gateway writes a layer's whole batch once into one region per lane that
-every pool on the node reads, x `[T, d]` | expert ids `[T, A]` int64 | weights `[T, A]` | the worker
-of each pair `[T, A]` int64, and sends each pool only a header naming its worker index; the pool cuts
-its own rows (`router.plan.worker_request`) and replies rows `[n]` int64 | partial sums `[n, d]` in its
-region. Other nodes ("inline"): the gateway cuts the rows and sends x `[n, d]` | ids `[n, A]` |
-weights `[n, A]` on the socket; the reply is the partial sums `[n, d]` on the socket.
+Same node ("shared"): the gateway writes a layer's batch and its dispatch plan (`router.plan`) once
+into one region per lane that every pool on the node reads: x `[T, d]` | the plan's token rows `[K]`
+int64 | expert ids `[K, 1]` int64 | weights `[K, 1]`, and sends each pool only a header with its span
+of the plan; the pool gathers its rows of x itself and replies its outputs `[n, d]` in its own
+region. Other nodes ("inline"): the gateway gathers the rows and sends x `[n, d]` | ids `[n, A]` |
+weights `[n, A]` on the socket; the reply comes back on the socket.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import msgpack
 import torch
 
 from model.config import DTYPES
-from router.plan import worker_request
+from router.plan import DispatchPlan
 
 _LEN = struct.Struct("<I")
 Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -117,11 +117,16 @@ def _layout(n: int, a: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return n * d * dtype.itemsize, n * a * 8, n * a * dtype.itemsize
 
 
-def _batch_views(buf: memoryview, t: int, a: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """x, expert ids, weights and pair workers of a shared batch, as views of `buf`."""
-    bx, bi, bw = _layout(t, a, d, dtype)
-    return (_tensor(buf, 0, bx, (t, d), dtype), _tensor(buf, bx, bi, (t, a), torch.long),
-            _tensor(buf, bx + bi, bw, (t, a), dtype), _tensor(buf, bx + bi + bw, bi, (t, a), torch.long))
+def _batch_layout(t: int, k: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """Bytes of a shared batch's x `[T, d]` and its plan's rows `[K]`, expert ids and weights `[K, 1]`."""
+    return t * d * dtype.itemsize, k * 8, k * 8, k * dtype.itemsize
+
+
+def _batch_views(buf: memoryview, t: int, k: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """x, plan rows, plan expert ids and plan weights of a shared batch, as views of `buf`."""
+    bx, br, bi, bw = _batch_layout(t, k, d, dtype)
+    return (_tensor(buf, 0, bx, (t, d), dtype), _tensor(buf, bx, br, (k,), torch.long),
+            _tensor(buf, bx + br, bi, (k, 1), torch.long), _tensor(buf, bx + br + bi, bw, (k, 1), dtype))
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -168,6 +173,7 @@ class DataPlaneServer:
 
     def _serve(self, conn: socket.socket) -> None:
         mine, theirs = _Region(), _Attached()
+        batch: dict = {}  # the views of the gateway's batch region, kept while its name and shape hold
         try:
             while True:
                 try:
@@ -176,7 +182,7 @@ class DataPlaneServer:
                     return
                 try:
                     if head["shared"]:
-                        self._answer_shared(conn, head, mine, theirs)
+                        self._answer_shared(conn, head, mine, theirs, batch)
                     else:
                         self._answer_inline(conn, head)
                 except Exception as e:  # report the failure; the connection stays usable
@@ -192,18 +198,20 @@ class DataPlaneServer:
             out = self.compute(layer, x, ids, w)
             return out, time.perf_counter() - t0
 
-    def _answer_shared(self, conn: socket.socket, head: dict, mine: _Region, theirs: _Attached) -> None:
-        """Cut this pool's rows out of the gateway's shared batch; reply rows and sums in our region."""
-        dtype = DTYPES[head["dtype"]]
-        x, ids, w, pair_worker = _batch_views(theirs.view(head.get("shm")), head["t"], head["a"], self.hidden, dtype)
-        r = worker_request(head["me"], pair_worker, ids, w)
-        out, compute_s = self._compute(head["layer"], x.index_select(0, r.rows), r.expert_ids, r.weights)
-        n, br = r.rows.numel(), r.rows.numel() * 8
-        renamed = mine.ensure(max(1, br + out.numel() * dtype.itemsize))
-        if n:
-            _tensor(mine.shm.buf, 0, br, (n,), torch.long).copy_(r.rows)
-            _tensor(mine.shm.buf, br, out.numel() * dtype.itemsize, tuple(out.shape), dtype).copy_(out)
-        _send(conn, {"ok": True, "n": n, "shm": renamed, "compute_s": compute_s})
+    def _answer_shared(self, conn: socket.socket, head: dict, mine: _Region, theirs: _Attached, batch: dict) -> None:
+        """Compute this pool's span of the gateway's shared plan; reply the outputs in our region."""
+        dtype, key = DTYPES[head["dtype"]], (head["t"], head["k"], head["dtype"])
+        if head.get("shm") is not None or batch.get("key") != key:
+            batch.clear()  # drop old views first, so a renamed region can be unmapped
+            batch["views"] = _batch_views(theirs.view(head.get("shm")), head["t"], head["k"], self.hidden, dtype)
+            batch["key"] = key
+        x, rows, ids, w = batch["views"]
+        span = slice(head["start"], head["end"])
+        out, compute_s = self._compute(head["layer"], x.index_select(0, rows[span]), ids[span], w[span])
+        nbytes = out.numel() * dtype.itemsize
+        renamed = mine.ensure(max(1, nbytes))
+        _tensor(mine.shm.buf, 0, nbytes, tuple(out.shape), dtype).copy_(out)
+        _send(conn, {"ok": True, "n": out.shape[0], "shm": renamed, "compute_s": compute_s})
 
     def _answer_inline(self, conn: socket.socket, head: dict) -> None:
         n, a, d, dtype = head["t"], head["a"], self.hidden, DTYPES[head["dtype"]]
@@ -226,25 +234,32 @@ class DataPlaneServer:
 
 # ---- gateway side -------------------------------------------------------------------------------
 class SharedBatch:
-    """One lane's layer batch in shared memory: written once per layer, read by every pool on this
-    node. Rewritten only after every reply to the previous write has come back."""
+    """One lane's layer batch and dispatch plan in shared memory: written once per layer, read by
+    every pool on this node. Rewritten only after every reply to the previous write has come back."""
 
     def __init__(self) -> None:
         self.region = _Region()
         self.name: str | None = None
-        self.shape: tuple[int, int, int, torch.dtype] | None = None  # T, A, d, dtype of the last write
+        self.shape: tuple[int, int, int, torch.dtype] | None = None  # T, K, d, dtype of the last write
+        self._views: tuple[torch.Tensor, ...] = ()
 
-    def write(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-              pair_worker: torch.Tensor) -> None:
-        (t, d), a = x.shape, expert_ids.shape[1]
-        bx, bi, bw = _layout(t, a, d, x.dtype)
-        if self.region.ensure(max(1, bx + 2 * bi + bw)) is not None:
-            self.name = self.region.shm.name
-        for view, src in zip(_batch_views(self.region.shm.buf, t, a, d, x.dtype), (x, expert_ids, weights, pair_worker)):
-            view.copy_(src)
-        self.shape = (t, a, d, x.dtype)
+    def write(self, x: torch.Tensor, plan: DispatchPlan) -> None:
+        (t, d), k = x.shape, plan.rows.shape[0]
+        shape = (t, k, d, x.dtype)
+        need = max(1, sum(_batch_layout(*shape)))
+        if shape != self.shape or self.region.shm is None or self.region.shm.size < need:
+            self._views = ()  # let go of the old region's views before it may be unmapped
+            self.region.ensure(need)
+            self.name, self.shape = self.region.shm.name, shape
+            self._views = _batch_views(self.region.shm.buf, *shape)
+        vx, vrows, vids, vw = self._views
+        vx.copy_(x)
+        vrows.copy_(plan.rows)
+        vids.copy_(plan.expert_ids)
+        vw.copy_(plan.weights)
 
     def close(self) -> None:
+        self._views = ()
         self.region.close()
 
 
@@ -264,15 +279,15 @@ class PoolChannel:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.theirs = _Attached()
         self._batch_name: str | None = None  # the shared batch region the pool last heard of
-        self._pending: tuple[torch.Tensor | None, int, torch.dtype] | None = None  # rows sent, d, dtype
+        self._pending: tuple[int, torch.dtype] | None = None  # hidden size and dtype of the awaited reply
         self.last_compute_s = 0.0  # the pool's own time for the last request's expert math
 
-    def send_shared(self, layer: int, worker: int, batch: SharedBatch) -> None:
-        """Ask the pool for worker `worker`'s share of the batch last written to `batch`."""
-        t, a, d, dtype = batch.shape
-        head = {"layer": layer, "t": t, "a": a, "dtype": _dtype_name(dtype), "shared": True, "me": worker,
-                "shm": batch.name if batch.name != self._batch_name else None}
-        self._request(head, [], (None, d, dtype))
+    def send_shared(self, layer: int, batch: SharedBatch, start: int, end: int) -> None:
+        """Ask the pool for the span [start, end) of the plan last written to `batch`."""
+        t, k, d, dtype = batch.shape
+        head = {"layer": layer, "t": t, "k": k, "dtype": _dtype_name(dtype), "shared": True, "start": start,
+                "end": end, "shm": batch.name if batch.name != self._batch_name else None}
+        self._request(head, [], (d, dtype))
         self._batch_name = batch.name
 
     def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
@@ -281,8 +296,7 @@ class PoolChannel:
         xs = x if rows is None else x.index_select(0, rows)
         head = {"layer": layer, "t": xs.shape[0], "a": expert_ids.shape[1], "dtype": _dtype_name(x.dtype),
                 "shared": False}
-        rows = torch.arange(xs.shape[0]) if rows is None else rows
-        self._request(head, [_raw(t) for t in (xs, expert_ids, weights)], (rows, x.shape[1], x.dtype))
+        self._request(head, [_raw(t) for t in (xs, expert_ids, weights)], (x.shape[1], x.dtype))
 
     def _request(self, head: dict, payload: list[memoryview], pending: tuple) -> None:
         try:
@@ -291,9 +305,9 @@ class PoolChannel:
             raise DataPlaneError(f"data plane send failed: {e}") from e
         self._pending = pending
 
-    def recv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows `[n]` and partial sums `[n, d]` of the last request; views valid until the next."""
-        rows, d, dtype = self._pending
+    def recv(self) -> torch.Tensor:
+        """The partial sums `[n, d]` of the last request; a view valid until the next request."""
+        d, dtype = self._pending
         try:
             head = _recv(self.sock)
             if not head["ok"]:
@@ -301,12 +315,10 @@ class PoolChannel:
             self.last_compute_s = head["compute_s"]
             n = head["n"]
             nbytes = n * d * dtype.itemsize
-            if rows is not None:
-                return rows, _tensor(_recv_exact(self.sock, nbytes), 0, nbytes, (n, d), dtype)
-            buf = self.theirs.view(head["shm"])
+            buf = _recv_exact(self.sock, nbytes) if not self.shared else self.theirs.view(head["shm"])
         except OSError as e:
             raise DataPlaneError(f"data plane receive failed: {e}") from e
-        return _tensor(buf, 0, n * 8, (n,), torch.long), _tensor(buf, n * 8, nbytes, (n, d), dtype)
+        return _tensor(buf, 0, nbytes, (n, d), dtype)
 
     def close(self) -> None:
         self.sock.close()

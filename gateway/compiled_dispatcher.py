@@ -16,7 +16,7 @@ from ray.dag import InputNode, MultiOutputNode
 
 from cluster.placement import RoutingTable
 from experts.wire import decode, encode
-from router.plan import DispatchTable, plan_dispatch
+from router.plan import DispatchTable, assign_pairs
 
 
 class CompiledGraphDispatcher:
@@ -34,13 +34,10 @@ class CompiledGraphDispatcher:
 
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, lane: int = 0):
         per_worker = []
-        ids = {r.worker: r for r in plan_dispatch(expert_ids, weights, self._plan)}
-        for k in range(len(self.workers)):
-            full_ids = torch.full_like(expert_ids, -1)
-            full_w = torch.zeros_like(weights)
-            if k in ids:
-                full_ids[ids[k].rows], full_w[ids[k].rows] = ids[k].expert_ids, ids[k].weights
-            per_worker += [encode(full_ids), encode(full_w)]
+        pair_worker = assign_pairs(expert_ids, self._plan)
+        for k in range(len(self.workers)):  # every worker gets the whole batch, others' pairs masked
+            mine = pair_worker == k
+            per_worker += [encode(torch.where(mine, expert_ids, -1)), encode(torch.where(mine, weights, 0))]
         return x, self._graph.execute(layer, encode(x), *per_worker)
 
     def wait(self, handle) -> torch.Tensor:

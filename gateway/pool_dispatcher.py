@@ -30,7 +30,7 @@ from cluster.placement import RoutingTable
 from experts.dataplane import DataPlaneError, PoolChannel, SharedBatch
 from experts.wire import decode, encode
 from router.load import LoadTracker
-from router.plan import DispatchTable, WorkerRequest, assign_pairs, combine, worker_request
+from router.plan import DispatchPlan, DispatchTable, WorkerRequest, combine, plan_dispatch
 
 TRANSPORTS = ("dataplane", "ray")
 LANES = 2
@@ -43,14 +43,9 @@ class Pending:
     layer: int
     lane: int
     x: torch.Tensor
-    expert_ids: torch.Tensor
-    weights: torch.Tensor
-    pair_worker: torch.Tensor  # [T, A] the worker of each pair
-    sent: list[tuple[int, int, object]]  # (worker, pairs, handle: a PoolChannel or an ObjectRef)
+    plan: DispatchPlan
+    handles: list  # per span of the plan: the PoolChannel it went to, or an ObjectRef (Ray)
     batch_written: bool = False  # the lane's shared batch holds this layer
-
-    def request(self, worker: int) -> WorkerRequest:
-        return worker_request(worker, self.pair_worker, self.expert_ids, self.weights)
 
 
 class PoolDispatcher:
@@ -68,7 +63,7 @@ class PoolDispatcher:
         self.replaced = 0
         self.replace_worker = None  # (old handle, expert ids) -> new ready handle; set by the deployment
         self._channels: dict[tuple[int, int], PoolChannel] = {}
-        self._batches = [SharedBatch() for _ in range(LANES)]
+        self._batches = [SharedBatch() for _ in range(LANES)]  # per lane: the batch pools on this node read
         self.set_table(table, workers)
 
     def set_table(self, table: RoutingTable, workers: list) -> None:
@@ -105,61 +100,60 @@ class PoolDispatcher:
 
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                lane: int = 0) -> Pending:
-        pair_worker = assign_pairs(expert_ids, self._plan, self.outstanding)
-        pairs = torch.bincount(pair_worker.reshape(-1), minlength=len(self.workers)).tolist()
-        pending = Pending(layer, lane, x, expert_ids, weights, pair_worker, [])
-        for w, n in enumerate(pairs):
-            if n:
-                pending.sent.append((w, n, self._send(w, pending)))
+        plan = plan_dispatch(expert_ids, weights, self._plan, self.outstanding)
+        pending = Pending(layer, lane, x, plan, [])
+        for w, start, end in plan.spans:
+            pending.handles.append(self._send(w, start, end, pending))
         # Bookkeeping after the sends: the pools are already working while it runs.
-        for w, n, _ in pending.sent:
-            self.outstanding[w] = self.outstanding.get(w, 0) + n
+        for w, start, end in plan.spans:
+            self.outstanding[w] = self.outstanding.get(w, 0) + end - start
         self.load.record_routing(layer, expert_ids)
         return pending
 
     def wait(self, pending: Pending) -> torch.Tensor:
         x = pending.x
         try:
-            return combine(x.shape[0], x.shape[1], (self._receive(w, n, h, pending) for w, n, h in pending.sent), x.dtype)
+            return combine(x.shape[0], x.shape[1], (self._receive(span, h, pending)
+                                                    for span, h in zip(pending.plan.spans, pending.handles)), x.dtype)
         finally:
-            for w, n, _ in pending.sent:
-                self.outstanding[w] -= n
+            for w, start, end in pending.plan.spans:
+                self.outstanding[w] -= end - start
 
-    def _send(self, worker: int, pending: Pending):
+    def _send(self, worker: int, start: int, end: int, pending: Pending):
         channel = self._channels.get((worker, pending.lane))
         if channel is not None:
             try:
                 if channel.shared:
                     batch = self._batches[pending.lane]
                     if not pending.batch_written:
-                        batch.write(pending.x, pending.expert_ids, pending.weights, pending.pair_worker)
+                        batch.write(pending.x, pending.plan)
                         pending.batch_written = True
-                    channel.send_shared(pending.layer, worker, batch)
+                    channel.send_shared(pending.layer, batch, start, end)
                 else:
-                    r = pending.request(worker)
+                    r = pending.plan.request(worker)
                     channel.send(pending.layer, pending.x, r.expert_ids, r.weights, rows=r.rows)
                 return channel
             except DataPlaneError:
                 self._drop(worker)
-        return self._ray_call(pending.request(worker), pending.layer, pending.x)
+        return self._ray_call(pending.plan.request(worker), pending.layer, pending.x)
 
-    def _receive(self, worker: int, pairs: int, handle, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
-        """The worker's rows and partial sums, by whatever road is still open."""
+    def _receive(self, span: tuple[int, int, int], handle, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+        """A worker's token rows and outputs, by whatever road is still open."""
+        worker, start, end = span
+        rows = pending.plan.rows[start:end]
+        self.load.record_request(worker, end - start)
         if isinstance(handle, PoolChannel):
             try:
-                rows, out = handle.recv()
-                self.load.record_request(worker, rows.numel(), pairs)
+                out = handle.recv()
                 self.load.record_compute(worker, handle.last_compute_s)
                 return rows, out
             except DataPlaneError:  # resend this request the Ray way
                 self._drop(worker)
-                handle = self._ray_call(pending.request(worker), pending.layer, pending.x)
-        r = pending.request(worker)
-        self.load.record_request(worker, r.rows.numel(), pairs)
+                handle = self._ray_call(pending.plan.request(worker), pending.layer, pending.x)
         try:
-            return r.rows, decode(ray.get(handle), pending.x.dtype)
+            return rows, decode(ray.get(handle), pending.x.dtype)
         except (RayActorError, ActorUnavailableError):
-            return r.rows, self._recover(r, pending)
+            return rows, self._recover(pending.plan.request(worker), pending)
 
     def _recover(self, r: WorkerRequest, pending: Pending) -> torch.Tensor:
         """The worker died: another replica holding all of the request's experts computes it, or the

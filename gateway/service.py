@@ -83,7 +83,8 @@ class Gateway:
                  "cache_bytes": self.engine.cache.nbytes() if self.engine.cache else 0}
         load = getattr(self.engine.dispatcher, "load", None)
         if load is not None:  # expert pools: where the work went
-            stats |= {"tokens_sent": dict(load.worker_tokens), "worker_pairs": dict(load.worker_pairs),
+            # Each pair travels as one row, so the rows sent to a worker are its pairs.
+            stats |= {"tokens_sent": dict(load.worker_pairs), "worker_pairs": dict(load.worker_pairs),
                       "worker_compute_s": dict(load.worker_compute_s),
                       "expert_tokens": load.expert_tokens.tolist(),
                       "routing_table_version": self.engine.dispatcher.table.version}

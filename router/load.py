@@ -1,42 +1,72 @@
 """Load accounting: tokens routed per (layer, expert), co-chosen expert pairs, and work per worker.
 
-Cumulative counters updated once per layer call (a few vectorised ops); controllers take
-`snapshot()`s and difference them over their own window, so smoothing is the reader's choice and
-the hot path keeps no history.
+Cumulative counters; controllers take `snapshot()`s and difference them over their own window, so
+smoothing is the reader's choice. The hot path only appends each layer's routing to a short list;
+it is folded into the counters every `FOLD_EVERY` layers and before any read, in one pass.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
 
 class LoadTracker:
+    FOLD_EVERY = 64
+
     def __init__(self, num_layers: int, num_experts: int) -> None:
         self.num_experts = num_experts
-        self.expert_tokens = torch.zeros(num_layers, num_experts, dtype=torch.long)  # [L, E]
-        self.pair_tokens = torch.zeros(num_experts, num_experts, dtype=torch.long)  # [E, E], a < b
-        self.worker_pairs: dict[int, int] = {}  # (token, expert) pairs computed per worker
-        self.worker_tokens: dict[int, int] = {}  # token rows sent per worker
+        self._expert_tokens = torch.zeros(num_layers, num_experts, dtype=torch.long)  # [L, E]
+        self._pair_tokens = torch.zeros(num_experts, num_experts, dtype=torch.long)  # [E, E], a < b
+        self._routed: list[tuple[int, torch.Tensor]] = []  # (layer, expert ids [T, A]) not yet folded
+        self._lock = threading.Lock()  # the engine's thread records while stats and controllers read
+        self.worker_pairs: dict[int, int] = {}  # (token, expert) pairs sent to and computed by each worker
         self.worker_compute_s: dict[int, float] = {}  # expert math time each worker reported
 
     def record_routing(self, layer: int, expert_ids: torch.Tensor) -> None:
-        E = self.num_experts
-        self.expert_tokens[layer] += torch.bincount(expert_ids.reshape(-1), minlength=E)
-        if expert_ids.shape[1] >= 2:
-            a, b = expert_ids[:, 0], expert_ids[:, 1]
-            lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-            self.pair_tokens.view(-1).index_add_(0, lo * E + hi, torch.ones_like(lo))
+        with self._lock:
+            self._routed.append((layer, expert_ids))
+            if len(self._routed) >= self.FOLD_EVERY:
+                self._fold()
 
-    def record_request(self, worker: int, tokens: int, pairs: int) -> None:
-        self.worker_tokens[worker] = self.worker_tokens.get(worker, 0) + tokens
+    def _fold(self) -> None:
+        """Add the recorded routing to the counters; the caller holds the lock."""
+        if not self._routed:
+            return
+        E, (L, _) = self.num_experts, self._expert_tokens.shape
+        ids = torch.cat([e for _, e in self._routed])  # [N, A]
+        layers = torch.repeat_interleave(torch.tensor([layer for layer, _ in self._routed]),
+                                         torch.tensor([e.shape[0] for _, e in self._routed]))
+        self._routed.clear()
+        self._expert_tokens += torch.bincount((layers[:, None] * E + ids).reshape(-1), minlength=L * E).view(L, E)
+        if ids.shape[1] >= 2:
+            lo, hi = torch.minimum(ids[:, 0], ids[:, 1]), torch.maximum(ids[:, 0], ids[:, 1])
+            self._pair_tokens += torch.bincount(lo * E + hi, minlength=E * E).view(E, E)
+
+    @property
+    def expert_tokens(self) -> torch.Tensor:
+        """Tokens routed per (layer, expert) `[L, E]`, up to now (a copy)."""
+        with self._lock:
+            self._fold()
+            return self._expert_tokens.clone()
+
+    @property
+    def pair_tokens(self) -> torch.Tensor:
+        """Tokens that chose experts a < b together `[E, E]`, up to now (a copy)."""
+        with self._lock:
+            self._fold()
+            return self._pair_tokens.clone()
+
+    def record_request(self, worker: int, pairs: int) -> None:
         self.worker_pairs[worker] = self.worker_pairs.get(worker, 0) + pairs
 
     def record_compute(self, worker: int, seconds: float) -> None:
         self.worker_compute_s[worker] = self.worker_compute_s.get(worker, 0.0) + seconds
 
     def snapshot(self) -> dict:
-        return {"expert_tokens": self.expert_tokens.clone(), "pair_tokens": self.pair_tokens.clone(),
-                "worker_pairs": dict(self.worker_pairs), "worker_tokens": dict(self.worker_tokens),
+        return {"expert_tokens": self.expert_tokens, "pair_tokens": self.pair_tokens,
+                "worker_pairs": dict(self.worker_pairs),
                 "worker_compute_s": dict(self.worker_compute_s)}
 
 
@@ -56,6 +86,5 @@ def window(before: dict, after: dict) -> dict:
     return {"expert_tokens": after["expert_tokens"] - before["expert_tokens"],
             "pair_tokens": after["pair_tokens"] - before["pair_tokens"],
             "worker_pairs": {w: n - before["worker_pairs"].get(w, 0) for w, n in after["worker_pairs"].items()},
-            "worker_tokens": {w: n - before["worker_tokens"].get(w, 0) for w, n in after["worker_tokens"].items()},
             "worker_compute_s": {w: s - before["worker_compute_s"].get(w, 0.0)
                                  for w, s in after["worker_compute_s"].items()}}

@@ -2,12 +2,13 @@
 
 Pure tensors, no Ray. `assign_pairs` gives every pair one worker holding its expert. An expert with
 several replicas has its pairs split among them by load (pairs in flight plus this batch's other
-assignments, water-filled so replicas end level), never round-robin. `worker_request` cuts one
-worker's share out of the batch: each of its tokens once, with the pairs it should compute (other
-pairs masked as -1); the worker returns one weighted partial sum per token and `combine` adds them.
-The gateway cuts requests for workers it sends rows to; a pool on the gateway's node reads the whole
-batch from shared memory and cuts its own with the same function.
-Legend: T tokens, A active experts per token, n tokens sent to one worker.
+assignments, water-filled so replicas end level), never round-robin. `plan_dispatch` then sorts the
+pairs by worker (one stable sort, the cheapest split measured: docs/TRANSPORT.md) into a
+`DispatchPlan`, so each worker's request is a contiguous span of it and pools on the gateway's node
+read their span straight out of one shared copy. A token with two experts on one worker appears
+twice in that worker's span. Workers return one weighted output per pair; `combine` adds them into
+their tokens' rows in order, which gives the same bits as the in-process expert sum.
+Legend: T tokens, A active experts per token, n pairs sent to one worker.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
 @dataclass
 class WorkerRequest:
     worker: int
-    rows: torch.Tensor  # [n] token rows of the batch
-    expert_ids: torch.Tensor  # [n, A] global ids, -1 where the pair is computed elsewhere
-    weights: torch.Tensor  # [n, A], 0 where the pair is computed elsewhere
-    pairs: int  # (token, expert) pairs to compute: the worker's share of the work
+    rows: torch.Tensor  # [n] the token row of each pair
+    expert_ids: torch.Tensor  # [n, 1] the expert of each pair (global id)
+    weights: torch.Tensor  # [n, 1] its routing weight
 
 
 class DispatchTable:
@@ -64,22 +65,40 @@ def assign_pairs(expert_ids: torch.Tensor, table: DispatchTable,
     return pair_worker
 
 
-def worker_request(worker: int, pair_worker: torch.Tensor, expert_ids: torch.Tensor,
-                   weights: torch.Tensor) -> WorkerRequest:
-    """`worker`'s share of a batch: the rows with at least one of its pairs, others masked."""
-    mine = pair_worker == worker
-    rows = mine.any(1).nonzero().squeeze(1)
-    mine = mine[rows]
-    return WorkerRequest(worker, rows, torch.where(mine, expert_ids[rows], -1),
-                         torch.where(mine, weights[rows], 0), int(mine.sum()))
+@dataclass
+class DispatchPlan:
+    """A batch's routed pairs sorted by worker, then token: worker w's are [start, end) of its span."""
+
+    rows: torch.Tensor  # [T*A] token row of each pair
+    expert_ids: torch.Tensor  # [T*A, 1]
+    weights: torch.Tensor  # [T*A, 1]
+    spans: list[tuple[int, int, int]]  # (worker, start, end) for workers with work
+
+    def request(self, worker: int) -> WorkerRequest:
+        for w, start, end in self.spans:
+            if w == worker:
+                return WorkerRequest(w, self.rows[start:end], self.expert_ids[start:end], self.weights[start:end])
+        raise KeyError(f"worker {worker} has no work in this plan")
+
+    def requests(self) -> list[WorkerRequest]:
+        return [self.request(w) for w, _, _ in self.spans]
 
 
 def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: DispatchTable,
-                  outstanding: dict[int, int] | None = None) -> list[WorkerRequest]:
-    """Every worker's request for a batch, for workers with work, in worker order."""
-    pair_worker = assign_pairs(expert_ids, table, outstanding)
-    pairs = torch.bincount(pair_worker.reshape(-1), minlength=table.num_workers).tolist()
-    return [worker_request(w, pair_worker, expert_ids, weights) for w, n in enumerate(pairs) if n]
+                  outstanding: dict[int, int] | None = None) -> DispatchPlan:
+    """Split a batch's routed pairs among workers; `outstanding` is pairs already in flight per worker."""
+    A = expert_ids.shape[1]
+    pair_worker = assign_pairs(expert_ids, table, outstanding).reshape(-1).numpy()
+    order = np.argsort(pair_worker, kind="stable")  # numpy: a third of torch's cost at this size
+    sizes = np.bincount(pair_worker, minlength=table.num_workers).tolist()
+    order = torch.from_numpy(order)
+    spans, start = [], 0
+    for w, n in enumerate(sizes):
+        if n:
+            spans.append((w, start, start + n))
+            start += n
+    return DispatchPlan(order // A, expert_ids.reshape(-1, 1).index_select(0, order),
+                        weights.reshape(-1, 1).index_select(0, order), spans)
 
 
 def _water_fill(load: torch.Tensor, n: int) -> torch.Tensor:

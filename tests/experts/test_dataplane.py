@@ -7,7 +7,7 @@ import torch
 
 from experts.dataplane import DataPlaneError, PoolChannel, SharedBatch
 from experts.pool import ExpertPool
-from router.plan import worker_request
+from router.plan import DispatchPlan, WorkerRequest
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +26,18 @@ def batch_of(n: int, seed: int):
     return x, ids, torch.rand(n, 2, generator=g)
 
 
-def ask(channel: PoolChannel, batch: SharedBatch, layer: int, x, ids, w, worker: int = 0):
-    """Send a batch whose pairs with id -1 belong to another worker (7), the way the dispatcher does."""
-    pair_worker = torch.where(ids >= 0, worker, 7)
-    r = worker_request(worker, pair_worker, ids, w)
+def ask(channel: PoolChannel, batch: SharedBatch, layer: int, x, ids, w, skip: int = 0) -> WorkerRequest:
+    """Send the batch's pairs (those with id -1 are another worker's) from pair `skip` on, the way
+    the dispatcher sends one worker's span of a plan; returns what was sent."""
+    keep = (ids >= 0).reshape(-1).nonzero().squeeze(1)
+    plan = DispatchPlan(keep // ids.shape[1], ids.reshape(-1, 1)[keep], w.reshape(-1, 1)[keep], [])
+    sent = WorkerRequest(0, plan.rows[skip:], plan.expert_ids[skip:], plan.weights[skip:])
     if channel.shared:
-        batch.write(x, ids.clamp(min=0), w, pair_worker)
-        channel.send_shared(layer, worker, batch)
+        batch.write(x, plan)
+        channel.send_shared(layer, batch, skip, keep.numel())
     else:
-        channel.send(layer, x, r.expert_ids, r.weights, rows=r.rows)
-    return r
+        channel.send(layer, x, sent.expert_ids, sent.weights, rows=sent.rows)
+    return sent
 
 
 @pytest.mark.parametrize("same_node", [True, False], ids=["shared-memory", "tcp-inline"])
@@ -45,9 +47,8 @@ def test_results_equal_the_bank_bitwise_as_regions_grow(pool, same_node):
         for step, n in enumerate([3, 700, 1, 2000, 5]):  # regions grow past their first size
             x, ids, w = batch_of(n, step)
             layer = step % 3
-            r = ask(channel, batch, layer, x, ids, w, worker=step)
-            rows, got = channel.recv()
-            assert torch.equal(rows, r.rows)
+            r = ask(channel, batch, layer, x, ids, w, skip=step % 2)
+            got = channel.recv()
             with torch.inference_mode():
                 assert torch.equal(got, pool.banks[layer](x[r.rows], r.expert_ids, r.weights))
     finally:
@@ -63,9 +64,8 @@ def test_a_failing_request_is_reported_and_the_connection_survives(pool):
         with pytest.raises(DataPlaneError, match="pool failed"):
             channel.recv()
         r = ask(channel, batch, 1, x, ids, w)
-        rows, got = channel.recv()
         with torch.inference_mode():
-            assert torch.equal(got, pool.banks[1](x[rows], r.expert_ids, r.weights))
+            assert torch.equal(channel.recv(), pool.banks[1](x[r.rows], r.expert_ids, r.weights))
     finally:
         channel.close()
         batch.close()

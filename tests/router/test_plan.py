@@ -24,25 +24,27 @@ def test_plan_pools_covers_every_expert_in_blocks():
 
 def test_each_pair_goes_to_exactly_one_holder():
     table = plan_pools(32, pools=4)
-    ids = torch.tensor([[0, 9], [9, 17], [31, 30], [1, 2]])
+    ids = torch.tensor([[0, 9], [9, 12], [31, 30], [1, 2]])  # token 1: both experts on worker 1
     w = torch.rand(4, 2)
-    reqs = plan_dispatch(ids, w, DispatchTable(table.replica_lists()))
-    seen = torch.zeros(4, 2, dtype=torch.long)
-    for r in reqs:
-        mine = r.expert_ids >= 0
-        for e in r.expert_ids[mine].tolist():
+    plan = plan_dispatch(ids, w, DispatchTable(table.replica_lists()))
+    seen = []
+    for r in plan.requests():
+        for row, e, weight in zip(r.rows.tolist(), r.expert_ids[:, 0].tolist(), r.weights[:, 0].tolist()):
             assert e in table.workers[r.worker]
-        seen[r.rows] += mine.long()
-        assert torch.equal(r.weights[~mine], torch.zeros_like(r.weights[~mine]))
-    assert torch.equal(seen, torch.ones(4, 2, dtype=torch.long))
+            a = ids[row].tolist().index(e)
+            assert weight == w[row, a].item()
+            seen.append((row, a))
+        assert r.rows.tolist() == sorted(r.rows.tolist()), "a worker's pairs come in token order"
+    assert sorted(seen) == [(t, a) for t in range(4) for a in range(2)]
+    assert [w for w, _, _ in plan.spans] == [0, 1, 3], "spans in worker order; worker 2 has no work"
 
 
 def test_replica_choice_follows_load_not_turns():
     table = plan_pools(32, pools=1, replicas=2)
     ids = torch.tensor([[0, 1]] * 6 + [[2, 3]] * 2)
-    reqs = plan_dispatch(ids, torch.ones(8, 2), DispatchTable(table.replica_lists()), outstanding={0: 100})
+    reqs = plan_dispatch(ids, torch.ones(8, 2), DispatchTable(table.replica_lists()), outstanding={0: 100}).requests()
     assert {r.worker for r in reqs} == {1}, "worker 0 is busy: everything goes to worker 1"
-    reqs = plan_dispatch(ids, torch.ones(8, 2), DispatchTable(table.replica_lists()))
+    reqs = plan_dispatch(ids, torch.ones(8, 2), DispatchTable(table.replica_lists())).requests()
     tokens = {r.worker: int((r.expert_ids >= 0).sum()) for r in reqs}
     assert sorted(tokens.values()) == [8, 8], "experts spread so both replicas carry equal pairs"
 
@@ -62,7 +64,7 @@ def test_split_and_combine_equals_one_bank_bitwise():
         parts.append(bank)
     x, ids = torch.randn(20, d), torch.stack([torch.randperm(8)[:2] for _ in range(20)])
     w = torch.rand(20, 2)
-    reqs = plan_dispatch(ids, w, DispatchTable(table.replica_lists()))
+    reqs = plan_dispatch(ids, w, DispatchTable(table.replica_lists())).requests()
     out = combine(20, d, [(r.rows, parts[r.worker](x[r.rows], r.expert_ids, r.weights)) for r in reqs], x.dtype)
     with torch.no_grad():
         assert torch.equal(out, full(x, ids, w))
