@@ -48,20 +48,39 @@ def _send(sock: socket.socket, header: dict, payload: list[memoryview] = ()) -> 
         sock.sendall(part)
 
 
-def _recv_exact(sock: socket.socket, n: int, into: memoryview | None = None) -> memoryview:
-    buf = into if into is not None else memoryview(bytearray(n))
-    got = 0
-    while got < n:
-        k = sock.recv_into(buf[got:n], n - got)
-        if k == 0:
+class _Reader:
+    """Reads frames off a socket: one `recv` usually brings a whole header (on TCP maybe the start of
+    its payload too, kept for the payload read), so a shared-memory reply costs one system call."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf = sock, b""
+
+    def _recv(self, n: int) -> bytes:
+        chunk = self.sock.recv(n)
+        if not chunk:
             raise DataPlaneError("data plane connection closed")
-        got += k
-    return buf
+        return chunk
 
+    def header(self) -> dict:
+        while len(self.buf) < _LEN.size:
+            self.buf += self._recv(4096)
+        end = _LEN.size + _LEN.unpack_from(self.buf)[0]
+        while len(self.buf) < end:
+            self.buf += self._recv(max(4096, end - len(self.buf)))
+        head, self.buf = msgpack.unpackb(self.buf[_LEN.size:end]), self.buf[end:]
+        return head
 
-def _recv(sock: socket.socket) -> dict:
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-    return msgpack.unpackb(_recv_exact(sock, n))
+    def exact(self, n: int) -> memoryview:
+        """The next n payload bytes."""
+        out = memoryview(bytearray(n))
+        got = min(n, len(self.buf))
+        out[:got], self.buf = self.buf[:got], self.buf[got:]
+        while got < n:
+            k = self.sock.recv_into(out[got:], n - got)
+            if k == 0:
+                raise DataPlaneError("data plane connection closed")
+            got += k
+        return out
 
 
 class _Region:
@@ -173,19 +192,19 @@ class DataPlaneServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True, name="dp-conn").start()
 
     def _serve(self, conn: socket.socket) -> None:
-        theirs = _Attached()
+        theirs, reader = _Attached(), _Reader(conn)
         batch: dict = {}  # the views of the gateway's batch region, kept while its name and shape hold
         try:
             while True:
                 try:
-                    head = _recv(conn)
+                    head = reader.header()
                 except (DataPlaneError, OSError):
                     return
                 try:
                     if head["shared"]:
                         self._answer_shared(conn, head, theirs, batch)
                     else:
-                        self._answer_inline(conn, head)
+                        self._answer_inline(conn, reader, head)
                 except Exception as e:  # report the failure; the connection stays usable
                     _send(conn, {"ok": False, "error": f"{type(e).__name__}: {e}"})
         finally:
@@ -212,10 +231,10 @@ class DataPlaneServer:
         outputs[span].copy_(out)
         _send(conn, {"ok": True, "n": out.shape[0], "compute_s": compute_s})
 
-    def _answer_inline(self, conn: socket.socket, head: dict) -> None:
+    def _answer_inline(self, conn: socket.socket, reader: _Reader, head: dict) -> None:
         n, a, d, dtype = head["t"], head["a"], self.hidden, DTYPES[head["dtype"]]
         bx, bi, bw = _layout(n, a, d, dtype)
-        buf = _recv_exact(conn, bx + bi + bw)
+        buf = reader.exact(bx + bi + bw)
         x, ids = _tensor(buf, 0, bx, (n, d), dtype), _tensor(buf, bx, bi, (n, a), torch.long)
         out, compute_s = self._compute(head["layer"], x, ids, _tensor(buf, bx + bi, bw, (n, a), dtype))
         _send(conn, {"ok": True, "n": n, "compute_s": compute_s}, [_raw(out)])
@@ -279,6 +298,7 @@ class PoolChannel:
         else:
             self.sock = socket.create_connection(tuple(address["tcp"]), timeout=timeout_s)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = _Reader(self.sock)
         self._batch_name: str | None = None  # the shared batch region the pool last heard of
         self._pending: tuple | None = None  # where the awaited reply lands: (batch, span) or (d, dtype)
         self.last_compute_s = 0.0  # the pool's own time for the last request's expert math
@@ -310,7 +330,7 @@ class PoolChannel:
         """The outputs `[n, d]` of the last request: its span of the shared batch's outputs, or bytes
         from the socket; valid until the next request."""
         try:
-            head = _recv(self.sock)
+            head = self._reader.header()
             if not head["ok"]:
                 raise DataPlaneError(f"pool failed: {head['error']}")
             self.last_compute_s = head["compute_s"]
@@ -319,7 +339,7 @@ class PoolChannel:
                 return batch.outputs[span]
             (d, dtype), n = self._pending, head["n"]
             nbytes = n * d * dtype.itemsize
-            return _tensor(_recv_exact(self.sock, nbytes), 0, nbytes, (n, d), dtype)
+            return _tensor(self._reader.exact(nbytes), 0, nbytes, (n, d), dtype)
         except OSError as e:
             raise DataPlaneError(f"data plane receive failed: {e}") from e
 

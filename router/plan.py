@@ -91,13 +91,13 @@ def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: Dispat
     pair_worker = assign_pairs(expert_ids, table, outstanding).reshape(-1).numpy()
     order = np.argsort(pair_worker, kind="stable")  # numpy: a third of torch's cost at this size
     sizes = np.bincount(pair_worker, minlength=table.num_workers).tolist()
-    order = torch.from_numpy(order)
+    rows, order = torch.from_numpy(order // A), torch.from_numpy(order)
     spans, start = [], 0
     for w, n in enumerate(sizes):
         if n:
             spans.append((w, start, start + n))
             start += n
-    return DispatchPlan(order // A, expert_ids.reshape(-1, 1).index_select(0, order),
+    return DispatchPlan(rows, expert_ids.reshape(-1, 1).index_select(0, order),
                         weights.reshape(-1, 1).index_select(0, order), spans)
 
 
