@@ -11,7 +11,8 @@ Same node ("shared"): the gateway writes a layer's batch and its dispatch plan (
 into one region per lane that every pool on the node maps: x `[T, d]` | the plan's token rows `[K]`
 int64 | expert ids `[K, 1]` int64 | weights `[K, 1]` | outputs `[K, d]`, and sends each pool only a
 header with its span of the plan; the pool gathers its rows of x itself, writes its outputs into
-its span of the outputs and replies a header, so the gateway adds all spans back in one pass. Other nodes ("inline"): the gateway gathers the rows and sends x `[n, d]` | ids `[n, A]` |
+its span of the outputs and replies a header; the gateway adds each span back as its reply comes.
+Other nodes ("inline"): the gateway gathers the rows and sends x `[n, d]` | ids `[n, A]` |
 weights `[n, A]` on the socket; the reply comes back on the socket.
 """
 

@@ -113,13 +113,9 @@ class PoolDispatcher:
     def wait(self, pending: Pending) -> torch.Tensor:
         x, plan = pending.x, pending.plan
         try:
-            got = [self._receive(span, h, pending) for span, h in zip(plan.spans, pending.handles)]
-            if all(in_place for _, _, in_place in got):
-                # Every span was written into the lane's shared outputs, in plan order: add them in one pass.
-                parts = [(plan.rows, self._batches[pending.lane].outputs)]
-            else:
-                parts = [(rows, out) for rows, out, _ in got]
-            return combine(x.shape[0], x.shape[1], parts, x.dtype)
+            # Each worker's outputs are added as they arrive, while slower workers still compute.
+            return combine(x.shape[0], x.shape[1], (self._receive(span, h, pending)
+                                                    for span, h in zip(plan.spans, pending.handles)), x.dtype)
         finally:
             for w, start, end in pending.plan.spans:
                 self.outstanding[w] -= end - start
@@ -142,9 +138,8 @@ class PoolDispatcher:
                 self._drop(worker)
         return self._ray_call(pending.plan.request(worker), pending.layer, pending.x)
 
-    def _receive(self, span: tuple[int, int, int], handle, pending: Pending) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """A worker's token rows and outputs, by whatever road is still open, and whether the outputs
-        are the span's rows of the lane's shared outputs."""
+    def _receive(self, span: tuple[int, int, int], handle, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+        """A worker's token rows and outputs, by whatever road is still open."""
         worker, start, end = span
         rows = pending.plan.rows[start:end]
         self.load.record_request(worker, end - start)
@@ -152,14 +147,14 @@ class PoolDispatcher:
             try:
                 out = handle.recv()
                 self.load.record_compute(worker, handle.last_compute_s)
-                return rows, out, handle.shared
+                return rows, out
             except DataPlaneError:  # resend this request the Ray way
                 self._drop(worker)
                 handle = self._ray_call(pending.plan.request(worker), pending.layer, pending.x)
         try:
-            return rows, decode(ray.get(handle), pending.x.dtype), False
+            return rows, decode(ray.get(handle), pending.x.dtype)
         except (RayActorError, ActorUnavailableError):
-            return rows, self._recover(pending.plan.request(worker), pending), False
+            return rows, self._recover(pending.plan.request(worker), pending)
 
     def _recover(self, r: WorkerRequest, pending: Pending) -> torch.Tensor:
         """The worker died: another replica holding all of the request's experts computes it, or the
