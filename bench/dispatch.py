@@ -52,10 +52,13 @@ def round_trips(disp: PoolDispatcher, tokens: int, iters: int) -> dict[str, floa
 
 
 class EchoPool(ExpertPool):
-    """Returns its input instead of computing experts: the dispatch path without the math."""
+    """Returns its input rows instead of computing experts: the dispatch path without the math."""
 
-    def _compute_tensors(self, layer, x, expert_ids, weights):
-        return x.clone()  # both transports call this (Ray calls through `compute`)
+    def compute_pairs(self, layer, x, rows, expert_ids, weights):  # the data plane's call
+        return x.index_select(0, rows)
+
+    def compute(self, layer, x, expert_ids, weights):  # the Ray-call path's
+        return x.copy()
 
 
 def measure(model_dir: str, pools: int, tokens: int, iters: int, compute: str,

@@ -10,7 +10,7 @@ trip through shared memory and a Unix socket, against about 7 ms per pool for a 
 Same node ("shared"): the gateway writes a layer's batch and its dispatch plan (`router.plan`) once
 into one region per lane that every pool on the node maps: x `[T, d]` | the plan's token rows `[K]`
 int64 | expert ids `[K, 1]` int64 | weights `[K, 1]` | outputs `[K, d]`, and sends each pool only a
-header with its span of the plan; the pool gathers its rows of x itself, writes its outputs into
+header with its span of the plan; the pool reads its rows of x in place, writes its outputs into
 its span of the outputs and replies a header; the gateway adds each span back as its reply comes.
 Other nodes ("inline"): the gateway gathers the rows and sends x `[n, d]` | ids `[n, A]` |
 weights `[n, A]` on the socket; the reply comes back on the socket.
@@ -34,7 +34,8 @@ from model.config import DTYPES
 from router.plan import DispatchPlan
 
 _LEN = struct.Struct("<I")
-Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer, x [T, d], rows [n], expert ids [n, 1], weights [n, 1]) -> one output per pair [n, d]
+Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class DataPlaneError(ConnectionError):
@@ -213,10 +214,11 @@ class DataPlaneServer:
             theirs.close()
             conn.close()
 
-    def _compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
+                 w: torch.Tensor) -> tuple[torch.Tensor, float]:
         with self._lock:
             t0 = time.perf_counter()
-            out = self.compute(layer, x, ids, w)
+            out = self.compute(layer, x, rows, ids, w)
             return out, time.perf_counter() - t0
 
     def _answer_shared(self, conn: socket.socket, head: dict, theirs: _Attached, batch: dict) -> None:
@@ -228,7 +230,7 @@ class DataPlaneServer:
             batch["key"] = key
         x, rows, ids, w, outputs = batch["views"]
         span = slice(head["start"], head["end"])
-        out, compute_s = self._compute(head["layer"], x.index_select(0, rows[span]), ids[span], w[span])
+        out, compute_s = self._compute(head["layer"], x, rows[span], ids[span], w[span])
         outputs[span].copy_(out)
         _send(conn, {"ok": True, "n": out.shape[0], "compute_s": compute_s})
 
@@ -237,7 +239,7 @@ class DataPlaneServer:
         bx, bi, bw = _layout(n, a, d, dtype)
         buf = reader.exact(bx + bi + bw)
         x, ids = _tensor(buf, 0, bx, (n, d), dtype), _tensor(buf, bx, bi, (n, a), torch.long)
-        out, compute_s = self._compute(head["layer"], x, ids, _tensor(buf, bx + bi, bw, (n, a), dtype))
+        out, compute_s = self._compute(head["layer"], x, torch.arange(n), ids, _tensor(buf, bx + bi, bw, (n, a), dtype))
         _send(conn, {"ok": True, "n": n, "compute_s": compute_s}, [_raw(out)])
 
     def close(self) -> None:

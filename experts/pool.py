@@ -64,16 +64,24 @@ class ExpertPool:
     def open_data_plane(self) -> dict:
         """Start (once) the data-plane server; returns where gateways reach it."""
         if self.data_plane is None:
-            self.data_plane = DataPlaneServer(self._compute_tensors, self.cfg.hidden_size)
+            self.data_plane = DataPlaneServer(self.compute_pairs, self.cfg.hidden_size)
         return {"address": self.data_plane.address(), "host": socket.gethostname()}
 
-    def _compute_tensors(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
-                         weights: torch.Tensor) -> torch.Tensor:
+    def compute_pairs(self, layer: int, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
+                      weights: torch.Tensor) -> torch.Tensor:
+        """The data plane's call: one weighted output `[n, d]` per pair, pair i for token x[rows[i]]
+        (`ExpertBank.pair_outputs`), gathered straight from the gateway's batch."""
+        dev = self.device
+        if dev.type != "cpu":  # move only this pool's rows to the device
+            x, rows = x.index_select(0, rows).to(dev), torch.arange(rows.numel(), device=dev)
         with torch.inference_mode():
-            return self.banks[layer](x.to(self.device), expert_ids.to(self.device), weights.to(self.device)).cpu()
+            return self.banks[layer].pair_outputs(x, rows, expert_ids.reshape(-1).to(dev),
+                                                  weights.reshape(-1).to(dev)).cpu()
 
     def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """x `[n, d]`, expert_ids `[n, A]` (-1: not here), weights `[n, A]` -> partial sums `[n, d]`
-        (the Ray-call path; the data plane calls `_compute_tensors` directly)."""
-        dtype = DTYPES[self.cfg.torch_dtype]
-        return encode(self._compute_tensors(layer, decode(x, dtype), decode(expert_ids, torch.long), decode(weights, dtype)))
+        """The Ray-call path: x `[n, d]`, expert_ids `[n, A]` (-1: not here), weights `[n, A]` ->
+        weighted sums per row `[n, d]`."""
+        dtype, dev = DTYPES[self.cfg.torch_dtype], self.device
+        x, ids, w = decode(x, dtype, dev), decode(expert_ids, torch.long, dev), decode(weights, dtype, dev)
+        with torch.inference_mode():
+            return encode(self.banks[layer](x, ids, w).cpu())

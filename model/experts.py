@@ -32,23 +32,29 @@ class ExpertBank(nn.Module):
         -> `[T, d]` = sum over held pairs of weight * expert(x). Pairs add in `a` order onto zeros, so
         a token whose two experts live in two pools sums to the same bits as here.
         """
-        T, A = expert_ids.shape
+        A = expert_ids.shape[1]
         flat = expert_ids.reshape(-1)
         pairs = (flat >= 0).nonzero().squeeze(1)  # [R] token-major
-        local = self.local_index[flat[pairs]]
-        assert bool((local >= 0).all()), "pair routed to an expert this bank does not hold"
         rows = pairs // A
+        y = self.pair_outputs(x, rows, flat[pairs], weights.reshape(-1)[pairs])
+        return torch.zeros_like(x).index_add_(0, rows, y)
+
+    def pair_outputs(self, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+        """weights[i] * expert `expert_ids[i]`(x[rows[i]]) for each pair i: `[R, d]`, unsummed.
+        Expert pools answer the data plane with this; the caller adds pairs into their tokens."""
+        local = self.local_index[expert_ids]
+        assert bool((local >= 0).all()), "pair routed to an expert this bank does not hold"
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
-        y = torch.empty(pairs.numel(), x.shape[1], dtype=x.dtype)
+        y = torch.empty(rows.numel(), x.shape[1], dtype=x.dtype)
         start = 0
         for e, n in enumerate(counts):  # one matmul per expert over all its rows
             if n:
                 sel = order[start:start + n]
                 y[sel] = swiglu(x[rows[sel]], self.w1[e], self.w2[e])
                 start += n
-        y = y * weights.reshape(-1)[pairs, None]
-        return torch.zeros_like(x).index_add_(0, rows, y)
+        return y * weights[:, None]
 
     def nbytes(self) -> int:
         return self.w1.numel() * self.w1.element_size() + self.w2.numel() * self.w2.element_size()
