@@ -54,8 +54,8 @@ def round_trips(disp: PoolDispatcher, tokens: int, iters: int) -> dict[str, floa
 class EchoPool(ExpertPool):
     """Returns its input rows instead of computing experts: the dispatch path without the math."""
 
-    def compute_pairs(self, layer, x, rows, expert_ids, weights):  # the data plane's call
-        return x.index_select(0, rows)
+    def compute_pairs(self, layer, x, rows, expert_ids, weights, out):  # the data plane's call
+        torch.index_select(x, 0, rows, out=out)
 
     def compute(self, layer, x, expert_ids, weights):  # the Ray-call path's
         return x.copy()

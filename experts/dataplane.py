@@ -34,8 +34,8 @@ from model.config import DTYPES
 from router.plan import DispatchPlan
 
 _LEN = struct.Struct("<I")
-# (layer, x [T, d], rows [n], expert ids [n, 1], weights [n, 1]) -> one output per pair [n, d]
-Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer, x [T, d], rows [n], expert ids [n, 1], weights [n, 1], out [n, d]): one output per pair into out
+Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class DataPlaneError(ConnectionError):
@@ -214,12 +214,12 @@ class DataPlaneServer:
             theirs.close()
             conn.close()
 
-    def _compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
-                 w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                 out: torch.Tensor) -> float:
         with self._lock:
             t0 = time.perf_counter()
-            out = self.compute(layer, x, rows, ids, w)
-            return out, time.perf_counter() - t0
+            self.compute(layer, x, rows, ids, w, out)
+            return time.perf_counter() - t0
 
     def _answer_shared(self, conn: socket.socket, head: dict, theirs: _Attached, batch: dict) -> None:
         """Compute this pool's span of the gateway's shared plan into the span's outputs."""
@@ -230,16 +230,16 @@ class DataPlaneServer:
             batch["key"] = key
         x, rows, ids, w, outputs = batch["views"]
         span = slice(head["start"], head["end"])
-        out, compute_s = self._compute(head["layer"], x, rows[span], ids[span], w[span])
-        outputs[span].copy_(out)
-        _send(conn, {"ok": True, "n": out.shape[0], "compute_s": compute_s})
+        compute_s = self._compute(head["layer"], x, rows[span], ids[span], w[span], outputs[span])
+        _send(conn, {"ok": True, "n": head["end"] - head["start"], "compute_s": compute_s})
 
     def _answer_inline(self, conn: socket.socket, reader: _Reader, head: dict) -> None:
         n, a, d, dtype = head["t"], head["a"], self.hidden, DTYPES[head["dtype"]]
         bx, bi, bw = _layout(n, a, d, dtype)
         buf = reader.exact(bx + bi + bw)
         x, ids = _tensor(buf, 0, bx, (n, d), dtype), _tensor(buf, bx, bi, (n, a), torch.long)
-        out, compute_s = self._compute(head["layer"], x, torch.arange(n), ids, _tensor(buf, bx + bi, bw, (n, a), dtype))
+        out = torch.empty(n, d, dtype=dtype)
+        compute_s = self._compute(head["layer"], x, torch.arange(n), ids, _tensor(buf, bx + bi, bw, (n, a), dtype), out)
         _send(conn, {"ok": True, "n": n, "compute_s": compute_s}, [_raw(out)])
 
     def close(self) -> None:

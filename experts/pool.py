@@ -68,15 +68,16 @@ class ExpertPool:
         return {"address": self.data_plane.address(), "host": socket.gethostname()}
 
     def compute_pairs(self, layer: int, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
-                      weights: torch.Tensor) -> torch.Tensor:
-        """The data plane's call: one weighted output `[n, d]` per pair, pair i for token x[rows[i]]
-        (`ExpertBank.pair_outputs`), gathered straight from the gateway's batch."""
-        dev = self.device
-        if dev.type != "cpu":  # move only this pool's rows to the device
-            x, rows = x.index_select(0, rows).to(dev), torch.arange(rows.numel(), device=dev)
+                      weights: torch.Tensor, out: torch.Tensor) -> None:
+        """The data plane's call: one weighted output per pair into `out` `[n, d]`, pair i for token
+        x[rows[i]] (`ExpertBank.pair_outputs`), read from and written to the gateway's shared batch."""
+        bank, dev = self.banks[layer], self.device
         with torch.inference_mode():
-            return self.banks[layer].pair_outputs(x, rows, expert_ids.reshape(-1).to(dev),
-                                                  weights.reshape(-1).to(dev)).cpu()
+            if dev.type == "cpu":
+                bank.pair_outputs(x, rows, expert_ids.reshape(-1), weights.reshape(-1), out=out)
+                return
+            xs, rows = x.index_select(0, rows).to(dev), torch.arange(rows.numel(), device=dev)  # only our rows
+            out.copy_(bank.pair_outputs(xs, rows, expert_ids.reshape(-1).to(dev), weights.reshape(-1).to(dev)))
 
     def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The Ray-call path: x `[n, d]`, expert_ids `[n, A]` (-1: not here), weights `[n, A]` ->

@@ -40,9 +40,10 @@ class ExpertBank(nn.Module):
         return torch.zeros_like(x).index_add_(0, rows, y)
 
     def pair_outputs(self, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
-                     weights: torch.Tensor) -> torch.Tensor:
-        """weights[i] * expert `expert_ids[i]`(x[rows[i]]) for each pair i: `[R, d]`, unsummed.
-        Expert pools answer the data plane with this; the caller adds pairs into their tokens."""
+                     weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """weights[i] * expert `expert_ids[i]`(x[rows[i]]) for each pair i: `[R, d]`, unsummed, into
+        `out` if given. Expert pools answer the data plane with this, writing into shared memory;
+        the caller adds pairs into their tokens."""
         local = self.local_index[expert_ids]
         assert bool((local >= 0).all()), "pair routed to an expert this bank does not hold"
         order = torch.argsort(local, stable=True)
@@ -54,7 +55,7 @@ class ExpertBank(nn.Module):
                 sel = order[start:start + n]
                 y[sel] = swiglu(x[rows[sel]], self.w1[e], self.w2[e])
                 start += n
-        return y * weights[:, None]
+        return torch.mul(y, weights[:, None], out=out)
 
     def nbytes(self) -> int:
         return self.w1.numel() * self.w1.element_size() + self.w2.numel() * self.w2.element_size()
