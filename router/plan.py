@@ -1,6 +1,6 @@
 """Dispatch planning: which worker computes each routed (token, expert) pair, and the way back.
 
-Pure tensors, no Ray. `assign_pairs` gives every pair one worker holding its expert. An expert with
+Pure functions on tensors, no Ray. `assign_pairs` gives every pair one worker holding its expert. An expert with
 several replicas has its pairs split among them by load (pairs in flight plus this batch's other
 assignments, water-filled so replicas end level), never round-robin. `plan_dispatch` then sorts the
 pairs by worker (one stable sort, the cheapest split measured: docs/TRANSPORT.md) into a
@@ -34,35 +34,35 @@ class DispatchTable:
 
     def __init__(self, replicas: list[list[int]]) -> None:
         self.replicas = replicas
-        self.owner = torch.tensor([r[0] if len(r) == 1 else -1 for r in replicas], dtype=torch.long)
+        self.owner = np.array([r[0] if len(r) == 1 else -1 for r in replicas], dtype=np.int64)
         self.multi = [e for e, r in enumerate(replicas) if len(r) > 1]
         self.num_workers = max(w for r in replicas for w in r) + 1
 
 
 def assign_pairs(expert_ids: torch.Tensor, table: DispatchTable,
                  outstanding: dict[int, int] | None = None) -> torch.Tensor:
-    """The worker of each pair `[T, A]`; `outstanding` is pairs already in flight per worker."""
-    pair_worker = table.owner[expert_ids]  # [T, A]; -1 for experts with several replicas
-    if not table.multi:
-        return pair_worker
-    # Fill replicas of hot experts by water-filling: each pair goes to the replica with the least
-    # load so far (pairs in flight, plus this batch's fixed assignments), in token order.
-    load = torch.zeros(table.num_workers)
-    for w, n in (outstanding or {}).items():
-        load[w] += n
-    fixed = pair_worker[pair_worker >= 0]
-    load += torch.bincount(fixed, minlength=table.num_workers)[: table.num_workers].float()
-    flat_ids, flat_worker = expert_ids.reshape(-1), pair_worker.reshape(-1)
-    counts = torch.bincount(flat_ids, minlength=len(table.replicas))
-    for e in sorted(table.multi, key=lambda e: -int(counts[e])):
-        if not counts[e]:
-            continue
-        where = (flat_ids == e).nonzero().squeeze(1)
-        reps = torch.tensor(table.replicas[e])
-        share = _water_fill(load[reps], int(counts[e]))
-        flat_worker[where] = torch.repeat_interleave(reps, share)
-        load[reps] += share.float()
-    return pair_worker
+    """The worker of each pair `[T, A]`; `outstanding` is pairs already in flight per worker.
+    numpy and plain lists: per-op overhead is what a decode step's small batches pay for."""
+    flat_ids = expert_ids.reshape(-1).numpy()
+    pair_worker = table.owner[flat_ids]  # -1 for experts with several replicas
+    if table.multi:
+        # Fill replicas of hot experts by water-filling: each pair goes to the replica with the least
+        # load so far (pairs in flight, plus this batch's fixed assignments), in token order.
+        load = np.bincount(pair_worker[pair_worker >= 0], minlength=table.num_workers).tolist()
+        for w, n in (outstanding or {}).items():
+            load[w] += n
+        counts = np.bincount(flat_ids, minlength=len(table.replicas))
+        by_expert = np.argsort(flat_ids, kind="stable")  # each expert's pairs, in token order
+        starts = np.concatenate(([0], np.cumsum(counts)))
+        for e in sorted(table.multi, key=lambda e: -counts[e]):
+            if not counts[e]:
+                continue
+            reps = table.replicas[e]
+            share = _water_fill([load[r] for r in reps], int(counts[e]))
+            pair_worker[by_expert[starts[e]:starts[e + 1]]] = np.repeat(reps, share)
+            for r, n in zip(reps, share):
+                load[r] += n
+    return torch.from_numpy(pair_worker).view(expert_ids.shape)
 
 
 @dataclass
@@ -101,17 +101,17 @@ def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: Dispat
                         weights.reshape(-1, 1).index_select(0, order), spans)
 
 
-def _water_fill(load: torch.Tensor, n: int) -> torch.Tensor:
+def _water_fill(load: list[float], n: int) -> list[int]:
     """Split n pairs among replicas with current `load` so their loads end as equal as possible."""
-    levels = sorted((float(v), i) for i, v in enumerate(load.tolist()))
+    levels = sorted((v, i) for i, v in enumerate(load))
     k = len(levels)
     while k > 1 and (n + sum(v for v, _ in levels[:k])) / k <= levels[k - 1][0]:
         k -= 1  # the k-th lowest is already above the common level: it gets nothing
     target = (n + sum(v for v, _ in levels[:k])) / k
-    share = torch.zeros(len(levels), dtype=torch.long)
+    share = [0] * len(levels)
     for v, i in levels[:k]:
         share[i] = int(target - v)
-    for v, i in levels[: n - int(share.sum())]:  # rounding leftovers to the least loaded
+    for v, i in levels[: n - sum(share)]:  # rounding leftovers to the least loaded
         share[i] += 1
     return share
 
