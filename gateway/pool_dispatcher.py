@@ -2,8 +2,8 @@
 
 Per layer one request goes to every worker that has work, all in flight at once. Each worker is
 reached by its transport: the data plane (`experts/dataplane.py`) by default, where pools on this
-node read the whole batch from one shared-memory write and cut their own rows, and pools on other
-nodes get their rows over TCP; or plain Ray actor calls, which stay as the fallback: a worker whose data
+node compute their span of a batch and plan written once to shared memory, and pools on other nodes
+get their rows over TCP; or plain Ray actor calls, which stay as the fallback: a worker whose data
 plane fails is served by Ray calls from then on (`fallbacks` counts them). `submit`/`wait` split a
 layer's call so two micro-batches can overlap; each micro-batch (`lane`) has its own connections.
 The routing table can be swapped between steps (`set_table`) without touching this path.
