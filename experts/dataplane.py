@@ -3,8 +3,8 @@
 Ray still places, starts, supervises and restarts the pools; only the per-layer bytes take this road.
 A pool opens a server (`DataPlaneServer`) from inside its actor: a Unix socket for gateways on the
 same node, TCP for the others. Each message is a length-prefixed msgpack header; tensor bytes follow
-raw, either in shared memory (same node: the writer owns its region, grows it as needed and names it
-in the header) or inline on the socket (across nodes). Measured here: 0.03 ms for a 128 KiB round
+raw, either in shared memory (same node: one region per gateway lane, owned by the gateway, which
+names it in a header whenever it grows) or inline on the socket (across nodes). Measured here: 0.03 ms for a 128 KiB round
 trip through shared memory and a Unix socket, against about 7 ms per pool for a Ray actor call.
 
 Same node ("shared"): the gateway writes a layer's batch and its dispatch plan (`router.plan`) once
