@@ -261,7 +261,6 @@ class SharedBatch:
 
     def __init__(self) -> None:
         self.region = _Region()
-        self.name: str | None = None
         self.shape: tuple[int, int, int, torch.dtype] | None = None  # T, K, d, dtype of the last write
         self._views: tuple[torch.Tensor, ...] = ()
 
@@ -272,10 +271,15 @@ class SharedBatch:
         if shape != self.shape or self.region.shm is None or self.region.shm.size < need:
             self._views = ()  # let go of the old region's views before it may be unmapped
             self.region.ensure(need)
-            self.name, self.shape = self.region.shm.name, shape
+            self.shape = shape
             self._views = _batch_views(self.region.shm.buf, *shape)
         for view, src in zip(self._views, (x, plan.rows, plan.expert_ids, plan.weights)):
             view.copy_(src)
+
+    @property
+    def name(self) -> str:
+        """The region's name, which changes when it grows."""
+        return self.region.shm.name
 
     @property
     def outputs(self) -> torch.Tensor:

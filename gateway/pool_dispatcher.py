@@ -102,8 +102,8 @@ class PoolDispatcher:
                lane: int = 0) -> Pending:
         plan = plan_dispatch(expert_ids, weights, self._plan, self.outstanding)
         pending = Pending(layer, lane, x, plan, [])
-        for w, start, end in plan.spans:
-            pending.handles.append(self._send(w, start, end, pending))
+        for span in plan.spans:
+            pending.handles.append(self._send(span, pending))
         # Bookkeeping after the sends: the pools are already working while it runs.
         for w, start, end in plan.spans:
             self.outstanding[w] = self.outstanding.get(w, 0) + end - start
@@ -120,7 +120,8 @@ class PoolDispatcher:
             for w, start, end in pending.plan.spans:
                 self.outstanding[w] -= end - start
 
-    def _send(self, worker: int, start: int, end: int, pending: Pending):
+    def _send(self, span: tuple[int, int, int], pending: Pending):
+        worker, start, end = span
         channel = self._channels.get((worker, pending.lane))
         if channel is not None:
             try:
@@ -131,12 +132,12 @@ class PoolDispatcher:
                         pending.batch_written = True
                     channel.send_shared(pending.layer, batch, start, end)
                 else:
-                    r = pending.plan.request(worker)
+                    r = pending.plan.request(span)
                     channel.send(pending.layer, pending.x, r.expert_ids, r.weights, rows=r.rows)
                 return channel
             except DataPlaneError:
                 self._drop(worker)
-        return self._ray_call(pending.plan.request(worker), pending.layer, pending.x)
+        return self._ray_call(pending.plan.request(span), pending.layer, pending.x)
 
     def _receive(self, span: tuple[int, int, int], handle, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
         """A worker's token rows and outputs, by whatever road is still open."""
@@ -150,11 +151,11 @@ class PoolDispatcher:
                 return rows, out
             except DataPlaneError:  # resend this request the Ray way
                 self._drop(worker)
-                handle = self._ray_call(pending.plan.request(worker), pending.layer, pending.x)
+                handle = self._ray_call(pending.plan.request(span), pending.layer, pending.x)
         try:
             return rows, decode(ray.get(handle), pending.x.dtype)
         except (RayActorError, ActorUnavailableError):
-            return rows, self._recover(pending.plan.request(worker), pending)
+            return rows, self._recover(pending.plan.request(span), pending)
 
     def _recover(self, r: WorkerRequest, pending: Pending) -> torch.Tensor:
         """The worker died: another replica holding all of the request's experts computes it, or the

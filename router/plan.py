@@ -41,9 +41,13 @@ class DispatchTable:
 
 def assign_pairs(expert_ids: torch.Tensor, table: DispatchTable,
                  outstanding: dict[int, int] | None = None) -> torch.Tensor:
-    """The worker of each pair `[T, A]`; `outstanding` is pairs already in flight per worker.
-    numpy and plain lists: per-op overhead is what a decode step's small batches pay for."""
-    flat_ids = expert_ids.reshape(-1).numpy()
+    """The worker of each pair `[T, A]`; `outstanding` is pairs already in flight per worker."""
+    return torch.from_numpy(_assign(expert_ids.reshape(-1).numpy(), table, outstanding)).view(expert_ids.shape)
+
+
+def _assign(flat_ids: np.ndarray, table: DispatchTable, outstanding: dict[int, int] | None) -> np.ndarray:
+    """`assign_pairs` on flat ids `[T*A]`, in numpy and plain lists: per-op overhead is what a
+    decode step's small batches pay for."""
     pair_worker = table.owner[flat_ids]  # -1 for experts with several replicas
     if table.multi:
         # Fill replicas of hot experts by water-filling: each pair goes to the replica with the least
@@ -62,7 +66,7 @@ def assign_pairs(expert_ids: torch.Tensor, table: DispatchTable,
             pair_worker[by_expert[starts[e]:starts[e + 1]]] = np.repeat(reps, share)
             for r, n in zip(reps, share):
                 load[r] += n
-    return torch.from_numpy(pair_worker).view(expert_ids.shape)
+    return pair_worker
 
 
 @dataclass
@@ -74,21 +78,20 @@ class DispatchPlan:
     weights: torch.Tensor  # [T*A, 1]
     spans: list[tuple[int, int, int]]  # (worker, start, end) for workers with work
 
-    def request(self, worker: int) -> WorkerRequest:
-        for w, start, end in self.spans:
-            if w == worker:
-                return WorkerRequest(w, self.rows[start:end], self.expert_ids[start:end], self.weights[start:end])
-        raise KeyError(f"worker {worker} has no work in this plan")
+    def request(self, span: tuple[int, int, int]) -> WorkerRequest:
+        """The request of one of `spans`."""
+        w, start, end = span
+        return WorkerRequest(w, self.rows[start:end], self.expert_ids[start:end], self.weights[start:end])
 
     def requests(self) -> list[WorkerRequest]:
-        return [self.request(w) for w, _, _ in self.spans]
+        return [self.request(span) for span in self.spans]
 
 
 def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: DispatchTable,
                   outstanding: dict[int, int] | None = None) -> DispatchPlan:
     """Split a batch's routed pairs among workers; `outstanding` is pairs already in flight per worker."""
     A = expert_ids.shape[1]
-    pair_worker = assign_pairs(expert_ids, table, outstanding).reshape(-1).numpy()
+    pair_worker = _assign(expert_ids.reshape(-1).numpy(), table, outstanding)
     order = np.argsort(pair_worker, kind="stable")  # numpy: a third of torch's cost at this size
     sizes = np.bincount(pair_worker, minlength=table.num_workers).tolist()
     rows, order = torch.from_numpy(order // A), torch.from_numpy(order)
