@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cli import args as cli_args
 from protos import serving_pb2 as pb
 from protos import serving_pb2_grpc as pb_grpc
 
@@ -48,13 +49,13 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     req = pb.GenerateRequest(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, stop=args.stop or [])
     if args.token_ids is not None:
-        req.token_ids.extend(int(t) for t in args.token_ids.split(",") if t.strip())
+        req.token_ids.extend(cli_args.token_ids(args.token_ids))
     else:
         req.text = args.prompt
     if args.seed is not None:
         req.seed = args.seed
     if args.stop_token_ids:
-        req.stop_token_ids.extend(int(t) for t in args.stop_token_ids.split(",") if t.strip())
+        req.stop_token_ids.extend(cli_args.token_ids(args.stop_token_ids, "--stop-token-ids"))
     return req
 
 
@@ -96,13 +97,8 @@ def add_parser(sub) -> None:
     s.add_argument("prompt", nargs="?", help="prompt text")
     s.add_argument("--target", default="127.0.0.1:50051")
     s.add_argument("--token-ids", help="comma-separated prompt ids instead of text")
-    s.add_argument("--max-tokens", type=int, default=16)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
+    cli_args.add_sampling_args(s)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
-    s.add_argument("--stop-token-ids", default=None)
     s.add_argument("--token", default=None, help="bearer token")
     s.add_argument("--tls-ca", default=None, help="PEM of the CA (or self-signed cert) to trust; enables TLS")
     s.add_argument("--timeout", type=float, default=120.0, help="deadline of the call in seconds")

@@ -14,11 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-def _token_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --token-ids must be comma-separated integers, got {text!r}") from None
+from cli import args as cli_args
 
 
 def cmd_init_checkpoint(args: argparse.Namespace) -> None:
@@ -84,10 +80,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model_dir = Path(args.model) if args.model else demo_checkpoint()
     cfg = YuanConfig.from_file(model_dir / "config.json")
     tokenizer = load_tokenizer(model_dir, cfg)
-    prompt = _token_ids(args.token_ids) if args.token_ids is not None else tokenizer.encode(args.prompt)
+    prompt = cli_args.token_ids(args.token_ids) if args.token_ids is not None else tokenizer.encode(args.prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed,
-                            stop_token_ids=tuple(_token_ids(args.stop_token_ids or "")))
+                            stop_token_ids=tuple(cli_args.token_ids(args.stop_token_ids or "", "--stop-token-ids")))
     run = _generate_ray if args.engine == "ray" else _generate_local
     token_ids, finish_reason, timing = run(args, str(model_dir), prompt, params)
     text = tokenizer.decode(token_ids, skip_special=True)
@@ -187,12 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt")
     g.add_argument("--token-ids", help="comma-separated prompt ids, e.g. 1,2,3")
-    s.add_argument("--max-tokens", type=int, default=16)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--stop-token-ids", default=None, help="comma-separated ids that end generation")
+    cli_args.add_sampling_args(s)
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_generate)
