@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 
 
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50 and p99 of durations in seconds, in milliseconds (0 for no samples)."""
+    s = sorted(samples)
+    if not s:
+        return {"p50": 0.0, "p99": 0.0}
+    return {"p50": s[len(s) // 2] * 1e3, "p99": s[min(len(s) - 1, int(len(s) * 0.99))] * 1e3}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", nargs="+", default=["tiny", "small"])
     p.add_argument("--pools", type=int, nargs="*", default=[1, 2, 4])

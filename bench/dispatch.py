@@ -17,10 +17,11 @@ import time
 import ray
 import torch
 
+from bench import percentiles
 from cluster.deployment import Deployment, DeploymentConfig
 from cluster.placement import plan_pools
-from experts.pool import ExpertPool
 from cluster.ray_cluster import connect
+from experts.pool import ExpertPool
 from gateway.compiled_dispatcher import CompiledGraphDispatcher
 from gateway.pool_dispatcher import TRANSPORTS, PoolDispatcher
 from model.checkpoint import write_random_checkpoint
@@ -29,11 +30,6 @@ from model.config import YuanConfig
 TRANSPORT_CFG = YuanConfig(vocab_size=320, hidden_size=2048, num_layers=1, num_heads=16, num_experts=32,
                            top_k=2, ffn_hidden_size=8, max_position_embeddings=64, eod_token_id=256,
                            sep_token_id=258, pad_token_id=256)
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    s = sorted(samples)
-    return {"p50": s[len(s) // 2] * 1e3, "p99": s[min(len(s) - 1, int(len(s) * 0.99))] * 1e3}
 
 
 def round_trips(disp: PoolDispatcher, tokens: int, iters: int) -> dict[str, float]:

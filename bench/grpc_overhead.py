@@ -14,6 +14,7 @@ import time
 import grpc
 from ray import serve
 
+from bench import percentiles
 from cluster.ray_cluster import connect
 from gateway.backends import local_backend
 from gateway.server import GatewayServer, ServerOptions
@@ -44,8 +45,7 @@ def time_calls(stub, calls: int, metadata=None) -> dict[str, float]:
         t0 = time.perf_counter()
         stub.Tokenize(req, metadata=metadata)
         samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return {"p50_ms": samples[len(samples) // 2] * 1e3, "p99_ms": samples[int(len(samples) * 0.99)] * 1e3}
+    return {f"{k}_ms": v for k, v in percentiles(samples).items()}
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench import add_arguments
+from bench import add_arguments, percentiles
 from cluster.deployment import Deployment, DeploymentConfig
 from cluster.ray_cluster import connect
 from gateway.engine import Engine, EngineLimits
@@ -29,11 +29,6 @@ from gateway.service import Gateway
 from model.checkpoint import load_experts, load_model, write_random_checkpoint
 from model.config import preset
 from model.dispatcher import LocalDispatcher
-
-
-def pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(len(s) * q))] if s else 0.0
 
 
 @dataclass
@@ -75,8 +70,7 @@ async def run_load(gateway: Gateway, prompts: list[list[int]], max_tokens: int) 
     wall = time.perf_counter() - t0
     ttft, tpot, tokens = zip(*results)
     return {"tokens_per_s": sum(tokens) / wall, "wall_s": wall, "tokens": sum(tokens),
-            "ttft_ms": {"p50": pct(ttft, 0.5) * 1e3, "p99": pct(ttft, 0.99) * 1e3},
-            "tpot_ms": {"p50": pct(tpot, 0.5) * 1e3, "p99": pct(tpot, 0.99) * 1e3}}
+            "ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot)}
 
 
 def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len: int, max_tokens: int) -> dict:
@@ -99,7 +93,7 @@ def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len
     layers = engine.model.cfg.num_layers
     expert_s = sum(timed.times)
     result["steps"] = steps
-    result["expert_step_ms"] = {"p50": pct(timed.times, 0.5) * 1e3, "p99": pct(timed.times, 0.99) * 1e3}
+    result["expert_step_ms"] = percentiles(timed.times)
     step_s = result["wall_s"] / max(1, steps)
     per_step = 1e3 / max(1, steps)
     result["breakdown_ms_per_step"] = {"total": step_s * 1e3, "expert_calls": expert_s * per_step,
