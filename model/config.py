@@ -66,7 +66,7 @@ class YuanConfig:
         if self.router_type not in ("attention", "classical"):
             raise ConfigError(f"config field 'router_type' must be 'attention' or 'classical', "
                               f"got {self.router_type!r}")
-        if self.torch_dtype not in ("float32", "bfloat16", "float16"):
+        if self.torch_dtype not in DTYPES:
             raise ConfigError(f"config field 'torch_dtype' must be float32, bfloat16 or float16, "
                               f"got {self.torch_dtype!r}")
         if not self.rms_norm_eps > 0:
