@@ -50,8 +50,8 @@ def round_trips(disp: PoolDispatcher, tokens: int, iters: int) -> dict[str, floa
 class EchoPool(ExpertPool):
     """Returns its input rows instead of computing experts: the dispatch path without the math."""
 
-    def compute_pairs(self, layer, x, rows, expert_ids, weights, out):  # the data plane's call
-        torch.index_select(x, 0, rows, out=out)
+    def compute_pairs(self, layer, x, rows, slots, expert_ids, weights, out):  # the data plane's call
+        out.numpy()[slots.numpy()] = x.numpy()[rows.numpy()]  # numpy moves rows 2x faster than torch here
 
     def compute(self, layer, x, expert_ids, weights):  # the Ray-call path's
         return x.copy()

@@ -8,12 +8,12 @@ names it in a header whenever it grows) or inline on the socket (across nodes). 
 trip through shared memory and a Unix socket, against about 7 ms per pool for a Ray actor call.
 
 Same node ("shared"): the gateway writes a layer's batch and its dispatch plan (`router.plan`) once
-into one region per lane that every pool on the node maps: x `[T, d]` | the plan's token rows `[K]`
-int64 | expert ids `[K, 1]` int64 | weights `[K, 1]` | outputs `[K, d]`, and sends each pool only a
-header with its span of the plan; the pool reads its rows of x in place, writes its outputs into
-its span of the outputs and replies a header; the gateway adds each span back as its reply comes.
-Other nodes ("inline"): the gateway gathers the rows and sends x `[n, d]` | ids `[n, A]` |
-weights `[n, A]` on the socket; the reply comes back on the socket.
+into one region per lane that every pool on the node maps: x `[T, d]` | the plan's index `[3, K]`
+int64 (token rows, output slots, expert ids) | weights `[K]` | outputs `[T*A, d]`, and sends each
+pool only a header with its span of the plan; the pool reads its rows of x in place and writes each
+pair's output into its slot of the outputs, then replies a header; once all replies are in, the
+gateway adds each token's slots (`sum_slots`). Other nodes ("inline"): the gateway gathers the rows
+and sends x `[n, d]` | ids `[n]` | weights `[n]` on the socket; the outputs `[n, d]` come back on it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from model.config import DTYPES
 from router.plan import DispatchPlan
 
 _LEN = struct.Struct("<I")
-# (layer, x [T, d], rows [n], expert ids [n, 1], weights [n, 1], out [n, d]): one output per pair into out
-Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# (layer, x [T, d], rows [n], slots [n], expert ids [n], weights [n], out [S, d]): out[slots[i]] = pair i's output
+Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class DataPlaneError(ConnectionError):
@@ -133,23 +133,22 @@ class _Attached:
             self.shm = None
 
 
-def _layout(n: int, a: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """Bytes of x `[n, d]`, expert ids `[n, A]` and weights `[n, A]`, laid out in that order."""
-    return n * d * dtype.itemsize, n * a * 8, n * a * dtype.itemsize
+def _layout(n: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Bytes of inline x `[n, d]`, expert ids `[n]` and weights `[n]`, laid out in that order."""
+    return n * d * dtype.itemsize, n * 8, n * dtype.itemsize
 
 
-def _batch_layout(t: int, k: int, d: int, dtype: torch.dtype) -> tuple[int, ...]:
-    """Bytes of a shared batch's x `[T, d]`, its plan's rows `[K]`, expert ids and weights `[K, 1]`,
-    and the outputs `[K, d]`."""
-    return t * d * dtype.itemsize, k * 8, k * 8, k * dtype.itemsize, k * d * dtype.itemsize
+def _batch_layout(t: int, k: int, s: int, d: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """Bytes of a shared batch's x `[T, d]`, its plan's index `[3, K]` and weights `[K]`, and the
+    outputs `[S, d]` (S = T*A slots)."""
+    return t * d * dtype.itemsize, 3 * k * 8, k * dtype.itemsize, s * d * dtype.itemsize
 
 
-def _batch_views(buf: memoryview, t: int, k: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """x, plan rows, plan expert ids, plan weights and outputs of a shared batch, as views of `buf`."""
-    bx, br, bi, bw, bo = _batch_layout(t, k, d, dtype)
-    return (_tensor(buf, 0, bx, (t, d), dtype), _tensor(buf, bx, br, (k,), torch.long),
-            _tensor(buf, bx + br, bi, (k, 1), torch.long), _tensor(buf, bx + br + bi, bw, (k, 1), dtype),
-            _tensor(buf, bx + br + bi + bw, bo, (k, d), dtype))
+def _batch_views(buf: memoryview, t: int, k: int, s: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """x, plan index, plan weights and outputs of a shared batch, as views of `buf`."""
+    bx, bi, bw, bo = _batch_layout(t, k, s, d, dtype)
+    return (_tensor(buf, 0, bx, (t, d), dtype), _tensor(buf, bx, bi, (3, k), torch.long),
+            _tensor(buf, bx + bi, bw, (k,), dtype), _tensor(buf, bx + bi + bw, bo, (s, d), dtype))
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -221,32 +220,33 @@ class DataPlaneServer:
             theirs.close()
             conn.close()
 
-    def _compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-                 out: torch.Tensor) -> float:
+    def _compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor,
+                 w: torch.Tensor, out: torch.Tensor) -> float:
         with self._lock:
             t0 = time.perf_counter()
-            self.compute(layer, x, rows, ids, w, out)
+            self.compute(layer, x, rows, slots, ids, w, out)
             return time.perf_counter() - t0
 
     def _answer_shared(self, conn: socket.socket, head: dict, theirs: _Attached, batch: dict) -> None:
-        """Compute this pool's span of the gateway's shared plan into the span's outputs."""
-        dtype, key = DTYPES[head["dtype"]], (head["t"], head["k"], head["dtype"])
+        """Compute this pool's span of the gateway's shared plan into the span's output slots."""
+        dtype, key = DTYPES[head["dtype"]], (head["t"], head["k"], head["s"], head["dtype"])
         if head.get("shm") is not None or batch.get("key") != key:
             batch.clear()  # drop old views first, so a renamed region can be unmapped
-            batch["views"] = _batch_views(theirs.view(head.get("shm")), head["t"], head["k"], self.hidden, dtype)
-            batch["key"] = key
-        x, rows, ids, w, outputs = batch["views"]
-        span = slice(head["start"], head["end"])
-        compute_s = self._compute(head["layer"], x, rows[span], ids[span], w[span], outputs[span])
-        _send(conn, {"ok": True, "n": head["end"] - head["start"], "compute_s": compute_s})
+            x, index, w, out = _batch_views(theirs.view(head.get("shm")), *key[:3], self.hidden, dtype)
+            batch["views"], batch["key"] = (x, *index, w, out), key
+        x, rows, slots, ids, w, out = batch["views"]
+        start, end = head["start"], head["end"]
+        compute_s = self._compute(head["layer"], x, rows[start:end], slots[start:end], ids[start:end], w[start:end], out)
+        _send(conn, {"ok": True, "n": end - start, "compute_s": compute_s})
 
     def _answer_inline(self, conn: socket.socket, reader: _Reader, head: dict) -> None:
-        n, a, d, dtype = head["t"], head["a"], self.hidden, DTYPES[head["dtype"]]
-        bx, bi, bw = _layout(n, a, d, dtype)
+        n, d, dtype = head["t"], self.hidden, DTYPES[head["dtype"]]
+        bx, bi, bw = _layout(n, d, dtype)
         buf = reader.exact(bx + bi + bw)
-        x, ids = _tensor(buf, 0, bx, (n, d), dtype), _tensor(buf, bx, bi, (n, a), torch.long)
+        x, pairs = _tensor(buf, 0, bx, (n, d), dtype), torch.arange(n)
+        ids, w = _tensor(buf, bx, bi, (n,), torch.long), _tensor(buf, bx + bi, bw, (n,), dtype)
         out = torch.empty(n, d, dtype=dtype)
-        compute_s = self._compute(head["layer"], x, torch.arange(n), ids, _tensor(buf, bx + bi, bw, (n, a), dtype), out)
+        compute_s = self._compute(head["layer"], x, pairs, pairs, ids, w, out)
         _send(conn, {"ok": True, "n": n, "compute_s": compute_s}, [_raw(out)])
 
     def close(self) -> None:
@@ -262,26 +262,28 @@ class DataPlaneServer:
 
 # ---- gateway side -------------------------------------------------------------------------------
 class SharedBatch:
-    """One lane's layer batch, dispatch plan and outputs in shared memory: written once per layer,
-    mapped by every pool on this node, each of which fills its span of the outputs. Rewritten only
+    """One lane's layer batch, dispatch plan and output slots in shared memory: written once per
+    layer, mapped by every pool on this node, each of which fills its pairs' slots. Rewritten only
     after every reply to the previous write has come back."""
 
     def __init__(self) -> None:
         self.region = _Region()
-        self.shape: tuple[int, int, int, torch.dtype] | None = None  # T, K, d, dtype of the last write
+        self.shape: tuple[int, int, int, int, torch.dtype] | None = None  # T, K, S, d, dtype of the last write
         self._views: tuple[torch.Tensor, ...] = ()
 
     def write(self, x: torch.Tensor, plan: DispatchPlan) -> None:
-        (t, d), k = x.shape, plan.rows.shape[0]
-        shape = (t, k, d, x.dtype)
+        (t, d), k = x.shape, plan.index.shape[1]
+        shape = (t, k, plan.slots_total, d, x.dtype)
         need = max(1, sum(_batch_layout(*shape)))
         if shape != self.shape or self.region.shm is None or self.region.shm.size < need:
             self._views = ()  # let go of the old region's views before it may be unmapped
             self.region.ensure(need)
             self.shape = shape
             self._views = _batch_views(self.region.shm.buf, *shape)
-        for view, src in zip(self._views, (x, plan.rows, plan.expert_ids, plan.weights)):
-            view.copy_(src)
+        xs, index, weights, _ = self._views
+        xs.copy_(x)
+        index.numpy()[:] = plan.index
+        weights.copy_(plan.weights)
 
     @property
     def name(self) -> str:
@@ -290,8 +292,8 @@ class SharedBatch:
 
     @property
     def outputs(self) -> torch.Tensor:
-        """The pools' outputs `[K, d]`, one row per plan entry, filled by the pools."""
-        return self._views[4]
+        """The output slots `[S, d]`, one per (token, active expert), filled by the pools."""
+        return self._views[3]
 
     def close(self) -> None:
         self._views = ()
@@ -314,43 +316,41 @@ class PoolChannel:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = _Reader(self.sock)
         self._batch_name: str | None = None  # the shared batch region the pool last heard of
-        self._pending: tuple | None = None  # where the awaited reply lands: (batch, span) or (d, dtype)
+        self._pending: tuple | None = None  # the awaited inline reply's (d, dtype); None: shared
         self.last_compute_s = 0.0  # the pool's own time for the last request's expert math
 
     def send_shared(self, layer: int, batch: SharedBatch, start: int, end: int) -> None:
         """Ask the pool for the span [start, end) of the plan last written to `batch`."""
-        t, k, _, dtype = batch.shape
-        head = {"layer": layer, "t": t, "k": k, "dtype": _dtype_name(dtype), "shared": True, "start": start,
-                "end": end, "shm": batch.name if batch.name != self._batch_name else None}
-        self._request(head, [], (batch, slice(start, end)))
+        t, k, s, _, dtype = batch.shape
+        head = {"layer": layer, "t": t, "k": k, "s": s, "dtype": _dtype_name(dtype), "shared": True,
+                "start": start, "end": end, "shm": batch.name if batch.name != self._batch_name else None}
+        self._request(head, [], None)
         self._batch_name = batch.name
 
     def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
              rows: torch.Tensor | None = None) -> None:
-        """Send rows `rows` of x (all rows if None) with their expert ids and weights `[n, A]`."""
+        """Send rows `rows` of x (all rows if None), one pair each, with its expert id and weight `[n]`."""
         xs = x if rows is None else x.index_select(0, rows)
-        head = {"layer": layer, "t": xs.shape[0], "a": expert_ids.shape[1], "dtype": _dtype_name(x.dtype),
-                "shared": False}
+        head = {"layer": layer, "t": xs.shape[0], "dtype": _dtype_name(x.dtype), "shared": False}
         self._request(head, [_raw(t) for t in (xs, expert_ids, weights)], (x.shape[1], x.dtype))
 
-    def _request(self, head: dict, payload: list[memoryview], pending: tuple) -> None:
+    def _request(self, head: dict, payload: list[memoryview], pending: tuple | None) -> None:
         try:
             _send(self.sock, head, payload)
         except OSError as e:
             raise DataPlaneError(f"data plane send failed: {e}") from e
         self._pending = pending
 
-    def recv(self) -> torch.Tensor:
-        """The outputs `[n, d]` of the last request: its span of the shared batch's outputs, or bytes
-        from the socket; valid until the next request."""
+    def recv(self) -> torch.Tensor | None:
+        """Wait for the last request's reply: a shared request's outputs are in the batch's slots
+        (None), an inline request's come from the socket `[n, d]`, valid until the next request."""
         try:
             head = self._reader.header()
             if not head["ok"]:
                 raise DataPlaneError(f"pool failed: {head['error']}")
             self.last_compute_s = head["compute_s"]
-            if self.shared:
-                batch, span = self._pending
-                return batch.outputs[span]
+            if self._pending is None:
+                return None
             (d, dtype), n = self._pending, head["n"]
             nbytes = n * d * dtype.itemsize
             return _tensor(self._reader.exact(nbytes), 0, nbytes, (n, d), dtype)

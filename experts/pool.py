@@ -16,7 +16,7 @@ from model.checkpoint import CheckpointReader, load_experts
 from experts.dataplane import DataPlaneServer
 from experts.wire import decode, encode
 from model.config import DTYPES, YuanConfig
-from model.experts import ExpertBank
+from model.experts import ExpertBank, scatter_rows
 
 
 class ExpertPool:
@@ -67,17 +67,19 @@ class ExpertPool:
             self.data_plane = DataPlaneServer(self.compute_pairs, self.cfg.hidden_size)
         return {"address": self.data_plane.address(), "host": socket.gethostname()}
 
-    def compute_pairs(self, layer: int, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
-                      weights: torch.Tensor, out: torch.Tensor) -> None:
-        """The data plane's call: one weighted output per pair into `out` `[n, d]`, pair i for token
-        x[rows[i]] (`ExpertBank.pair_outputs`), read from and written to the gateway's shared batch."""
+    def compute_pairs(self, layer: int, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                      expert_ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+        """The data plane's call: out[slots[i]] = the weighted output of pair i, for token x[rows[i]]
+        (`ExpertBank.pair_outputs`), read from and written to the gateway's shared batch."""
         bank, dev = self.banks[layer], self.device
         with torch.inference_mode():
             if dev.type == "cpu":
-                bank.pair_outputs(x, rows, expert_ids.reshape(-1), weights.reshape(-1), out=out)
+                bank.pair_outputs(x, rows, expert_ids, weights, out, slots)
                 return
-            xs, rows = x.index_select(0, rows).to(dev), torch.arange(rows.numel(), device=dev)  # only our rows
-            out.copy_(bank.pair_outputs(xs, rows, expert_ids.reshape(-1).to(dev), weights.reshape(-1).to(dev)))
+            xs, pairs = x.index_select(0, rows).to(dev), torch.arange(rows.numel(), device=dev)  # only our rows
+            y = torch.empty_like(xs)
+            bank.pair_outputs(xs, pairs, expert_ids.to(dev), weights.to(dev), y, pairs)
+            scatter_rows(out, slots, y.cpu())
 
     def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The Ray-call path: x `[n, d]`, expert_ids `[n, A]` (-1: not here), weights `[n, A]` ->

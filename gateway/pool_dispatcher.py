@@ -2,11 +2,12 @@
 
 Per layer one request goes to every worker that has work, all in flight at once. Each worker is
 reached by its transport: the data plane (`experts/dataplane.py`) by default, where pools on this
-node compute their span of a batch and plan written once to shared memory, and pools on other nodes
-get their rows over TCP; or plain Ray actor calls, which stay as the fallback: a worker whose data
-plane fails is served by Ray calls from then on (`fallbacks` counts them). `submit`/`wait` split a
-layer's call so two micro-batches can overlap; each micro-batch (`lane`) has its own connections.
-The routing table can be swapped between steps (`set_table`) without touching this path.
+node compute their span of a batch and plan written once to shared memory, straight into the pairs'
+output slots, and pools on other nodes get their rows over TCP; or plain Ray actor calls, which stay
+as the fallback: a worker whose data plane fails is served by Ray calls from then on (`fallbacks`
+counts them). Once every reply is in, each token's slots are added (`sum_slots`). `submit`/`wait`
+split a layer's call so two micro-batches can overlap; each micro-batch (`lane`) has its own
+connections. The routing table can be swapped between steps (`set_table`) without touching this path.
 
 Faults: when a worker dies mid-step, its request goes again to another worker holding all of its
 experts, or, when it held the only copy, waits for Ray to restart it (pools run with
@@ -29,8 +30,9 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from cluster.placement import RoutingTable
 from experts.dataplane import DataPlaneError, PoolChannel, SharedBatch
 from experts.wire import decode, encode
+from model.experts import scatter_rows, sum_slots
 from router.load import LoadTracker
-from router.plan import DispatchPlan, DispatchTable, WorkerRequest, combine, plan_dispatch
+from router.plan import DispatchPlan, DispatchTable, WorkerRequest, plan_dispatch
 
 TRANSPORTS = ("dataplane", "ray")
 LANES = 2
@@ -45,7 +47,7 @@ class Pending:
     x: torch.Tensor
     plan: DispatchPlan
     handles: list  # per span of the plan: the PoolChannel it went to, or an ObjectRef (Ray)
-    batch_written: bool = False  # the lane's shared batch holds this layer
+    outputs: torch.Tensor | None = None  # the output slots `[T*A, d]`: the lane's shared batch once written
 
 
 class PoolDispatcher:
@@ -113,9 +115,14 @@ class PoolDispatcher:
     def wait(self, pending: Pending) -> torch.Tensor:
         x, plan = pending.x, pending.plan
         try:
-            # Each worker's outputs are added as they arrive, while slower workers still compute.
-            return combine(x.shape[0], x.shape[1], (self._receive(span, h, pending)
-                                                    for span, h in zip(plan.spans, pending.handles)), x.dtype)
+            parts = [self._receive(span, h, pending) for span, h in zip(plan.spans, pending.handles)]
+            outputs = pending.outputs
+            if outputs is None:
+                outputs = torch.empty(plan.slots_total, x.shape[1], dtype=x.dtype)
+            for (_, start, end), part in zip(plan.spans, parts):
+                if part is not None:  # not already in the shared slots
+                    scatter_rows(outputs, plan.slots[start:end], part)
+            return sum_slots(outputs.view(plan.tokens, plan.top_k, x.shape[1]))
         finally:
             for w, start, end in pending.plan.spans:
                 self.outstanding[w] -= end - start
@@ -127,35 +134,35 @@ class PoolDispatcher:
             try:
                 if channel.shared:
                     batch = self._batches[pending.lane]
-                    if not pending.batch_written:
+                    if pending.outputs is None:
                         batch.write(pending.x, pending.plan)
-                        pending.batch_written = True
+                        pending.outputs = batch.outputs
                     channel.send_shared(pending.layer, batch, start, end)
                 else:
                     r = pending.plan.request(span)
-                    channel.send(pending.layer, pending.x, r.expert_ids, r.weights, rows=r.rows)
+                    channel.send(pending.layer, pending.x, r.expert_ids.view(-1), r.weights.view(-1), rows=r.rows)
                 return channel
             except DataPlaneError:
                 self._drop(worker)
         return self._ray_call(pending.plan.request(span), pending.layer, pending.x)
 
-    def _receive(self, span: tuple[int, int, int], handle, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
-        """A worker's token rows and outputs, by whatever road is still open."""
+    def _receive(self, span: tuple[int, int, int], handle, pending: Pending) -> torch.Tensor | None:
+        """A worker's outputs `[n, d]` by whatever road is still open; None when they are already in
+        the shared output slots."""
         worker, start, end = span
-        rows = pending.plan.rows[start:end]
         self.load.record_request(worker, end - start)
         if isinstance(handle, PoolChannel):
             try:
                 out = handle.recv()
                 self.load.record_compute(worker, handle.last_compute_s)
-                return rows, out
+                return out
             except DataPlaneError:  # resend this request the Ray way
                 self._drop(worker)
                 handle = self._ray_call(pending.plan.request(span), pending.layer, pending.x)
         try:
-            return rows, decode(ray.get(handle), pending.x.dtype)
+            return decode(ray.get(handle), pending.x.dtype)
         except (RayActorError, ActorUnavailableError):
-            return rows, self._recover(pending.plan.request(span), pending)
+            return self._recover(pending.plan.request(span), pending)
 
     def _recover(self, r: WorkerRequest, pending: Pending) -> torch.Tensor:
         """The worker died: another replica holding all of the request's experts computes it, or the

@@ -2,8 +2,10 @@
 
 Legend: T tokens, A active experts per token, R routed (token, expert) pairs, E experts held,
 F expert width, d hidden. u = w1 g (2F), a = silu(u[:F]) * u[F:], y = w2 a. Pairs are grouped by
-expert so each expert runs one matmul over all its rows (no per-token Python loop). The in-process
-dispatcher and every expert pool call the same `ExpertBank.forward`.
+expert so each expert runs one matmul over all its rows (no per-token Python loop). Each pair's
+weighted output has a slot t*A + a in `[T, A, d]`, and `sum_slots` adds a token's slots in `a`
+order: the in-process dispatcher (`ExpertBank.forward`) and the gateway, whose pools fill the slots
+with the same `pair_outputs`, sum the same way, so every path gives the same bits.
 """
 
 from __future__ import annotations
@@ -29,33 +31,32 @@ class ExpertBank(nn.Module):
         """Weighted expert sum over the pairs held here.
 
         x `[T, d]`, expert_ids `[T, A]` global ids (-1: a pair computed elsewhere), weights `[T, A]`
-        -> `[T, d]` = sum over held pairs of weight * expert(x). Pairs add in `a` order onto zeros, so
-        a token whose two experts live in two pools sums to the same bits as here.
+        -> `[T, d]` = sum over held pairs of weight * expert(x), in `a` order (`sum_slots`).
         """
-        A = expert_ids.shape[1]
-        flat = expert_ids.reshape(-1)
+        (T, A), flat = expert_ids.shape, expert_ids.reshape(-1)
         pairs = (flat >= 0).nonzero().squeeze(1)  # [R] token-major
-        rows = pairs // A
-        y = self.pair_outputs(x, rows, flat[pairs], weights.reshape(-1)[pairs])
-        return torch.zeros_like(x).index_add_(0, rows, y)
+        alloc = torch.empty if pairs.numel() == T * A else torch.zeros  # slots of pairs held elsewhere stay 0
+        slots = alloc(T * A, x.shape[1], dtype=x.dtype, device=x.device)
+        self.pair_outputs(x, pairs // A, flat[pairs], weights.reshape(-1)[pairs], slots, pairs)
+        return sum_slots(slots.view(T, A, -1))
 
     def pair_outputs(self, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
-                     weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """weights[i] * expert `expert_ids[i]`(x[rows[i]]) for each pair i: `[R, d]`, unsummed, into
-        `out` if given. Expert pools answer the data plane with this, writing into shared memory;
-        the caller adds pairs into their tokens."""
+                     weights: torch.Tensor, out: torch.Tensor, slots: torch.Tensor) -> None:
+        """out[slots[i]] = weights[i] * expert `expert_ids[i]`(x[rows[i]]) for each pair i. Expert
+        pools answer the data plane with this, writing straight into the gateway's shared outputs."""
         local = self.local_index[expert_ids]
         assert bool((local >= 0).all()), "pair routed to an expert this bank does not hold"
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
-        y = torch.empty(rows.numel(), x.shape[1], dtype=x.dtype)
+        y = torch.empty(rows.numel(), x.shape[1], dtype=x.dtype, device=x.device)  # pairs grouped by expert
         start = 0
         for e, n in enumerate(counts):  # one matmul per expert over all its rows
             if n:
                 sel = order[start:start + n]
-                y[sel] = swiglu(x[rows[sel]], self.w1[e], self.w2[e])
+                torch.mul(swiglu(x.index_select(0, rows[sel]), self.w1[e], self.w2[e]), weights[sel, None],
+                          out=y[start:start + n])
                 start += n
-        return torch.mul(y, weights[:, None], out=out)
+        scatter_rows(out, slots[order], y)
 
     def nbytes(self) -> int:
         return self.w1.numel() * self.w1.element_size() + self.w2.numel() * self.w2.element_size()
@@ -65,3 +66,25 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     u = F.linear(x, w1)  # [R, 2F]
     ffn = u.shape[-1] // 2
     return F.linear(F.silu(u[:, :ffn]) * u[:, ffn:], w2)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """out[index[i]] = src[i]. On CPU numpy's row copy does it (as raw bits, so any dtype): 4x faster
+    than torch's `index_copy_`, which copies element by element (24 vs 6.5 us for 32 x 2048 fp32)."""
+    if out.device.type != "cpu":
+        out.index_copy_(0, index, src)
+        return
+    bits = _SAME_SIZE_INT[out.element_size()]
+    out.view(bits).numpy()[index.numpy()] = src.view(bits).numpy()
+
+
+def sum_slots(slots: torch.Tensor) -> torch.Tensor:
+    """`[T, A, d]` pair outputs -> `[T, d]`, each token's A slots added in `a` order (a new tensor:
+    the slots may be shared memory that is rewritten next layer)."""
+    out = slots[:, 0].clone() if slots.shape[1] == 1 else torch.add(slots[:, 0], slots[:, 1])
+    for a in range(2, slots.shape[1]):
+        out += slots[:, a]
+    return out

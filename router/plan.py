@@ -6,14 +6,14 @@ assignments, water-filled so replicas end level), never round-robin. `plan_dispa
 pairs by worker (one stable sort, the cheapest split measured: docs/TRANSPORT.md) into a
 `DispatchPlan`, so each worker's request is a contiguous span of it and pools on the gateway's node
 read their span straight out of one shared copy. A token with two experts on one worker appears
-twice in that worker's span. Workers return one weighted output per pair; `combine` adds them into
-their tokens' rows in order, which gives the same bits as the in-process expert sum.
-Legend: T tokens, A active experts per token, n pairs sent to one worker.
+twice in that worker's span. Workers return one weighted output per pair, which lands in the pair's
+slot t*A + a of `[T, A, d]` outputs; `model.experts.sum_slots` adds a token's slots in `a` order,
+as the in-process expert sum does, so every path gives the same bits.
+Legend: T tokens, A active experts per token, K pairs planned, n pairs sent to one worker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 class WorkerRequest:
     worker: int
     rows: torch.Tensor  # [n] the token row of each pair
+    slots: torch.Tensor  # [n] where its output goes: slot t*A + a of the `[T, A, d]` outputs
     expert_ids: torch.Tensor  # [n, 1] the expert of each pair (global id)
     weights: torch.Tensor  # [n, 1] its routing weight
 
@@ -73,15 +74,29 @@ def _assign(flat_ids: np.ndarray, table: DispatchTable, outstanding: dict[int, i
 class DispatchPlan:
     """A batch's routed pairs sorted by worker, then token: worker w's are [start, end) of its span."""
 
-    rows: torch.Tensor  # [T*A] token row of each pair
-    expert_ids: torch.Tensor  # [T*A, 1]
-    weights: torch.Tensor  # [T*A, 1]
+    index: np.ndarray  # [3, K] int64: per pair its token row, its output slot and its expert id
+    weights: torch.Tensor  # [K] its routing weight
     spans: list[tuple[int, int, int]]  # (worker, start, end) for workers with work
+    tokens: int  # T
+    top_k: int  # A: the outputs the slots index are `[T, A, d]`
+
+    @property
+    def slots_total(self) -> int:
+        return self.tokens * self.top_k
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.from_numpy(self.index[0])
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return torch.from_numpy(self.index[1])
 
     def request(self, span: tuple[int, int, int]) -> WorkerRequest:
         """The request of one of `spans`."""
         w, start, end = span
-        return WorkerRequest(w, self.rows[start:end], self.expert_ids[start:end], self.weights[start:end])
+        rows, slots, ids = (torch.from_numpy(a[start:end]) for a in self.index)
+        return WorkerRequest(w, rows, slots, ids.view(-1, 1), self.weights[start:end].view(-1, 1))
 
     def requests(self) -> list[WorkerRequest]:
         return [self.request(span) for span in self.spans]
@@ -91,17 +106,21 @@ def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: Dispat
                   outstanding: dict[int, int] | None = None) -> DispatchPlan:
     """Split a batch's routed pairs among workers; `outstanding` is pairs already in flight per worker."""
     A = expert_ids.shape[1]
-    pair_worker = _assign(expert_ids.reshape(-1).numpy(), table, outstanding)
+    flat = expert_ids.reshape(-1).numpy()
+    pair_worker = _assign(flat, table, outstanding)
     order = np.argsort(pair_worker, kind="stable")  # numpy: a third of torch's cost at this size
+    index = np.empty((3, order.size), dtype=np.int64)
+    np.floor_divide(order, A, out=index[0])
+    index[1] = order
+    np.take(flat, order, out=index[2])
     sizes = np.bincount(pair_worker, minlength=table.num_workers).tolist()
-    rows, order = torch.from_numpy(order // A), torch.from_numpy(order)
     spans, start = [], 0
     for w, n in enumerate(sizes):
         if n:
             spans.append((w, start, start + n))
             start += n
-    return DispatchPlan(rows, expert_ids.reshape(-1, 1).index_select(0, order),
-                        weights.reshape(-1, 1).index_select(0, order), spans)
+    weights = weights.reshape(-1).index_select(0, torch.from_numpy(order))
+    return DispatchPlan(index, weights, spans, expert_ids.shape[0], A)
 
 
 def _water_fill(load: list[float], n: int) -> list[int]:
@@ -117,13 +136,3 @@ def _water_fill(load: list[float], n: int) -> list[int]:
     for v, i in levels[: n - sum(share)]:  # rounding leftovers to the least loaded
         share[i] += 1
     return share
-
-
-def combine(num_tokens: int, hidden: int, parts: Iterable[tuple[torch.Tensor, torch.Tensor]],
-            dtype: torch.dtype) -> torch.Tensor:
-    """Add each worker's per-token partial sums `(rows [n], partial [n, d])` back into `[T, d]`.
-    Each part is added as it arrives, so a part may be a view its sender reuses afterwards."""
-    out = torch.zeros(num_tokens, hidden, dtype=dtype)
-    for rows, part in parts:
-        out.index_add_(0, rows, part)
-    return out

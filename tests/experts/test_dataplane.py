@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,15 +30,23 @@ def batch_of(n: int, seed: int):
 def ask(channel: PoolChannel, batch: SharedBatch, layer: int, x, ids, w, skip: int = 0) -> WorkerRequest:
     """Send the batch's pairs (those with id -1 are another worker's) from pair `skip` on, the way
     the dispatcher sends one worker's span of a plan; returns what was sent."""
-    keep = (ids >= 0).reshape(-1).nonzero().squeeze(1)
-    plan = DispatchPlan(keep // ids.shape[1], ids.reshape(-1, 1)[keep], w.reshape(-1, 1)[keep], [])
-    sent = WorkerRequest(0, plan.rows[skip:], plan.expert_ids[skip:], plan.weights[skip:])
+    A, flat = ids.shape[1], ids.reshape(-1)
+    keep = (flat >= 0).nonzero().squeeze(1)
+    plan = DispatchPlan(np.stack([(keep // A).numpy(), keep.numpy(), flat[keep].numpy()]), w.reshape(-1)[keep], [],
+                        ids.shape[0], A)
+    sent = plan.request((0, skip, keep.numel()))
     if channel.shared:
         batch.write(x, plan)
         channel.send_shared(layer, batch, skip, keep.numel())
     else:
-        channel.send(layer, x, sent.expert_ids, sent.weights, rows=sent.rows)
+        channel.send(layer, x, sent.expert_ids.view(-1), sent.weights.view(-1), rows=sent.rows)
     return sent
+
+
+def answer(channel: PoolChannel, batch: SharedBatch, sent: WorkerRequest) -> torch.Tensor:
+    """The pool's outputs for the pairs `sent`: read from their shared slots, or off the socket."""
+    got = channel.recv()
+    return batch.outputs[sent.slots] if channel.shared else got
 
 
 @pytest.mark.parametrize("same_node", [True, False], ids=["shared-memory", "tcp-inline"])
@@ -48,7 +57,7 @@ def test_results_equal_the_bank_bitwise_as_regions_grow(pool, same_node):
             x, ids, w = batch_of(n, step)
             layer = step % 3
             r = ask(channel, batch, layer, x, ids, w, skip=step % 2)
-            got = channel.recv()
+            got = answer(channel, batch, r)
             with torch.inference_mode():
                 assert torch.equal(got, pool.banks[layer](x[r.rows], r.expert_ids, r.weights))
     finally:
@@ -65,7 +74,7 @@ def test_a_failing_request_is_reported_and_the_connection_survives(pool):
             channel.recv()
         r = ask(channel, batch, 1, x, ids, w)
         with torch.inference_mode():
-            assert torch.equal(channel.recv(), pool.banks[1](x[r.rows], r.expert_ids, r.weights))
+            assert torch.equal(answer(channel, batch, r), pool.banks[1](x[r.rows], r.expert_ids, r.weights))
     finally:
         channel.close()
         batch.close()
@@ -77,4 +86,5 @@ def test_a_closed_pool_is_a_data_plane_error(fixture_dir):
     p.data_plane.close()
     channel.sock.close()  # the connection is gone, as when the pool process dies
     with pytest.raises(DataPlaneError):
-        channel.send(0, *batch_of(2, 0))
+        x, ids, w = batch_of(2, 0)
+        channel.send(0, x, ids[:, 0], w[:, 0])

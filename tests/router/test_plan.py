@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cluster.placement import PlacementError, RoutingTable, plan_pools
-from model.experts import ExpertBank
-from router.plan import DispatchTable, combine, plan_dispatch
+from model.experts import ExpertBank, sum_slots
+from router.plan import DispatchTable, plan_dispatch
 
 
 def test_plan_pools_covers_every_expert_in_blocks():
@@ -29,9 +29,11 @@ def test_each_pair_goes_to_exactly_one_holder():
     plan = plan_dispatch(ids, w, DispatchTable(table.replica_lists()))
     seen = []
     for r in plan.requests():
-        for row, e, weight in zip(r.rows.tolist(), r.expert_ids[:, 0].tolist(), r.weights[:, 0].tolist()):
+        for row, slot, e, weight in zip(r.rows.tolist(), r.slots.tolist(), r.expert_ids[:, 0].tolist(),
+                                        r.weights[:, 0].tolist()):
             assert e in table.workers[r.worker]
             a = ids[row].tolist().index(e)
+            assert slot == row * 2 + a, "each pair's output goes to its (token, a) slot"
             assert weight == w[row, a].item()
             seen.append((row, a))
         assert r.rows.tolist() == sorted(r.rows.tolist()), "a worker's pairs come in token order"
@@ -65,6 +67,8 @@ def test_split_and_combine_equals_one_bank_bitwise():
     x, ids = torch.randn(20, d), torch.stack([torch.randperm(8)[:2] for _ in range(20)])
     w = torch.rand(20, 2)
     reqs = plan_dispatch(ids, w, DispatchTable(table.replica_lists())).requests()
-    out = combine(20, d, [(r.rows, parts[r.worker](x[r.rows], r.expert_ids, r.weights)) for r in reqs], x.dtype)
+    slots = torch.full((20 * 2, d), float("nan"))
     with torch.no_grad():
-        assert torch.equal(out, full(x, ids, w))
+        for r in reqs:
+            slots[r.slots] = parts[r.worker](x[r.rows], r.expert_ids, r.weights)
+        assert torch.equal(sum_slots(slots.view(20, 2, d)), full(x, ids, w))
