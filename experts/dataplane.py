@@ -30,6 +30,7 @@ from multiprocessing import resource_tracker, shared_memory
 from typing import NamedTuple
 
 import msgpack
+import numpy as np
 import torch
 
 from model.config import DTYPES
@@ -288,20 +289,28 @@ class SharedBatch:
         self.name = ""  # the region's name (it changes when the region grows), kept: read per request
         self.dtype_name = ""
         self._views: tuple[torch.Tensor, ...] = ()
+        self._index = np.empty((3, 0), dtype=np.int64)  # the index view, as numpy
 
-    def write(self, x: torch.Tensor, plan: DispatchPlan) -> None:
-        (t, d), k = x.shape, plan.index.shape[1]
-        shape = (t, k, plan.top_k, d, x.dtype)
-        need = max(1, sum(_batch_layout(t, k, t * plan.top_k, d, x.dtype)))
+    def reserve(self, tokens: int, top_k: int, d: int, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
+        """Room for a batch of this shape; returns where its plan's index `[3, K]` and weights `[K]`
+        go, so `plan_dispatch` can build them in place."""
+        k = tokens * top_k
+        shape = (tokens, k, top_k, d, dtype)
         if shape != self.shape:
             self._views = ()  # let go of the old region's views before it may be unmapped
-            self.region.ensure(need)
-            self.shape, self.name, self.dtype_name = shape, self.region.shm.name, _dtype_name(x.dtype)
-            self._views = _batch_views(self.region.shm.buf, t, k, t * plan.top_k, d, x.dtype)
-        xs, index, weights, _ = self._views
-        xs.copy_(x)
-        index.numpy()[:] = plan.index
-        weights.copy_(plan.weights)
+            self.region.ensure(max(1, sum(_batch_layout(tokens, k, k, d, dtype))))
+            self.shape, self.name, self.dtype_name = shape, self.region.shm.name, _dtype_name(dtype)
+            self._views = _batch_views(self.region.shm.buf, tokens, k, k, d, dtype)
+            self._index = self._views[1].numpy()
+        return self._index, self._views[2]
+
+    def write(self, x: torch.Tensor, plan: DispatchPlan) -> None:
+        """Put x and its plan in the batch (the plan is already there when built in `reserve`'s arrays)."""
+        index, weights = self.reserve(x.shape[0], plan.top_k, x.shape[1], x.dtype)
+        self._views[0].copy_(x)
+        if plan.index is not index:
+            index[:, :plan.index.shape[1]] = plan.index
+            weights[:plan.weights.numel()].copy_(plan.weights)
 
     @property
     def outputs(self) -> torch.Tensor:

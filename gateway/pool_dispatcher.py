@@ -65,6 +65,7 @@ class PoolDispatcher:
         self.replaced = 0
         self.replace_worker = None  # (old handle, expert ids) -> new ready handle; set by the deployment
         self._channels: dict[tuple[int, int], PoolChannel] = {}
+        self._local_pools = False  # some channel reaches its pool through the shared batch (kept after a drop)
         self._batches = [SharedBatch() for _ in range(LANES)]  # per lane: the batch pools on this node read
         self.set_table(table, workers)
 
@@ -80,6 +81,7 @@ class PoolDispatcher:
                 if (old[id(h)], lane) in self._channels}
         self._close_channels()
         self._channels = kept
+        self._local_pools = any(c.shared for c in kept.values())
         self.table, self.workers, self._plan = table, list(workers), DispatchTable(table.replica_lists())
         self._connect([w for w in range(len(workers)) if (w, 0) not in kept])
 
@@ -93,6 +95,7 @@ class PoolDispatcher:
             try:
                 for lane in range(LANES):
                     self._channels[(w, lane)] = PoolChannel(info["address"], same_node=info["host"] == here)
+                    self._local_pools |= self._channels[(w, lane)].shared
             except OSError:
                 self._drop(w)
 
@@ -102,7 +105,10 @@ class PoolDispatcher:
 
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                lane: int = 0) -> Pending:
-        plan = plan_dispatch(expert_ids, weights, self._plan, self.outstanding)
+        into = None
+        if self._local_pools:  # build the plan right in the lane's shared batch
+            into = self._batches[lane].reserve(x.shape[0], expert_ids.shape[1], x.shape[1], x.dtype)
+        plan = plan_dispatch(expert_ids, weights, self._plan, self.outstanding, into)
         pending = Pending(layer, lane, x, plan, [])
         for span in plan.spans:
             pending.handles.append(self._send(span, pending))

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.experts import bits
+
 
 @dataclass
 class WorkerRequest:
@@ -103,24 +105,28 @@ class DispatchPlan:
 
 
 def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: DispatchTable,
-                  outstanding: dict[int, int] | None = None) -> DispatchPlan:
-    """Split a batch's routed pairs among workers; `outstanding` is pairs already in flight per worker."""
+                  outstanding: dict[int, int] | None = None,
+                  into: tuple[np.ndarray, torch.Tensor] | None = None) -> DispatchPlan:
+    """Split a batch's routed pairs among workers; `outstanding` is pairs already in flight per worker.
+    The plan's index `[3, K]` and weights `[K]` are built in `into` when given (a shared batch's, so
+    they need no second copy), else in new arrays."""
     A = expert_ids.shape[1]
-    flat = expert_ids.reshape(-1).numpy()
+    flat = expert_ids.numpy().ravel()
     pair_worker = _assign(flat, table, outstanding)
     order = np.argsort(pair_worker, kind="stable")  # numpy: a third of torch's cost at this size
-    index = np.empty((3, order.size), dtype=np.int64)
+    index, plan_weights = into if into is not None else (np.empty((3, order.size), dtype=np.int64),
+                                                          torch.empty(order.size, dtype=weights.dtype))
     np.floor_divide(order, A, out=index[0])
     index[1] = order
     np.take(flat, order, out=index[2])
+    np.take(bits(weights).ravel(), order, out=bits(plan_weights))
     sizes = np.bincount(pair_worker, minlength=table.num_workers).tolist()
     spans, start = [], 0
     for w, n in enumerate(sizes):
         if n:
             spans.append((w, start, start + n))
             start += n
-    weights = weights.reshape(-1).index_select(0, torch.from_numpy(order))
-    return DispatchPlan(index, weights, spans, expert_ids.shape[0], A)
+    return DispatchPlan(index, plan_weights, spans, expert_ids.shape[0], A)
 
 
 def _water_fill(load: list[float], n: int) -> list[int]:
