@@ -60,19 +60,19 @@ class SharedRequest(NamedTuple):
 
 
 # ---- framing ------------------------------------------------------------------------------------
-def _send(sock: socket.socket, header: dict | tuple, payload: list[memoryview] = ()) -> None:
-    head = msgpack.packb(header)
-    sock.sendall(_LEN.pack(len(head)) + head)
-    for part in payload:
-        sock.sendall(part)
-
-
-class _Reader:
-    """Reads frames off a socket: one `recv` usually brings a whole header (on TCP maybe the start of
-    its payload too, kept for the payload read), so a shared-memory reply costs one system call."""
+class _Framed:
+    """One socket's frames, both ways. A read `recv`s what is there, so one system call usually
+    brings a whole header (on TCP maybe the start of its payload too, kept for the payload read).
+    Each side packs with its own `Packer`: `msgpack.packb` builds a new one per call."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.buf = sock, b""
+        self.sock, self.buf, self._packer = sock, b"", msgpack.Packer()
+
+    def send(self, header: dict | tuple, payload: list[memoryview] = ()) -> None:
+        head = self._packer.pack(header)
+        self.sock.sendall(_LEN.pack(len(head)) + head)
+        for part in payload:
+            self.sock.sendall(part)
 
     def _recv(self, n: int) -> bytes:
         chunk = self.sock.recv(n)
@@ -210,7 +210,7 @@ class DataPlaneServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True, name="dp-conn").start()
 
     def _serve(self, conn: socket.socket) -> None:
-        theirs, reader = _Attached(), _Reader(conn)
+        theirs, framed = _Attached(), _Framed(conn)
         batch: dict = {}  # the views of the gateway's batch region, kept while its name and shape hold
         # Wait in poll, not in a blocking recv: a thread blocked in recv on a Unix socket is also
         # woken (for nothing) each time the gateway reads this pool's reply, which frees send space;
@@ -221,16 +221,16 @@ class DataPlaneServer:
             while True:
                 try:
                     readable.poll()
-                    head = reader.header()
+                    head = framed.header()
                 except (DataPlaneError, OSError):
                     return
                 try:
                     if isinstance(head, list):
-                        self._answer_shared(conn, SharedRequest(*head), theirs, batch)
+                        self._answer_shared(framed, SharedRequest(*head), theirs, batch)
                     else:
-                        self._answer_inline(conn, reader, head)
+                        self._answer_inline(framed, head)
                 except Exception as e:  # report the failure; the connection stays usable
-                    _send(conn, {"error": f"{type(e).__name__}: {e}"})
+                    framed.send({"error": f"{type(e).__name__}: {e}"})
         finally:
             batch.clear()
             theirs.close()
@@ -243,7 +243,7 @@ class DataPlaneServer:
             self.compute(layer, x, rows, slots, ids, w, out)
             return time.perf_counter() - t0
 
-    def _answer_shared(self, conn: socket.socket, req: SharedRequest, theirs: _Attached, batch: dict) -> None:
+    def _answer_shared(self, framed: _Framed, req: SharedRequest, theirs: _Attached, batch: dict) -> None:
         """Compute this pool's span of the gateway's shared plan into the span's output slots."""
         key = (req.tokens, req.pairs, req.top_k, req.dtype)
         if req.region is not None or batch.get("key") != key:
@@ -254,17 +254,17 @@ class DataPlaneServer:
         x, rows, slots, ids, w, out = batch["views"]
         start, end = req.start, req.end
         compute_s = self._compute(req.layer, x, rows[start:end], slots[start:end], ids[start:end], w[start:end], out)
-        _send(conn, (end - start, compute_s))
+        framed.send((end - start, compute_s))
 
-    def _answer_inline(self, conn: socket.socket, reader: _Reader, head: dict) -> None:
+    def _answer_inline(self, framed: _Framed, head: dict) -> None:
         n, d, dtype = head["t"], self.hidden, DTYPES[head["dtype"]]
         bx, bi, bw = _layout(n, d, dtype)
-        buf = reader.exact(bx + bi + bw)
+        buf = framed.exact(bx + bi + bw)
         x, pairs = _tensor(buf, 0, bx, (n, d), dtype), torch.arange(n)
         ids, w = _tensor(buf, bx, bi, (n,), torch.long), _tensor(buf, bx + bi, bw, (n,), dtype)
         out = torch.empty(n, d, dtype=dtype)
         compute_s = self._compute(head["layer"], x, pairs, pairs, ids, w, out)
-        _send(conn, (n, compute_s), [_raw(out)])
+        framed.send((n, compute_s), [_raw(out)])
 
     def close(self) -> None:
         self._closed = True
@@ -342,7 +342,7 @@ class PoolChannel:
         timeout = struct.pack("ll", int(timeout_s), int(timeout_s % 1 * 1e6))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
-        self._reader = _Reader(self.sock)
+        self._framed = _Framed(self.sock)
         self._batch_name: str | None = None  # the shared batch region the pool last heard of
         self._pending: tuple | None = None  # the awaited inline reply's (d, dtype); None: shared
         self.last_compute_s = 0.0  # the pool's own time for the last request's expert math
@@ -351,28 +351,28 @@ class PoolChannel:
         """Ask the pool for the span [start, end) of the plan last written to `batch`."""
         t, k, a, _, _ = batch.shape
         region = batch.name if batch.name != self._batch_name else None
-        self._request(SharedRequest(layer, t, k, a, start, end, batch.dtype_name, region), [], None)
-        self._batch_name = batch.name
+        try:
+            self._framed.send(SharedRequest(layer, t, k, a, start, end, batch.dtype_name, region))
+        except OSError as e:
+            raise DataPlaneError(f"data plane send failed: {e}") from e
+        self._pending, self._batch_name = None, batch.name
 
     def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
              rows: torch.Tensor | None = None) -> None:
         """Send rows `rows` of x (all rows if None), one pair each, with its expert id and weight `[n]`."""
         xs = x if rows is None else x.index_select(0, rows)
         head = {"layer": layer, "t": xs.shape[0], "dtype": _dtype_name(x.dtype)}
-        self._request(head, [_raw(t) for t in (xs, expert_ids, weights)], (x.shape[1], x.dtype))
-
-    def _request(self, head: dict | tuple, payload: list[memoryview], pending: tuple | None) -> None:
         try:
-            _send(self.sock, head, payload)
+            self._framed.send(head, [_raw(t) for t in (xs, expert_ids, weights)])
         except OSError as e:
             raise DataPlaneError(f"data plane send failed: {e}") from e
-        self._pending = pending
+        self._pending = (x.shape[1], x.dtype)
 
     def recv(self) -> torch.Tensor | None:
         """Wait for the last request's reply: a shared request's outputs are in the batch's slots
         (None), an inline request's come from the socket `[n, d]`, valid until the next request."""
         try:
-            reply = self._reader.header()
+            reply = self._framed.header()
             if isinstance(reply, dict):
                 raise DataPlaneError(f"pool failed: {reply['error']}")
             n, self.last_compute_s = reply
@@ -380,7 +380,7 @@ class PoolChannel:
                 return None
             d, dtype = self._pending
             nbytes = n * d * dtype.itemsize
-            return _tensor(self._reader.exact(nbytes), 0, nbytes, (n, d), dtype)
+            return _tensor(self._framed.exact(nbytes), 0, nbytes, (n, d), dtype)
         except OSError as e:
             raise DataPlaneError(f"data plane receive failed: {e}") from e
 

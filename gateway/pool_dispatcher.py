@@ -156,15 +156,15 @@ class PoolDispatcher:
         """A worker's outputs `[n, d]` by whatever road is still open; None when they are already in
         the shared output slots."""
         worker, start, end = span
-        self.load.record_request(worker, end - start)
         if isinstance(handle, PoolChannel):
             try:
                 out = handle.recv()
-                self.load.record_compute(worker, handle.last_compute_s)
+                self.load.record_request(worker, end - start, handle.last_compute_s)
                 return out
             except DataPlaneError:  # resend this request the Ray way
                 self._drop(worker)
                 handle = self._ray_call(pending.plan.request(span), pending.layer, pending.x)
+        self.load.record_request(worker, end - start)
         try:
             return decode(ray.get(handle), pending.x.dtype)
         except (RayActorError, ActorUnavailableError):

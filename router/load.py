@@ -58,11 +58,10 @@ class LoadTracker:
             self._fold()
             return self._pair_tokens.clone()
 
-    def record_request(self, worker: int, pairs: int) -> None:
+    def record_request(self, worker: int, pairs: int, compute_s: float = 0.0) -> None:
+        """A worker computed `pairs`, in `compute_s` of expert math by its own clock (0: not reported)."""
         self.worker_pairs[worker] = self.worker_pairs.get(worker, 0) + pairs
-
-    def record_compute(self, worker: int, seconds: float) -> None:
-        self.worker_compute_s[worker] = self.worker_compute_s.get(worker, 0.0) + seconds
+        self.worker_compute_s[worker] = self.worker_compute_s.get(worker, 0.0) + compute_s
 
     def snapshot(self) -> dict:
         return {"expert_tokens": self.expert_tokens, "pair_tokens": self.pair_tokens,
