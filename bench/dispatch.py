@@ -17,7 +17,7 @@ import time
 import ray
 import torch
 
-from bench import percentiles
+from bench import percentiles, wait_for_quiet
 from cluster.deployment import Deployment, DeploymentConfig
 from cluster.placement import plan_pools
 from cluster.ray_cluster import connect
@@ -70,6 +70,7 @@ def measure(model_dir: str, pools: int, tokens: int, iters: int, compute: str,
         def stop():
             for w in workers:
                 ray.kill(w)
+    wait_for_quiet()  # new actors make Ray start replacement workers, which compete for the cores
     try:
         out = {}
         for transport in TRANSPORTS:

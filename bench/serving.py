@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench import add_arguments, percentiles
+from bench import add_arguments, percentiles, wait_for_quiet
 from cluster.deployment import Deployment, DeploymentConfig
 from cluster.ray_cluster import connect
 from gateway.engine import Engine, EngineLimits
@@ -115,6 +115,7 @@ def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_toke
     d = Deployment(DeploymentConfig(str(ckpt), pools=pools, gateways=0)).start_pools()
     try:
         disp = PoolDispatcher(d.table, d.workers, num_layers=model.cfg.num_layers)
+        wait_for_quiet()
         limits = EngineLimits(max_running=concurrency, max_tokens=max_tokens)
 
         def phase(name: str) -> tuple[dict, dict]:
@@ -168,6 +169,7 @@ def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len
                 d = Deployment(DeploymentConfig(str(ckpt), pools=P, gateways=0)).start_pools()
                 try:
                     disp = PoolDispatcher(d.table, d.workers, num_layers=model.cfg.num_layers)
+                    wait_for_quiet()  # Ray starts replacement idle workers after the pools take theirs
                     variants = [(f"{P} pools", 1)] + ([(f"{P} pools+overlap", 2)] if overlap and P == max(pools) else [])
                     for label, micro in variants:
                         res[label] = {}
