@@ -72,3 +72,13 @@ def test_split_and_combine_equals_one_bank_bitwise():
         for r in reqs:
             slots[r.slots] = parts[r.worker](x[r.rows], r.expert_ids, r.weights)
         assert torch.equal(sum_slots(slots.view(20, 2, d)), full(x, ids, w))
+
+
+def test_plan_moves_bfloat16_weights_bit_for_bit():
+    """Weights travel through numpy as raw bits (numpy has no bfloat16): none may change."""
+    table = plan_pools(32, pools=4)
+    ids = torch.stack([torch.randperm(32)[:2] for _ in range(16)])
+    w = torch.rand(16, 2).bfloat16()
+    plan = plan_dispatch(ids, w, DispatchTable(table.replica_lists()))
+    assert plan.weights.dtype == torch.bfloat16
+    assert torch.equal(plan.weights, w.reshape(-1)[plan.slots])
