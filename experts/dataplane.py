@@ -2,14 +2,16 @@
 
 Ray still places, starts, supervises and restarts the pools; only the per-layer bytes take this road.
 A pool opens a server (`DataPlaneServer`) from inside its actor: a Unix socket for gateways on the
-same node, TCP for the others. Each message is a length-prefixed msgpack header (an array on the hot
-path: `SharedRequest`, and a reply `[n, compute_s]`; a map otherwise); tensor bytes follow raw, either in shared memory (same node: one region per gateway lane, owned by the gateway, which
-names it in a header whenever it grows) or inline on the socket (across nodes). Measured here: 0.03 ms for a 128 KiB round
-trip through shared memory and a Unix socket, against about 7 ms per pool for a Ray actor call.
+same node, TCP for the others. Each message is a length-prefixed msgpack header (on the hot path an
+array: a `SharedRequest`, or the reply `[n, compute_s]`; else a map); tensor bytes follow raw, either
+in shared memory (same node: one region per gateway lane, owned by the gateway, which names it in a
+header whenever it grows) or inline on the socket (across nodes). Measured here: 0.03 ms for a
+128 KiB round trip through shared memory and a Unix socket, against about 7 ms per pool for a Ray
+actor call.
 
 Same node ("shared"): the gateway writes a layer's batch and its dispatch plan (`router.plan`) once
-into one region per lane that every pool on the node maps: x `[T, d]` | the plan's index `[3, K]`
-int64 (token rows, output slots, expert ids) | weights `[K]` | outputs `[T*A, d]`, and sends each
+into one region per lane that every pool on the node maps: x `[T, d]` | the plan's index `[3, T*A]`
+int64 (token rows, output slots, expert ids) | weights `[T*A]` | outputs `[T*A, d]`, and sends each
 pool only a header with its span of the plan; the pool reads its rows of x in place and writes each
 pair's output into its slot of the outputs, then replies a header; once all replies are in, the
 gateway adds each token's slots (`sum_slots`). Other nodes ("inline"): the gateway gathers the rows
@@ -37,7 +39,7 @@ from model.config import DTYPES
 from router.plan import DispatchPlan
 
 _LEN = struct.Struct("<I")
-# (layer, x [T, d], rows [n], slots [n], expert ids [n], weights [n], out [S, d]): out[slots[i]] = pair i's output
+# (layer, x [T, d], rows [n], slots [n], expert ids [n], weights [n], out [T*A, d]): out[slots[i]] = pair i's output
 Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -51,8 +53,7 @@ class SharedRequest(NamedTuple):
 
     layer: int
     tokens: int  # T
-    pairs: int  # K, the plan's length
-    top_k: int  # A: the outputs are T*A slots
+    top_k: int  # A: the plan has (up to) T*A pairs, the outputs T*A slots
     start: int
     end: int
     dtype: str
@@ -154,17 +155,18 @@ def _layout(n: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return n * d * dtype.itemsize, n * 8, n * dtype.itemsize
 
 
-def _batch_layout(t: int, k: int, s: int, d: int, dtype: torch.dtype) -> tuple[int, ...]:
-    """Bytes of a shared batch's x `[T, d]`, its plan's index `[3, K]` and weights `[K]`, and the
-    outputs `[S, d]` (S = T*A slots)."""
-    return t * d * dtype.itemsize, 3 * k * 8, k * dtype.itemsize, s * d * dtype.itemsize
+def _batch_layout(t: int, a: int, d: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """Bytes of a shared batch's x `[T, d]`, its plan's index `[3, T*A]` and weights `[T*A]`, and the
+    output slots `[T*A, d]`."""
+    k = t * a
+    return t * d * dtype.itemsize, 3 * k * 8, k * dtype.itemsize, k * d * dtype.itemsize
 
 
-def _batch_views(buf: memoryview, t: int, k: int, s: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """x, plan index, plan weights and outputs of a shared batch, as views of `buf`."""
-    bx, bi, bw, bo = _batch_layout(t, k, s, d, dtype)
+def _batch_views(buf: memoryview, t: int, a: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """x, plan index, plan weights and output slots of a shared batch, as views of `buf`."""
+    (bx, bi, bw, bo), k = _batch_layout(t, a, d, dtype), t * a
     return (_tensor(buf, 0, bx, (t, d), dtype), _tensor(buf, bx, bi, (3, k), torch.long),
-            _tensor(buf, bx + bi, bw, (k,), dtype), _tensor(buf, bx + bi + bw, bo, (s, d), dtype))
+            _tensor(buf, bx + bi, bw, (k,), dtype), _tensor(buf, bx + bi + bw, bo, (k, d), dtype))
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -245,11 +247,11 @@ class DataPlaneServer:
 
     def _answer_shared(self, framed: _Framed, req: SharedRequest, theirs: _Attached, batch: dict) -> None:
         """Compute this pool's span of the gateway's shared plan into the span's output slots."""
-        key = (req.tokens, req.pairs, req.top_k, req.dtype)
+        key = (req.tokens, req.top_k, req.dtype)
         if req.region is not None or batch.get("key") != key:
             batch.clear()  # drop old views first, so a renamed region can be unmapped
-            x, index, w, out = _batch_views(theirs.view(req.region), req.tokens, req.pairs,
-                                            req.tokens * req.top_k, self.hidden, DTYPES[req.dtype])
+            x, index, w, out = _batch_views(theirs.view(req.region), req.tokens, req.top_k, self.hidden,
+                                            DTYPES[req.dtype])
             batch["views"], batch["key"] = (x, *index, w, out), key
         x, rows, slots, ids, w, out = batch["views"]
         start, end = req.start, req.end
@@ -285,22 +287,21 @@ class SharedBatch:
 
     def __init__(self) -> None:
         self.region = _Region()
-        self.shape: tuple[int, int, int, int, torch.dtype] | None = None  # T, K, A, d, dtype of the last write
+        self.shape: tuple[int, int, int, torch.dtype] | None = None  # T, A, d, dtype of the batch laid out
         self.name = ""  # the region's name (it changes when the region grows), kept: read per request
         self.dtype_name = ""
         self._views: tuple[torch.Tensor, ...] = ()
         self._index = np.empty((3, 0), dtype=np.int64)  # the index view, as numpy
 
     def reserve(self, tokens: int, top_k: int, d: int, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
-        """Room for a batch of this shape; returns where its plan's index `[3, K]` and weights `[K]`
-        go, so `plan_dispatch` can build them in place."""
-        k = tokens * top_k
-        shape = (tokens, k, top_k, d, dtype)
+        """Room for a batch of this shape; returns where its plan's index `[3, T*A]` and weights
+        `[T*A]` go, so `plan_dispatch` can build them in place."""
+        shape = (tokens, top_k, d, dtype)
         if shape != self.shape:
             self._views = ()  # let go of the old region's views before it may be unmapped
-            self.region.ensure(max(1, sum(_batch_layout(tokens, k, k, d, dtype))))
+            self.region.ensure(max(1, sum(_batch_layout(*shape))))
             self.shape, self.name, self.dtype_name = shape, self.region.shm.name, _dtype_name(dtype)
-            self._views = _batch_views(self.region.shm.buf, tokens, k, k, d, dtype)
+            self._views = _batch_views(self.region.shm.buf, *shape)
             self._index = self._views[1].numpy()
         return self._index, self._views[2]
 
@@ -314,7 +315,7 @@ class SharedBatch:
 
     @property
     def outputs(self) -> torch.Tensor:
-        """The output slots `[S, d]`, one per (token, active expert), filled by the pools."""
+        """The output slots `[T*A, d]`, one per (token, active expert), filled by the pools."""
         return self._views[3]
 
     def close(self) -> None:
@@ -349,10 +350,10 @@ class PoolChannel:
 
     def send_shared(self, layer: int, batch: SharedBatch, start: int, end: int) -> None:
         """Ask the pool for the span [start, end) of the plan last written to `batch`."""
-        t, k, a, _, _ = batch.shape
+        t, a, _, _ = batch.shape
         region = batch.name if batch.name != self._batch_name else None
         try:
-            self._framed.send(SharedRequest(layer, t, k, a, start, end, batch.dtype_name, region))
+            self._framed.send(SharedRequest(layer, t, a, start, end, batch.dtype_name, region))
         except OSError as e:
             raise DataPlaneError(f"data plane send failed: {e}") from e
         self._pending, self._batch_name = None, batch.name

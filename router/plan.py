@@ -87,10 +87,6 @@ class DispatchPlan:
         return self.tokens * self.top_k
 
     @property
-    def rows(self) -> torch.Tensor:
-        return torch.from_numpy(self.index[0])
-
-    @property
     def slots(self) -> torch.Tensor:
         return torch.from_numpy(self.index[1])
 
