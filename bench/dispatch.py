@@ -32,13 +32,21 @@ TRANSPORT_CFG = YuanConfig(vocab_size=320, hidden_size=2048, num_layers=1, num_h
                            sep_token_id=258, pad_token_id=256)
 
 
+# Round trips before timing, in seconds: a serving gateway's path is hot all the time, and 20 calls
+# did not get it there. 4 pools, echo, seven alternating runs each: p99 2.1-4.1 ms with 20 calls,
+# 0.84-1.34 ms with 2 s; p50 0.48-0.95 and 0.44-0.61 ms.
+WARM_UP_S = 2.0
+
+
 def round_trips(disp: PoolDispatcher, tokens: int, iters: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, TRANSPORT_CFG.hidden_size, generator=g)
     ids = torch.stack([torch.randperm(32, generator=g)[:2] for _ in range(tokens)])
     w = torch.rand(tokens, 2, generator=g)
-    for _ in range(20):
+    warm_until, n = time.perf_counter() + WARM_UP_S, 0
+    while n < 20 or time.perf_counter() < warm_until:  # steady state, as a serving gateway runs
         disp.experts(0, x, ids, w)
+        n += 1
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
