@@ -33,7 +33,7 @@ TRANSPORT_CFG = YuanConfig(vocab_size=320, hidden_size=2048, num_layers=1, num_h
 
 
 # Round trips before timing, in seconds: a serving gateway's path is hot all the time, and 20 calls
-# did not get it there. 4 pools, echo, seven alternating runs each: p99 2.1-4.1 ms with 20 calls,
+# did not get it there. 4 pools, echo, seven alternating runs each: p99 1.5-4.1 ms with 20 calls,
 # 0.84-1.34 ms with 2 s; p50 0.48-0.95 and 0.44-0.61 ms.
 WARM_UP_S = 2.0
 
