@@ -59,7 +59,7 @@ class EchoPool(ExpertPool):
     """Returns its input rows instead of computing experts: the dispatch path without the math."""
 
     def compute_pairs(self, layer, x, rows, slots, expert_ids, weights, out):  # the data plane's call
-        out.numpy()[slots.numpy()] = x.numpy()[rows.numpy()]  # numpy: 40 us a request here, torch 55
+        out.numpy()[slots.numpy()] = x.numpy()[rows.numpy()]  # each pair gets its token row, in its slot
 
     def compute(self, layer, x, expert_ids, weights):  # the Ray-call path's
         return x.copy()
