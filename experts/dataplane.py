@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from model.config import DTYPES
-from router.plan import DispatchPlan
 
 _LEN = struct.Struct("<I")
 # (layer, x [T, d], rows [n], slots [n], expert ids [n], weights [n], out [T*A, d]): out[slots[i]] = pair i's output
@@ -305,13 +304,9 @@ class SharedBatch:
             self._index = self._views[1].numpy()
         return self._index, self._views[2]
 
-    def write(self, x: torch.Tensor, plan: DispatchPlan) -> None:
-        """Put x and its plan in the batch (the plan is already there when built in `reserve`'s arrays)."""
-        index, weights = self.reserve(x.shape[0], plan.top_k, x.shape[1], x.dtype)
+    def write(self, x: torch.Tensor) -> None:
+        """Put x in the batch whose plan was built in `reserve`'s arrays."""
         self._views[0].copy_(x)
-        if plan.index is not index:
-            index[:, :plan.index.shape[1]] = plan.index
-            weights[:plan.weights.numel()].copy_(plan.weights)
 
     @property
     def outputs(self) -> torch.Tensor:
@@ -390,4 +385,8 @@ class PoolChannel:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    """The `DTYPES` name a pool looks the dtype up by."""
+    return _DTYPE_NAMES[dtype]
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}

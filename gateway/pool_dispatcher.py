@@ -141,7 +141,7 @@ class PoolDispatcher:
                 if channel.shared:
                     batch = self._batches[pending.lane]
                     if pending.outputs is None:
-                        batch.write(pending.x, pending.plan)
+                        batch.write(pending.x)  # the plan is in it already (`reserve` in submit)
                         pending.outputs = batch.outputs
                     channel.send_shared(pending.layer, batch, start, end)
                 else:

@@ -32,12 +32,15 @@ def ask(channel: PoolChannel, batch: SharedBatch, layer: int, x, ids, w, skip: i
     the dispatcher sends one worker's span of a plan; returns what was sent."""
     A, flat = ids.shape[1], ids.reshape(-1)
     keep = (flat >= 0).nonzero().squeeze(1)
-    plan = DispatchPlan(np.stack([(keep // A).numpy(), keep.numpy(), flat[keep].numpy()]), w.reshape(-1)[keep], [],
-                        ids.shape[0], A)
-    sent = plan.request((0, skip, keep.numel()))
+    index, weights = batch.reserve(x.shape[0], A, x.shape[1], x.dtype)  # the plan goes in the batch
+    k = keep.numel()
+    index[:, :k] = np.stack([(keep // A).numpy(), keep.numpy(), flat[keep].numpy()])
+    weights[:k] = w.reshape(-1)[keep]
+    plan = DispatchPlan(index[:, :k], weights[:k], [], ids.shape[0], A)
+    sent = plan.request((0, skip, k))
     if channel.shared:
-        batch.write(x, plan)
-        channel.send_shared(layer, batch, skip, keep.numel())
+        batch.write(x)
+        channel.send_shared(layer, batch, skip, k)
     else:
         channel.send(layer, x, sent.expert_ids.view(-1), sent.weights.view(-1), rows=sent.rows)
     return sent
