@@ -38,6 +38,7 @@ import torch
 from model.config import DTYPES
 
 _LEN = struct.Struct("<I")
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # what travels; the pool looks it up in DTYPES
 # (layer, x [T, d], rows [n], slots [n], expert ids [n], weights [n], out [T*A, d]): out[slots[i]] = pair i's output
 Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
@@ -288,7 +289,6 @@ class SharedBatch:
         self.region = _Region()
         self.shape: tuple[int, int, int, torch.dtype] | None = None  # T, A, d, dtype of the batch laid out
         self.name = ""  # the region's name (it changes when the region grows), kept: read per request
-        self.dtype_name = ""
         self._views: tuple[torch.Tensor, ...] = ()
         self._index = np.empty((3, 0), dtype=np.int64)  # the index view, as numpy
 
@@ -299,7 +299,7 @@ class SharedBatch:
         if shape != self.shape:
             self._views = ()  # let go of the old region's views before it may be unmapped
             self.region.ensure(max(1, sum(_batch_layout(*shape))))
-            self.shape, self.name, self.dtype_name = shape, self.region.shm.name, _dtype_name(dtype)
+            self.shape, self.name = shape, self.region.shm.name
             self._views = _batch_views(self.region.shm.buf, *shape)
             self._index = self._views[1].numpy()
         return self._index, self._views[2]
@@ -345,10 +345,10 @@ class PoolChannel:
 
     def send_shared(self, layer: int, batch: SharedBatch, start: int, end: int) -> None:
         """Ask the pool for the span [start, end) of the plan last written to `batch`."""
-        t, a, _, _ = batch.shape
+        t, a, _, dtype = batch.shape
         region = batch.name if batch.name != self._batch_name else None
         try:
-            self._framed.send(SharedRequest(layer, t, a, start, end, batch.dtype_name, region))
+            self._framed.send(SharedRequest(layer, t, a, start, end, _DTYPE_NAMES[dtype], region))
         except OSError as e:
             raise DataPlaneError(f"data plane send failed: {e}") from e
         self._pending, self._batch_name = None, batch.name
@@ -357,7 +357,7 @@ class PoolChannel:
              rows: torch.Tensor | None = None) -> None:
         """Send rows `rows` of x (all rows if None), one pair each, with its expert id and weight `[n]`."""
         xs = x if rows is None else x.index_select(0, rows)
-        head = {"layer": layer, "t": xs.shape[0], "dtype": _dtype_name(x.dtype)}
+        head = {"layer": layer, "t": xs.shape[0], "dtype": _DTYPE_NAMES[x.dtype]}
         try:
             self._framed.send(head, [_raw(t) for t in (xs, expert_ids, weights)])
         except OSError as e:
@@ -383,10 +383,3 @@ class PoolChannel:
     def close(self) -> None:
         self.sock.close()
 
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    """The `DTYPES` name a pool looks the dtype up by."""
-    return _DTYPE_NAMES[dtype]
-
-
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
