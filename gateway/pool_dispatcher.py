@@ -124,7 +124,7 @@ class PoolDispatcher:
             parts = [self._receive(span, h, pending) for span, h in zip(plan.spans, pending.handles)]
             outputs = pending.outputs
             if outputs is None:
-                outputs = torch.empty(plan.slots_total, x.shape[1], dtype=x.dtype)
+                outputs = torch.empty(plan.tokens * plan.top_k, x.shape[1], dtype=x.dtype)
             for (_, start, end), part in zip(plan.spans, parts):
                 if part is not None:  # not already in the shared slots
                     scatter_rows(outputs, plan.slots[start:end], part)

@@ -83,10 +83,6 @@ class DispatchPlan:
     top_k: int  # A: the outputs the slots index are `[T, A, d]`
 
     @property
-    def slots_total(self) -> int:
-        return self.tokens * self.top_k
-
-    @property
     def slots(self) -> torch.Tensor:
         return torch.from_numpy(self.index[1])
 
