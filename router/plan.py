@@ -3,7 +3,7 @@
 Pure functions on tensors, no Ray. `assign_pairs` gives every pair one worker holding its expert. An expert with
 several replicas has its pairs split among them by load (pairs in flight plus this batch's other
 assignments, water-filled so replicas end level), never round-robin. `plan_dispatch` then sorts the
-pairs by worker (one stable sort, the cheapest split measured: docs/TRANSPORT.md) into a
+pairs by worker (a stable counting sort, in C: `router/_pairsort.c` says why) into a
 `DispatchPlan`, so each worker's request is a contiguous span of it and pools on the gateway's node
 read their span straight out of one shared copy. A token with two experts on one worker appears
 twice in that worker's span. Workers return one weighted output per pair, which lands in the pair's
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from model.experts import bits
+from router._pairsort import sort_pairs
 
 
 @dataclass
@@ -104,15 +105,10 @@ def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: Dispat
     they need no second copy), else in new arrays."""
     A = expert_ids.shape[1]
     flat = expert_ids.numpy().ravel()
-    pair_worker = _assign(flat, table, outstanding)
-    order = np.argsort(pair_worker, kind="stable")  # numpy: a third of torch's cost at this size
-    index, plan_weights = into if into is not None else (np.empty((3, order.size), dtype=np.int64),
-                                                          torch.empty(order.size, dtype=weights.dtype))
-    np.floor_divide(order, A, out=index[0])
-    index[1] = order
-    np.take(flat, order, out=index[2])
-    np.take(bits(weights).ravel(), order, out=bits(plan_weights))
-    sizes = np.bincount(pair_worker, minlength=table.num_workers).tolist()
+    index, plan_weights = into if into is not None else (np.empty((3, flat.size), dtype=np.int64),
+                                                          torch.empty(flat.size, dtype=weights.dtype))
+    sizes = sort_pairs(_assign(flat, table, outstanding), flat, bits(weights).ravel(), A, table.num_workers,
+                       index, bits(plan_weights))
     spans, start = [], 0
     for w, n in enumerate(sizes):
         if n:

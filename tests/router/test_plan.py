@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from cluster.placement import PlacementError, RoutingTable, plan_pools
-from model.experts import ExpertBank, sum_slots
+from model.experts import ExpertBank, bits, sum_slots
+from router._pairsort import sort_pairs
 from router.plan import DispatchTable, plan_dispatch
 
 
@@ -82,3 +84,39 @@ def test_plan_moves_bfloat16_weights_bit_for_bit():
     plan = plan_dispatch(ids, w, DispatchTable(table.replica_lists()))
     assert plan.weights.dtype == torch.bfloat16
     assert torch.equal(plan.weights, w.reshape(-1)[plan.slots])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pair_sort_is_a_stable_sort_by_worker(dtype):
+    """The C sort against numpy's stable argsort, on random plans of several sizes and widths."""
+    g = torch.Generator().manual_seed(1)
+    for tokens, top_k, workers in [(1, 2, 4), (64, 2, 4), (37, 3, 7), (200, 2, 1), (16, 4, 32)]:
+        k = tokens * top_k
+        pair_worker = torch.randint(workers, (k,), generator=g).numpy()
+        ids = torch.randint(1000, (k,), generator=g).numpy()
+        w = torch.rand(k, generator=g).to(dtype)
+        index, out_w = np.full((3, k), -1, dtype=np.int64), torch.empty(k, dtype=dtype)
+        sizes = sort_pairs(pair_worker, ids, bits(w), top_k, workers, index, bits(out_w))
+        order = np.argsort(pair_worker, kind="stable")
+        assert sizes == np.bincount(pair_worker, minlength=workers).tolist()
+        assert (index[0] == order // top_k).all() and (index[1] == order).all() and (index[2] == ids[order]).all()
+        assert torch.equal(out_w, w[torch.from_numpy(order)])
+
+
+def test_pair_sort_rejects_what_it_cannot_sort():
+    ids, w = np.arange(8, dtype=np.int64), np.ones(8, dtype=np.float32)
+    index, out_w = np.empty((3, 8), dtype=np.int64), np.empty(8, dtype=np.float32)
+    with pytest.raises(ValueError, match="pair 3 has worker 4"):
+        sort_pairs(np.array([0, 1, 2, 4, 0, 1, 2, 3]), ids, w, 2, 4, index, out_w)
+    with pytest.raises(ValueError, match="need expert_ids"):
+        sort_pairs(np.zeros(8, dtype=np.int64), ids[:6], w, 2, 4, index, out_w)
+    with pytest.raises(TypeError, match="pair_worker: expected integer items of 8 bytes"):
+        sort_pairs(np.zeros(8, dtype=np.int32), ids, w, 2, 4, index, out_w)
+    with pytest.raises(ValueError, match="read-only"):
+        sort_pairs(np.zeros(8, dtype=np.int64), ids, w, 2, 4, index, _read_only(out_w))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.flags.writeable = False
+    return a
