@@ -58,8 +58,9 @@ def round_trips(disp: PoolDispatcher, tokens: int, iters: int) -> dict[str, floa
 class EchoPool(ExpertPool):
     """Returns its input rows instead of computing experts: the dispatch path without the math."""
 
-    def compute_pairs(self, layer, x, rows, slots, expert_ids, weights, out):  # the data plane's call
-        out.numpy()[slots.numpy()] = x.numpy()[rows.numpy()]  # each pair gets its token row, in its slot
+    def compute_pairs(self, layer, batch, start, end):  # the data plane's call
+        rows, slots = batch.index[0, start:end], batch.index[1, start:end]
+        batch.out_bits[slots] = batch.x_bits[rows]  # each pair gets its token row, in its slot
 
     def compute(self, layer, x, expert_ids, weights):  # the Ray-call path's
         return x.copy()

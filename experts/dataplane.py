@@ -28,6 +28,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from multiprocessing import resource_tracker, shared_memory
 from typing import NamedTuple
 
@@ -36,11 +38,38 @@ import numpy as np
 import torch
 
 from model.config import DTYPES
+from model.experts import bits
 
 _LEN = struct.Struct("<I")
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # what travels; the pool looks it up in DTYPES
-# (layer, x [T, d], rows [n], slots [n], expert ids [n], weights [n], out [T*A, d]): out[slots[i]] = pair i's output
-Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class PairBatch:
+    """A batch of routed pairs as a pool computes it: on the gateway's node, views of its shared
+    batch, kept while the batch keeps its region and shape; from elsewhere, the socket's rows."""
+
+    x: torch.Tensor  # [T, d] token rows
+    index: np.ndarray  # [3, K] int64 per pair: its token row, its output slot, its expert id
+    weights: torch.Tensor  # [K] routing weights
+    out: torch.Tensor  # [T*A, d] output slots
+
+    @cached_property
+    def x_bits(self) -> np.ndarray:
+        """x as raw same-size integers (`model.experts.bits`), made once: for moving rows in numpy
+        without two torch ops per call."""
+        return bits(self.x)
+
+    @cached_property
+    def out_bits(self) -> np.ndarray:
+        """The output slots as raw same-size integers, made once (as `x_bits`)."""
+        return bits(self.out)
+
+
+# (layer, batch, start, end): out[slots[i]] = weights[i] * expert ids[i](x[rows[i]]) for pairs i in
+# [start, end). Spans, not sliced tensors: a pool resumes cold each layer, and slicing five torch
+# tensors cost it ~20 us of the ~100 it spends per layer; numpy slices of the index cost ~1 us.
+Compute = Callable[[int, PairBatch, int, int], None]
 
 
 class DataPlaneError(ConnectionError):
@@ -162,11 +191,11 @@ def _batch_layout(t: int, a: int, d: int, dtype: torch.dtype) -> tuple[int, ...]
     return t * d * dtype.itemsize, 3 * k * 8, k * dtype.itemsize, k * d * dtype.itemsize
 
 
-def _batch_views(buf: memoryview, t: int, a: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _batch_views(buf: memoryview, t: int, a: int, d: int, dtype: torch.dtype) -> PairBatch:
     """x, plan index, plan weights and output slots of a shared batch, as views of `buf`."""
     (bx, bi, bw, bo), k = _batch_layout(t, a, d, dtype), t * a
-    return (_tensor(buf, 0, bx, (t, d), dtype), _tensor(buf, bx, bi, (3, k), torch.long),
-            _tensor(buf, bx + bi, bw, (k,), dtype), _tensor(buf, bx + bi + bw, bo, (k, d), dtype))
+    return PairBatch(_tensor(buf, 0, bx, (t, d), dtype), _tensor(buf, bx, bi, (3, k), torch.long).numpy(),
+                     _tensor(buf, bx + bi, bw, (k,), dtype), _tensor(buf, bx + bi + bw, bo, (k, d), dtype))
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -238,11 +267,10 @@ class DataPlaneServer:
             theirs.close()
             conn.close()
 
-    def _compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor,
-                 w: torch.Tensor, out: torch.Tensor) -> float:
+    def _compute(self, layer: int, batch: PairBatch, start: int, end: int) -> float:
         with self._lock:
             t0 = time.perf_counter()
-            self.compute(layer, x, rows, slots, ids, w, out)
+            self.compute(layer, batch, start, end)
             return time.perf_counter() - t0
 
     def _answer_shared(self, framed: _Framed, req: SharedRequest, theirs: _Attached, batch: dict) -> None:
@@ -250,23 +278,22 @@ class DataPlaneServer:
         key = (req.tokens, req.top_k, req.dtype)
         if req.region is not None or batch.get("key") != key:
             batch.clear()  # drop old views first, so a renamed region can be unmapped
-            x, index, w, out = _batch_views(theirs.view(req.region), req.tokens, req.top_k, self.hidden,
-                                            DTYPES[req.dtype])
-            batch["views"], batch["key"] = (x, *index, w, out), key
-        x, rows, slots, ids, w, out = batch["views"]
-        start, end = req.start, req.end
-        compute_s = self._compute(req.layer, x, rows[start:end], slots[start:end], ids[start:end], w[start:end], out)
-        framed.send((end - start, compute_s))
+            batch["views"] = _batch_views(theirs.view(req.region), req.tokens, req.top_k, self.hidden,
+                                          DTYPES[req.dtype])
+            batch["key"] = key
+        compute_s = self._compute(req.layer, batch["views"], req.start, req.end)
+        framed.send((req.end - req.start, compute_s))
 
     def _answer_inline(self, framed: _Framed, head: dict) -> None:
         n, d, dtype = head["t"], self.hidden, DTYPES[head["dtype"]]
         bx, bi, bw = _layout(n, d, dtype)
         buf = framed.exact(bx + bi + bw)
-        x, pairs = _tensor(buf, 0, bx, (n, d), dtype), torch.arange(n)
-        ids, w = _tensor(buf, bx, bi, (n,), torch.long), _tensor(buf, bx + bi, bw, (n,), dtype)
-        out = torch.empty(n, d, dtype=dtype)
-        compute_s = self._compute(head["layer"], x, pairs, pairs, ids, w, out)
-        framed.send((n, compute_s), [_raw(out)])
+        pairs = np.arange(n)
+        index = np.stack([pairs, pairs, _tensor(buf, bx, bi, (n,), torch.long).numpy()])  # one row per pair
+        batch = PairBatch(_tensor(buf, 0, bx, (n, d), dtype), index, _tensor(buf, bx + bi, bw, (n,), dtype),
+                          torch.empty(n, d, dtype=dtype))
+        compute_s = self._compute(head["layer"], batch, 0, n)
+        framed.send((n, compute_s), [_raw(batch.out)])
 
     def close(self) -> None:
         self._closed = True
@@ -289,32 +316,30 @@ class SharedBatch:
         self.region = _Region()
         self.shape: tuple[int, int, int, torch.dtype] | None = None  # T, A, d, dtype of the batch laid out
         self.name = ""  # the region's name (it changes when the region grows), kept: read per request
-        self._views: tuple[torch.Tensor, ...] = ()
-        self._index = np.empty((3, 0), dtype=np.int64)  # the index view, as numpy
+        self._views: PairBatch | None = None
 
     def reserve(self, tokens: int, top_k: int, d: int, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
         """Room for a batch of this shape; returns where its plan's index `[3, T*A]` and weights
         `[T*A]` go, so `plan_dispatch` can build them in place."""
         shape = (tokens, top_k, d, dtype)
         if shape != self.shape:
-            self._views = ()  # let go of the old region's views before it may be unmapped
+            self._views = None  # let go of the old region's views before it may be unmapped
             self.region.ensure(max(1, sum(_batch_layout(*shape))))
             self.shape, self.name = shape, self.region.shm.name
             self._views = _batch_views(self.region.shm.buf, *shape)
-            self._index = self._views[1].numpy()
-        return self._index, self._views[2]
+        return self._views.index, self._views.weights
 
     def write(self, x: torch.Tensor) -> None:
         """Put x in the batch whose plan was built in `reserve`'s arrays."""
-        self._views[0].copy_(x)
+        self._views.x.copy_(x)
 
     @property
     def outputs(self) -> torch.Tensor:
         """The output slots `[T*A, d]`, one per (token, active expert), filled by the pools."""
-        return self._views[3]
+        return self._views.out
 
     def close(self) -> None:
-        self._views, self.shape = (), None
+        self._views, self.shape = None, None
         self.region.close()
 
 

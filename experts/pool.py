@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import CheckpointReader, load_experts
-from experts.dataplane import DataPlaneServer
+from experts.dataplane import DataPlaneServer, PairBatch
 from experts.wire import decode, encode
 from model.config import DTYPES, YuanConfig
 from model.experts import ExpertBank, scatter_rows
@@ -67,19 +67,21 @@ class ExpertPool:
             self.data_plane = DataPlaneServer(self.compute_pairs, self.cfg.hidden_size)
         return {"address": self.data_plane.address(), "host": socket.gethostname()}
 
-    def compute_pairs(self, layer: int, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
-                      expert_ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
-        """The data plane's call: out[slots[i]] = the weighted output of pair i, for token x[rows[i]]
-        (`ExpertBank.pair_outputs`), read from and written to the gateway's shared batch."""
+    def compute_pairs(self, layer: int, batch: PairBatch, start: int, end: int) -> None:
+        """The data plane's call: the weighted outputs of the batch's pairs [start, end) into their
+        slots of `batch.out` (`ExpertBank.pair_outputs`), read from and written to the gateway's
+        shared batch when it is on this node."""
         bank, dev = self.banks[layer], self.device
+        rows, slots, ids = (torch.from_numpy(a) for a in batch.index[:, start:end])
+        weights = batch.weights[start:end]
         with torch.inference_mode():
             if dev.type == "cpu":
-                bank.pair_outputs(x, rows, expert_ids, weights, out, slots)
+                bank.pair_outputs(batch.x, rows, ids, weights, batch.out, slots)
                 return
-            xs, pairs = x.index_select(0, rows).to(dev), torch.arange(rows.numel(), device=dev)  # only our rows
+            xs, pairs = batch.x.index_select(0, rows).to(dev), torch.arange(rows.numel(), device=dev)  # only our rows
             y = torch.empty_like(xs)
-            bank.pair_outputs(xs, pairs, expert_ids.to(dev), weights.to(dev), y, pairs)
-            scatter_rows(out, slots, y.cpu())
+            bank.pair_outputs(xs, pairs, ids.to(dev), weights.to(dev), y, pairs)
+            scatter_rows(batch.out, slots, y.cpu())
 
     def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The Ray-call path: x `[n, d]`, expert_ids `[n, A]` (-1: not here), weights `[n, A]` ->
