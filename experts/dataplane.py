@@ -2,12 +2,12 @@
 
 Ray still places, starts, supervises and restarts the pools; only the per-layer bytes take this road.
 A pool opens a server (`DataPlaneServer`) from inside its actor: a Unix socket for gateways on the
-same node, TCP for the others. Each message is a length-prefixed msgpack header (on the hot path an
-array: a `SharedRequest`, or the reply `[n, compute_s]`; else a map); tensor bytes follow raw, either
-in shared memory (same node: one region per gateway lane, owned by the gateway, which names it in a
-header whenever it grows) or inline on the socket (across nodes). Measured here: 0.03 ms for a
-128 KiB round trip through shared memory and a Unix socket, against about 7 ms per pool for a Ray
-actor call.
+same node, TCP for the others. Headers are msgpack (on the hot path arrays: a `SharedRequest`, the
+reply `[n, compute_s]`; an error is a map). On the Unix socket (SOCK_SEQPACKET) each header is one
+message and the tensor bytes are in shared memory (one region per gateway lane, owned by the
+gateway, which names it in a header whenever it grows); on TCP headers are length-prefixed and the
+tensor bytes follow raw. Measured here: 0.03 ms for a 128 KiB round trip through shared memory and
+a Unix socket, against about 7 ms per pool for a Ray actor call.
 
 Same node ("shared"): the gateway writes a layer's batch and its dispatch plan (`router.plan`) once
 into one region per lane that every pool on the node maps: x `[T, d]` | the plan's index `[3, T*A]`
@@ -21,7 +21,6 @@ and sends x `[n, d]` | ids `[n]` | weights `[n]` on the socket; the outputs `[n,
 from __future__ import annotations
 
 import os
-import select
 import socket
 import struct
 import tempfile
@@ -41,6 +40,7 @@ from model.config import DTYPES
 from model.experts import bits
 
 _LEN = struct.Struct("<I")
+_MESSAGE_MAX = 1 << 16  # bytes of one message on a same-node socket: a header, never tensor bytes
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # what travels; the pool looks it up in DTYPES
 
 
@@ -96,10 +96,10 @@ class _Framed:
     Each side packs with its own `Packer`: `msgpack.packb` builds a new one per call."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.buf, self._packer = sock, b"", msgpack.Packer()
+        self.sock, self.buf, self.packer = sock, b"", msgpack.Packer()
 
     def send(self, header: dict | tuple, payload: list[memoryview] = ()) -> None:
-        head = self._packer.pack(header)
+        head = self.packer.pack(header)
         self.sock.sendall(_LEN.pack(len(head)) + head)
         for part in payload:
             self.sock.sendall(part)
@@ -217,7 +217,7 @@ class DataPlaneServer:
         self.compute, self.hidden = compute, hidden
         self.dir = tempfile.mkdtemp(prefix="yuan-dp-")
         self.uds_path = os.path.join(self.dir, "pool.sock")
-        self._uds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._uds = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._uds.bind(self.uds_path)
         self._uds.listen(16)
         self._tcp = socket.create_server((tcp_host, 0))
@@ -231,40 +231,58 @@ class DataPlaneServer:
         return {"uds": self.uds_path, "tcp": list(self.tcp_address)}
 
     def _accept(self, listener: socket.socket) -> None:
+        serve = self._serve_shared if listener is self._uds else self._serve_inline
         while not self._closed:
             try:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            if conn.family != socket.AF_UNIX:
+            if serve == self._serve_inline:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="dp-conn").start()
+            threading.Thread(target=serve, args=(conn,), daemon=True, name="dp-conn").start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        theirs, framed = _Attached(), _Framed(conn)
+    def _serve_shared(self, conn: socket.socket) -> None:
+        """A gateway on this node: one message per request and per reply (SOCK_SEQPACKET).
+        A blocking `recv` on it wakes only for input, where a stream socket's also wakes (for
+        nothing) each time the gateway reads this pool's reply and so frees send space."""
+        theirs, packer = _Attached(), msgpack.Packer()
         batch: dict = {}  # the views of the gateway's batch region, kept while its name and shape hold
-        # Wait in poll, not in a blocking recv: a thread blocked in recv on a Unix socket is also
-        # woken (for nothing) each time the gateway reads this pool's reply, which frees send space;
-        # poll wakes only for input. Measured: 2.1 -> 1.3 context switches per pool per layer.
-        readable = select.poll()
-        readable.register(conn, select.POLLIN)
         try:
             while True:
                 try:
-                    readable.poll()
+                    message = conn.recv(_MESSAGE_MAX)
+                    if not message:
+                        return
+                    req = SharedRequest(*msgpack.unpackb(message))
+                except (OSError, ValueError, TypeError):
+                    return
+                try:
+                    reply = (req.end - req.start, self._answer_shared(req, theirs, batch))
+                except Exception as e:  # report the failure; the connection stays usable
+                    reply = {"error": f"{type(e).__name__}: {e}"[:_MESSAGE_MAX // 2]}
+                try:
+                    conn.send(packer.pack(reply))
+                except OSError:
+                    return
+        finally:
+            batch.clear()
+            theirs.close()
+            conn.close()
+
+    def _serve_inline(self, conn: socket.socket) -> None:
+        """A gateway on another node: framed headers, the rows and outputs on the socket (TCP)."""
+        framed = _Framed(conn)
+        try:
+            while True:
+                try:
                     head = framed.header()
                 except (DataPlaneError, OSError):
                     return
                 try:
-                    if isinstance(head, list):
-                        self._answer_shared(framed, SharedRequest(*head), theirs, batch)
-                    else:
-                        self._answer_inline(framed, head)
+                    self._answer_inline(framed, head)
                 except Exception as e:  # report the failure; the connection stays usable
                     framed.send({"error": f"{type(e).__name__}: {e}"})
         finally:
-            batch.clear()
-            theirs.close()
             conn.close()
 
     def _compute(self, layer: int, batch: PairBatch, start: int, end: int) -> float:
@@ -273,16 +291,16 @@ class DataPlaneServer:
             self.compute(layer, batch, start, end)
             return time.perf_counter() - t0
 
-    def _answer_shared(self, framed: _Framed, req: SharedRequest, theirs: _Attached, batch: dict) -> None:
-        """Compute this pool's span of the gateway's shared plan into the span's output slots."""
+    def _answer_shared(self, req: SharedRequest, theirs: _Attached, batch: dict) -> float:
+        """Compute this pool's span of the gateway's shared plan into the span's output slots;
+        returns the seconds of expert math."""
         key = (req.tokens, req.top_k, req.dtype)
         if req.region is not None or batch.get("key") != key:
             batch.clear()  # drop old views first, so a renamed region can be unmapped
             batch["views"] = _batch_views(theirs.view(req.region), req.tokens, req.top_k, self.hidden,
                                           DTYPES[req.dtype])
             batch["key"] = key
-        compute_s = self._compute(req.layer, batch["views"], req.start, req.end)
-        framed.send((req.end - req.start, compute_s))
+        return self._compute(req.layer, batch["views"], req.start, req.end)
 
     def _answer_inline(self, framed: _Framed, head: dict) -> None:
         n, d, dtype = head["t"], self.hidden, DTYPES[head["dtype"]]
@@ -345,13 +363,14 @@ class SharedBatch:
 
 class PoolChannel:
     """The gateway's connection to one pool: send a layer's request, then `recv` its outputs.
-    On the pool's node requests go as `send_shared` (a header; batch, plan and outputs are in shared
-    memory), elsewhere as `send` (the rows on the socket)."""
+    On the pool's node requests go as `send_shared`, one message each way on a SOCK_SEQPACKET Unix
+    socket (batch, plan and outputs are in shared memory); elsewhere as `send`, framed on TCP with
+    the rows."""
 
     def __init__(self, address: dict, same_node: bool, timeout_s: float = 60.0) -> None:
         self.shared = same_node
         if same_node:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             self.sock.settimeout(timeout_s)
             self.sock.connect(address["uds"])
         else:
@@ -363,9 +382,10 @@ class PoolChannel:
         timeout = struct.pack("ll", int(timeout_s), int(timeout_s % 1 * 1e6))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
-        self._framed = _Framed(self.sock)
+        self._framed = _Framed(self.sock)  # inline requests
+        self._packer = self._framed.packer  # shared requests: a message is one packed header
         self._batch_name: str | None = None  # the shared batch region the pool last heard of
-        self._pending: tuple | None = None  # the awaited inline reply's (d, dtype); None: shared
+        self._pending: tuple | None = None  # the awaited inline reply's (d, dtype)
         self.last_compute_s = 0.0  # the pool's own time for the last request's expert math
 
     def send_shared(self, layer: int, batch: SharedBatch, start: int, end: int) -> None:
@@ -373,10 +393,10 @@ class PoolChannel:
         t, a, _, dtype = batch.shape
         region = batch.name if batch.name != self._batch_name else None
         try:
-            self._framed.send(SharedRequest(layer, t, a, start, end, _DTYPE_NAMES[dtype], region))
+            self.sock.send(self._packer.pack(SharedRequest(layer, t, a, start, end, _DTYPE_NAMES[dtype], region)))
         except OSError as e:
             raise DataPlaneError(f"data plane send failed: {e}") from e
-        self._pending, self._batch_name = None, batch.name
+        self._batch_name = batch.name
 
     def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
              rows: torch.Tensor | None = None) -> None:
@@ -393,11 +413,17 @@ class PoolChannel:
         """Wait for the last request's reply: a shared request's outputs are in the batch's slots
         (None), an inline request's come from the socket `[n, d]`, valid until the next request."""
         try:
-            reply = self._framed.header()
+            if self.shared:
+                message = self.sock.recv(_MESSAGE_MAX)
+                if not message:
+                    raise DataPlaneError("data plane connection closed")
+                reply = msgpack.unpackb(message)
+            else:
+                reply = self._framed.header()
             if isinstance(reply, dict):
                 raise DataPlaneError(f"pool failed: {reply['error']}")
             n, self.last_compute_s = reply
-            if self._pending is None:
+            if self.shared:
                 return None
             d, dtype = self._pending
             nbytes = n * d * dtype.itemsize
@@ -407,4 +433,3 @@ class PoolChannel:
 
     def close(self) -> None:
         self.sock.close()
-
