@@ -58,10 +58,12 @@ class LoadTracker:
             self._fold()
             return self._pair_tokens.clone()
 
-    def record_request(self, worker: int, pairs: int, compute_s: float = 0.0) -> None:
-        """A worker computed `pairs`, in `compute_s` of expert math by its own clock (0: not reported)."""
+    def record_request(self, worker: int, pairs: int, compute_s: float | None = None) -> None:
+        """A worker computed `pairs`, in `compute_s` of expert math by its own clock (None: not
+        reported, as over Ray calls; such a worker is left out of `worker_compute_s`, not shown as 0)."""
         self.worker_pairs[worker] = self.worker_pairs.get(worker, 0) + pairs
-        self.worker_compute_s[worker] = self.worker_compute_s.get(worker, 0.0) + compute_s
+        if compute_s is not None:
+            self.worker_compute_s[worker] = self.worker_compute_s.get(worker, 0.0) + compute_s
 
     def snapshot(self) -> dict:
         return {"expert_tokens": self.expert_tokens, "pair_tokens": self.pair_tokens,

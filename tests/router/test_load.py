@@ -26,3 +26,14 @@ def test_counters_equal_a_direct_count_before_and_after_folding():
             assert torch.equal(snap["pair_tokens"], expected_pairs)
     tracker.record_routing(0, torch.tensor([[1, 2]]))
     assert int(snap["expert_tokens"].sum()) == int(expected_experts.sum()), "a snapshot is a copy"
+
+
+def test_compute_time_lists_only_workers_that_reported_it():
+    """Ray calls report no pool time: such a worker counts pairs but is not shown with 0 s of math."""
+    tracker = LoadTracker(num_layers=1, num_experts=8)
+    tracker.record_request(0, 5, 0.25)
+    tracker.record_request(0, 3, 0.5)
+    tracker.record_request(1, 7)  # served by a Ray call
+    snap = tracker.snapshot()
+    assert snap["worker_pairs"] == {0: 8, 1: 7}
+    assert snap["worker_compute_s"] == {0: 0.75}
