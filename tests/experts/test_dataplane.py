@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -80,6 +81,25 @@ def test_a_failing_request_is_reported_and_the_connection_survives(pool):
             assert torch.equal(answer(channel, batch, r), pool.banks[1](x[r.rows], r.expert_ids, r.weights))
     finally:
         channel.close()
+        batch.close()
+
+
+def test_a_malformed_header_closes_only_its_connection(pool):
+    """A message that is no `SharedRequest` ends that connection: the gateway's next receive is a
+    DataPlaneError (its dispatcher then falls back to Ray calls), and other connections keep working."""
+    address = pool.open_data_plane()["address"]
+    bad, good, batch = PoolChannel(address, same_node=True), PoolChannel(address, same_node=True), SharedBatch()
+    try:
+        bad.sock.send(msgpack.packb([1, 2]))
+        with pytest.raises(DataPlaneError, match="closed"):
+            bad.recv()
+        x, ids, w = batch_of(6, 1)
+        r = ask(good, batch, 2, x, ids, w)
+        with torch.inference_mode():
+            assert torch.equal(answer(good, batch, r), pool.banks[2](x[r.rows], r.expert_ids, r.weights))
+    finally:
+        bad.close()
+        good.close()
         batch.close()
 
 
