@@ -53,17 +53,21 @@ def answer(channel: PoolChannel, batch: SharedBatch, sent: WorkerRequest) -> tor
     return batch.outputs[sent.slots] if channel.shared else got
 
 
+def assert_round_trip_exact(pool, channel: PoolChannel, batch: SharedBatch, layer: int, x, ids, w,
+                            skip: int = 0) -> None:
+    """One request through `channel`: its outputs equal the pool's own bank on the same pairs, bitwise."""
+    r = ask(channel, batch, layer, x, ids, w, skip)
+    got = answer(channel, batch, r)
+    with torch.inference_mode():
+        assert torch.equal(got, pool.banks[layer](x[r.rows], r.expert_ids, r.weights))
+
+
 @pytest.mark.parametrize("same_node", [True, False], ids=["shared-memory", "tcp-inline"])
 def test_results_equal_the_bank_bitwise_as_regions_grow(pool, same_node):
     channel, batch = PoolChannel(pool.open_data_plane()["address"], same_node=same_node), SharedBatch()
     try:
         for step, n in enumerate([3, 700, 1, 2000, 5]):  # regions grow past their first size
-            x, ids, w = batch_of(n, step)
-            layer = step % 3
-            r = ask(channel, batch, layer, x, ids, w, skip=step % 2)
-            got = answer(channel, batch, r)
-            with torch.inference_mode():
-                assert torch.equal(got, pool.banks[layer](x[r.rows], r.expert_ids, r.weights))
+            assert_round_trip_exact(pool, channel, batch, step % 3, *batch_of(n, step), skip=step % 2)
     finally:
         channel.close()
         batch.close()
@@ -76,9 +80,7 @@ def test_a_failing_request_is_reported_and_the_connection_survives(pool):
         ask(channel, batch, 0, x, torch.full_like(ids, 3), w)  # expert 3 is not held here
         with pytest.raises(DataPlaneError, match="pool failed"):
             channel.recv()
-        r = ask(channel, batch, 1, x, ids, w)
-        with torch.inference_mode():
-            assert torch.equal(answer(channel, batch, r), pool.banks[1](x[r.rows], r.expert_ids, r.weights))
+        assert_round_trip_exact(pool, channel, batch, 1, x, ids, w)
     finally:
         channel.close()
         batch.close()
@@ -93,10 +95,7 @@ def test_a_malformed_header_closes_only_its_connection(pool):
         bad.sock.send(msgpack.packb([1, 2]))
         with pytest.raises(DataPlaneError, match="closed"):
             bad.recv()
-        x, ids, w = batch_of(6, 1)
-        r = ask(good, batch, 2, x, ids, w)
-        with torch.inference_mode():
-            assert torch.equal(answer(good, batch, r), pool.banks[2](x[r.rows], r.expert_ids, r.weights))
+        assert_round_trip_exact(pool, good, batch, 2, *batch_of(6, 1))
     finally:
         bad.close()
         good.close()
