@@ -91,15 +91,16 @@ class SharedRequest(NamedTuple):
 
 # ---- framing ------------------------------------------------------------------------------------
 class _Framed:
-    """One socket's frames, both ways. A read `recv`s what is there, so one system call usually
-    brings a whole header (on TCP maybe the start of its payload too, kept for the payload read).
-    Each side packs with its own `Packer`: `msgpack.packb` builds a new one per call."""
+    """A TCP socket's frames, both ways: length-prefixed headers, raw payloads. A read `recv`s what
+    is there, so one system call usually brings a whole header (maybe the start of its payload too,
+    kept for the payload read). Each end packs with its own `Packer`: `msgpack.packb` builds a new
+    one per call."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.buf, self.packer = sock, b"", msgpack.Packer()
+        self.sock, self.buf, self._packer = sock, b"", msgpack.Packer()
 
     def send(self, header: dict | tuple, payload: list[memoryview] = ()) -> None:
-        head = self.packer.pack(header)
+        head = self._packer.pack(header)
         self.sock.sendall(_LEN.pack(len(head)) + head)
         for part in payload:
             self.sock.sendall(part)
@@ -231,13 +232,14 @@ class DataPlaneServer:
         return {"uds": self.uds_path, "tcp": list(self.tcp_address)}
 
     def _accept(self, listener: socket.socket) -> None:
-        serve = self._serve_shared if listener is self._uds else self._serve_inline
+        inline = listener is self._tcp
+        serve = self._serve_inline if inline else self._serve_shared
         while not self._closed:
             try:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            if serve == self._serve_inline:
+            if inline:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=serve, args=(conn,), daemon=True, name="dp-conn").start()
 
@@ -382,8 +384,8 @@ class PoolChannel:
         timeout = struct.pack("ll", int(timeout_s), int(timeout_s % 1 * 1e6))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
-        self._framed = _Framed(self.sock)  # inline requests
-        self._packer = self._framed.packer  # shared requests: a message is one packed header
+        self._framed = None if same_node else _Framed(self.sock)  # inline requests
+        self._packer = msgpack.Packer()  # shared requests: a message is one packed header
         self._batch_name: str | None = None  # the shared batch region the pool last heard of
         self._pending: tuple | None = None  # the awaited inline reply's (d, dtype)
         self.last_compute_s = 0.0  # the pool's own time for the last request's expert math
