@@ -395,7 +395,8 @@ class PoolChannel:
         t, a, _, dtype = batch.shape
         region = batch.name if batch.name != self._batch_name else None
         try:
-            self.sock.send(self._packer.pack(SharedRequest(layer, t, a, start, end, _DTYPE_NAMES[dtype], region)))
+            req = SharedRequest(layer, t, a, start, end, _DTYPE_NAMES[dtype], region)
+            self.sock.send(self._packer.pack(req))
         except OSError as e:
             raise DataPlaneError(f"data plane send failed: {e}") from e
         self._batch_name = batch.name

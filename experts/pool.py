@@ -78,7 +78,8 @@ class ExpertPool:
             if dev.type == "cpu":
                 bank.pair_outputs(batch.x, rows, ids, weights, batch.out, slots)
                 return
-            xs, pairs = batch.x.index_select(0, rows).to(dev), torch.arange(rows.numel(), device=dev)  # only our rows
+            xs = batch.x.index_select(0, rows).to(dev)  # only our rows
+            pairs = torch.arange(rows.numel(), device=dev)
             y = torch.empty_like(xs)
             bank.pair_outputs(xs, pairs, ids.to(dev), weights.to(dev), y, pairs)
             scatter_rows(batch.out, slots, y.cpu())

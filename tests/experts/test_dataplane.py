@@ -90,7 +90,8 @@ def test_a_malformed_header_closes_only_its_connection(pool):
     """A message that is no `SharedRequest` ends that connection: the gateway's next receive is a
     DataPlaneError (its dispatcher then falls back to Ray calls), and other connections keep working."""
     address = pool.open_data_plane()["address"]
-    bad, good, batch = PoolChannel(address, same_node=True), PoolChannel(address, same_node=True), SharedBatch()
+    bad, good = PoolChannel(address, same_node=True), PoolChannel(address, same_node=True)
+    batch = SharedBatch()
     try:
         bad.sock.send(msgpack.packb([1, 2]))
         with pytest.raises(DataPlaneError, match="closed"):
