@@ -67,7 +67,7 @@ class YuanConfig:
             raise ConfigError(f"config field 'router_type' must be 'attention' or 'classical', "
                               f"got {self.router_type!r}")
         if self.torch_dtype not in DTYPES:
-            raise ConfigError(f"config field 'torch_dtype' must be float32, bfloat16 or float16, "
+            raise ConfigError(f"config field 'torch_dtype' must be one of {', '.join(DTYPES)}, "
                               f"got {self.torch_dtype!r}")
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"config field 'rms_norm_eps' must be > 0, got {self.rms_norm_eps!r}")
