@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from gateway.errors import InvalidRequest, QueueFull
-from gateway.sampling import SamplingParams, sample
+from gateway.sampling import SampleError, SamplingParams, sample
 from model.dispatcher import Dispatcher
 from model.transformer import YuanModel
 
@@ -30,6 +30,22 @@ class EngineLimits:
     max_prompt_len: int | None = None  # default: the model's context minus one
     max_tokens: int = 1024  # largest max_tokens a request may ask for
     max_prefill_tokens: int = 4096  # prompt tokens admitted in one prefill step
+    default_max_tokens: int = 16  # a request's max_tokens when it gives none (clamped to the context)
+    max_request_id_len: int = 128  # characters of a client-chosen request id
+    max_stop_strings: int = 16  # stop strings per request
+    max_stop_len: int = 256  # characters of one stop string
+    max_stop_token_ids: int = 64  # stop token ids per request
+
+    def check_stop_strings(self, stop: list[str]) -> None:
+        """Raise `InvalidRequest` ("stop") for too many, empty or too long stop strings."""
+        if len(stop) > self.max_stop_strings:
+            raise InvalidRequest("stop", f"at most {self.max_stop_strings} stop strings, got {len(stop)}")
+        for s in stop:
+            if not s:
+                raise InvalidRequest("stop", "stop strings must not be empty")
+            if len(s) > self.max_stop_len:
+                raise InvalidRequest("stop", f"a stop string has {len(s)} characters, more than the limit "
+                                             f"{self.max_stop_len}")
 
 
 @dataclass
@@ -42,7 +58,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None
     seg_start: int = 0  # first position of the segment the next fed token belongs to
-    finish_reason: str | None = None  # "length" | "stop" | "eod" | "cancelled"
+    finish_reason: str | None = None  # "length" | "stop" | "eod" | "cancelled" | "error"
+    error: str | None = None  # why an accepted request failed (finish_reason "error")
     generator: torch.Generator | None = None
     admitted_at: float | None = None  # perf_counter() when it got a slot (for queue time)
     arrived_at: float = field(default_factory=time.perf_counter)
@@ -83,7 +100,7 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Validate and queue a request. Raises `InvalidRequest` (naming the field) or `QueueFull`."""
-        self.validate(request_id, prompt_ids, params)
+        params = self.validate(request_id, prompt_ids, params)
         seq = Sequence(request_id, list(prompt_ids), params, generator=params.generator())
         cfg = self.model.cfg
         if cfg.reset_attention_mask:
@@ -93,9 +110,14 @@ class Engine:
         return seq
 
     def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 pending: int = 0) -> None:
-        """The checks of `add`, without queueing; `pending` counts requests about to be added."""
+                 pending: int = 0) -> SamplingParams:
+        """The checks of `add`, without queueing; `pending` counts requests about to be added.
+        Returns the params with `max_tokens` resolved: an unset one is the default, clamped to the
+        room the context leaves; a given one that does not fit is refused (as vLLM does)."""
         cfg, lim = self.model.cfg, self.limits
+        if not isinstance(request_id, str) or len(request_id) > lim.max_request_id_len:
+            raise InvalidRequest("request_id", f"must be a string of at most {lim.max_request_id_len} "
+                                               f"characters, got {len(request_id)}")
         if not prompt_ids:
             raise InvalidRequest("prompt", "is empty")
         if len(prompt_ids) > lim.max_prompt_len:
@@ -104,12 +126,20 @@ class Engine:
         bad = next((t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)), None)
         if bad is not None:
             raise InvalidRequest("token_ids", f"id {bad!r} is outside the vocabulary [0, {cfg.vocab_size})")
-        params.validate(cfg.vocab_size, lim.max_tokens)
+        room = self.max_len - len(prompt_ids)
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=min(lim.default_max_tokens, lim.max_tokens, room))
+        params.validate(cfg.vocab_size, lim.max_tokens, lim.max_stop_token_ids)
+        if params.max_tokens > room:
+            raise InvalidRequest("max_tokens", f"{params.max_tokens} does not fit: the prompt has "
+                                               f"{len(prompt_ids)} tokens and the context {self.max_len}, "
+                                               f"which leaves room for {room}")
         if any(s.request_id == request_id for s in self.waiting) or \
                 any(s.request_id == request_id for s in self.running):
             raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
         if len(self.waiting) + pending >= lim.max_queue:
             raise QueueFull(f"queue is full ({lim.max_queue} waiting requests)")
+        return params
 
     def abort(self, request_id: str) -> Sequence | None:
         """Remove a request wherever it is and free its cache slot at once."""
@@ -137,27 +167,41 @@ class Engine:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Advance by one forward; returns the sequences that got a new token (finished ones too)."""
+        """Advance by one forward; returns the sequences that got a new token (finished ones too).
+
+        A forward that raises fails the sequences in it (finish_reason "error", cache freed) and
+        only those; a row that cannot be sampled fails its own sequence. Nothing else is touched,
+        and the next step goes on with the rest."""
         admitted = self._admit()
-        if admitted:
-            prompts = [torch.tensor(s.prompt_ids) for s in admitted]
-            slots = [s.slot for s in admitted] if self.cache else None
-            if self.cache:
-                self.cache.ensure_length(max(len(s.prompt_ids) for s in admitted))
-            logits = self.model.prefill(prompts, self.dispatcher, self.cache, slots)
-            batch = admitted
-        elif self.running:
-            batch = list(self.running)
-            logits = self._decode(batch)
-        else:
+        batch = admitted or list(self.running)
+        if not batch:
             return []
+        try:
+            logits = self._prefill(admitted) if admitted else self._decode(batch)
+        except Exception as e:
+            for seq in batch:
+                self._fail(seq, f"forward failed: {type(e).__name__}: {e}")
+            return batch
         self.steps += 1
         for seq, token in zip(batch, sample(logits, [s.params for s in batch], [s.generator for s in batch])):
-            self._append(seq, token)
-        for seq in batch:
-            if seq.finished:
-                self._release(seq)
+            if isinstance(token, SampleError):
+                self._fail(seq, str(token))
+            else:
+                self._append(seq, token)
+                if seq.finished:
+                    self._release(seq)
         return batch
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        seq.finish_reason, seq.error = "error", message
+        self._release(seq)
+
+    def _prefill(self, admitted: list[Sequence]) -> torch.Tensor:
+        prompts = [torch.tensor(s.prompt_ids) for s in admitted]
+        slots = [s.slot for s in admitted] if self.cache else None
+        if self.cache:
+            self.cache.ensure_length(max(len(s.prompt_ids) for s in admitted))
+        return self.model.prefill(prompts, self.dispatcher, self.cache, slots)
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []

@@ -1,5 +1,12 @@
 """Next-token choice per sequence: greedy (temperature 0) batched, else temperature, top-k, top-p
-and a per-request `torch.Generator`, so a seeded request samples the same tokens in any batch."""
+and a per-request `torch.Generator`, so a seeded request samples the same tokens in any batch.
+
+Every value validation accepts is numerically safe: a temperature below `GREEDY_BELOW` samples
+greedily (dividing logits by 1e-40 overflows to inf, and softmax of inf is NaN), and sampling
+shifts logits by their maximum before dividing, so no finite temperature overflows. A row that
+still cannot be sampled (NaN logits, say) fails alone: `sample` returns a `SampleError` for it
+and every other row gets its token.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +17,25 @@ import torch
 
 from gateway.errors import InvalidRequest
 
+GREEDY_BELOW = 1e-5  # temperatures in (0, GREEDY_BELOW) mean greedy: softmax at 1e-5 is one-hot already
+SEED_LIMIT = 2**64  # seeds are uint64 in the API
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 means greedy
+    max_tokens: int | None = 16  # None: the server's default, clamped to what fits in the context
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eod: bool = False
 
-    def validate(self, vocab_size: int, max_tokens_limit: int) -> None:
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    def validate(self, vocab_size: int, max_tokens_limit: int, max_stop_token_ids: int) -> None:
         """Raise `InvalidRequest` naming the first bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequest("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
@@ -33,37 +47,54 @@ class SamplingParams:
             raise InvalidRequest("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise InvalidRequest("seed", f"must be in [0, 2^63), got {self.seed!r}")
+        if self.seed is not None and not (0 <= self.seed < SEED_LIMIT):
+            raise InvalidRequest("seed", f"must be in [0, 2^64), got {self.seed!r}")
+        if len(self.stop_token_ids) > max_stop_token_ids:
+            raise InvalidRequest("stop_token_ids", f"at most {max_stop_token_ids} ids, got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise InvalidRequest("stop_token_ids", f"id {t} is outside the vocabulary [0, {vocab_size})")
 
     def generator(self) -> torch.Generator | None:
-        if self.temperature == 0:
+        if self.greedy:
             return None
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        return torch.Generator().manual_seed(seed)
+        if self.seed is None:
+            return torch.Generator().manual_seed(int(torch.randint(0, 2**32, ()).item()))
+        # torch's CPU generator (mt19937) keeps only a seed's low 32 bits; fold the high half in, so
+        # seeds that differ above bit 31 differ here too (seeds below 2^32 are used as they are).
+        return torch.Generator().manual_seed((self.seed ^ (self.seed >> 32)) & 0xFFFFFFFF)
+
+
+class SampleError(RuntimeError):
+    """One row could not be sampled; its request fails alone."""
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """logits `[B, V]` -> one token id per row."""
-    out = logits.argmax(dim=-1).tolist()
+           generators: list[torch.Generator | None]) -> list[int | SampleError]:
+    """logits `[B, V]` -> one token id per row, or a `SampleError` for a row that failed."""
+    out: list[int | SampleError] = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
-        if p.temperature > 0:
-            out[i] = _sample_row(logits[i].float(), p, generators[i])
+        if not p.greedy:
+            try:
+                out[i] = _sample_row(logits[i].float(), p, generators[i])
+            except (RuntimeError, ValueError) as e:
+                out[i] = SampleError(f"sampling failed: {e}")
     return out
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    logits = logits / p.temperature
+    # Shift by the max first: every value is <= 0, so dividing by any temperature >= GREEDY_BELOW
+    # gives no +inf, and the max stays 0 (softmax has at least one finite entry).
+    logits = (logits - logits.max()) / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) >= p.top_p  # keep the smallest set reaching top_p
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).item())
+    probs = torch.softmax(logits, -1)
+    if not bool(torch.isfinite(probs).all()):
+        raise SampleError("logits are not finite")
+    return int(torch.multinomial(probs, 1, generator=gen).item())

@@ -2,10 +2,12 @@
 
 `GatewayServer` runs the `Gateway` and a `grpc.aio` server on one event loop in a dedicated thread,
 so it works the same in a CLI process, a test, or a Ray Serve replica. It binds first and answers
-health NOT_SERVING (and UNAVAILABLE to calls) while the backend loads, then SERVING. `stop` drains:
-health NOT_SERVING, new calls refused, in-flight calls get `grace_s` to finish, then are cancelled
-(their engine state freed), then the backend closes. The port stays open while draining, so
-health checks see NOT_SERVING and new calls a clear UNAVAILABLE. Why a plain `grpc.aio` server and not Ray
+health NOT_SERVING (and UNAVAILABLE to calls) while the backend loads, then SERVING. `drain`
+switches health to NOT_SERVING and refuses new calls with UNAVAILABLE at once; `stop` drains, gives
+in-flight calls `grace_s` (counted from the drain's start) to finish, then cancels the rest in the
+engine, so each stream still gets its final message (FINISH_REASON_CANCELLED, with usage) and
+each unary call its partial answer, then closes the server and the backend. The port stays open
+while draining, so health checks see NOT_SERVING and new calls a clear UNAVAILABLE. Why a plain `grpc.aio` server and not Ray
 Serve's gRPC proxy: see docs/GRPC.md (measured: the proxy adds ~7x per unary call here).
 """
 
@@ -25,13 +27,13 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.engine import Engine
 from gateway.service import Gateway
-from gateway.servicer import ServingState, YuanServingServicer
+from gateway.servicer import SERVICE as SERVICE_DESCRIPTOR
+from gateway.servicer import ServingState, YuanServingServicer, add_to_server
 from gateway.tokenizer import Tokenizer
-from protos import serving_pb2 as pb
-from protos import serving_pb2_grpc as pb_grpc
 
-SERVICE = pb.DESCRIPTOR.services_by_name["YuanServing"].full_name
+SERVICE = SERVICE_DESCRIPTOR.full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+CANCEL_WAIT_S = 2.0  # after the grace period: time cancelled calls get to send their final message
 
 
 @dataclass
@@ -61,7 +63,8 @@ class Backend:
 
 
 class _BearerAuth(grpc.aio.ServerInterceptor):
-    """Checks `authorization: Bearer <token>` on every call except health."""
+    """Checks `authorization: Bearer <token>` on every call except health: exactly one such header,
+    compared in constant time (a second header, right or wrong, is refused)."""
 
     def __init__(self, token: str) -> None:
         self.expected = f"Bearer {token}".encode()
@@ -74,8 +77,10 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         if details.method.startswith(HEALTH_PREFIX):
             return await continuation(details)
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected):
+        given = [v for k, v in (details.invocation_metadata or ()) if k == "authorization"]
+        value = given[0] if len(given) == 1 else ""
+        if len(given) == 1 and hmac.compare_digest(value.encode() if isinstance(value, str) else value,
+                                                   self.expected):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:
@@ -101,6 +106,8 @@ class GatewayServer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._health = None  # the health servicer, once bound
+        self._drain_started: float | None = None  # loop time the drain began
 
     # ---- lifecycle (called from any thread) ----------------------------------------------
     def start(self) -> int:
@@ -118,13 +125,36 @@ class GatewayServer:
         if self.error is not None:
             raise RuntimeError(f"gateway backend failed to start: {self.error}") from self.error
 
+    def drain(self) -> None:
+        """From now on: health NOT_SERVING, new calls UNAVAILABLE; in-flight calls go on. Returns once
+        health says so (or the server thread is gone)."""
+        if self._loop is None or self._thread is None or not self._thread.is_alive():
+            return
+        done = threading.Event()
+
+        def begin() -> None:
+            task = asyncio.ensure_future(self._begin_drain())
+            task.add_done_callback(lambda _: done.set())
+
+        self._loop.call_soon_threadsafe(begin)
+        done.wait(5)
+
     def stop(self, grace_s: float | None = None) -> None:
         """Drain and stop; returns when the server thread has finished (backend closed)."""
         if self._loop is not None and self._stop is not None and self._thread and self._thread.is_alive():
             if grace_s is not None:
                 self.options.grace_s = grace_s
+            self.drain()
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join()
+
+    async def _begin_drain(self) -> None:
+        if self._drain_started is None:
+            self._drain_started = asyncio.get_running_loop().time()
+        self.state.draining = True
+        if self._health is not None:
+            for name in ("", SERVICE):
+                await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     @property
     def alive(self) -> bool:
@@ -147,8 +177,8 @@ class GatewayServer:
         self._stop = asyncio.Event()
         interceptors = [_BearerAuth(opts.token)] if opts.token else []
         server = grpc.aio.server(interceptors=interceptors)
-        pb_grpc.add_YuanServingServicer_to_server(YuanServingServicer(self.state), server)
-        health = health_aio.HealthServicer()
+        add_to_server(YuanServingServicer(self.state), server)
+        health = self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection([SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
         address = f"{opts.host}:{opts.port}"
@@ -170,24 +200,29 @@ class GatewayServer:
             self.state.gateway = gateway
             if self.backend.control is not None:
                 control = asyncio.ensure_future(self.backend.control(gateway))
-            for name in ("", SERVICE):
-                await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            if not self.state.draining:  # a drain asked for while loading wins
+                for name in ("", SERVICE):
+                    await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         except BaseException as e:
             self.error = e
         finally:
             self._ready.set()
         await self._stop.wait()
         # Drain: health says NOT_SERVING and new calls get UNAVAILABLE while the port stays open;
-        # in-flight calls get the grace period to finish, then are cancelled with the server.
-        self.state.draining = True
+        # in-flight calls get the grace period to finish, then are cancelled in the engine, which
+        # ends each with its final message, and then the server stops.
+        await self._begin_drain()
         if control is not None:
             control.cancel()
-        for name in ("", SERVICE):
-            await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        deadline = loop.time() + opts.grace_s
+        deadline = self._drain_started + opts.grace_s
         while self.state.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        await server.stop(min(1.0, max(0.0, deadline - loop.time())))  # let final statuses go out
+        if self.state.inflight and self.state.gateway is not None:
+            self.state.gateway.cancel_all()
+            cancel_deadline = loop.time() + CANCEL_WAIT_S
+            while self.state.inflight and loop.time() < cancel_deadline:
+                await asyncio.sleep(0.02)
+        await server.stop(0.5)  # let final statuses go out
         if self.state.gateway is not None:
             self.state.gateway.close()
         if self.backend is not None:

@@ -51,7 +51,7 @@ class Gateway:
         if request_id in self._streams:
             raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
         pending = sum(1 for op in self._inbox if op[0] == "add")
-        self.engine.validate(request_id, prompt_ids, params, pending)
+        params = self.engine.validate(request_id, prompt_ids, params, pending)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._streams[request_id] = queue
         self._post(("add", (request_id, list(prompt_ids), params)))
@@ -77,6 +77,12 @@ class Gateway:
     def cancel(self, request_id: str) -> None:
         """Remove a request at the next step boundary; its stream ends with 'cancelled'."""
         self._post(("abort", (request_id,)))
+
+    def cancel_all(self) -> None:
+        """Cancel every request in flight (a drain's grace period is over); each stream ends with
+        'cancelled'."""
+        for request_id in list(self._streams):
+            self.cancel(request_id)
 
     def stats(self) -> dict:
         stats = {**self.engine.stats(), "streams": len(self._streams),
@@ -110,8 +116,8 @@ class Gateway:
             faults = getattr(self.engine.dispatcher, "faults", 0)
             try:
                 batch = await loop.run_in_executor(self._executor, self.engine.step)
-            except Exception as e:  # a failed step fails its requests, never the gateway
-                self._fail_all(f"{type(e).__name__}: {e}")
+            except Exception as e:  # the engine fails a broken forward's requests itself; this is
+                self._fail_running(f"{type(e).__name__}: {e}")  # a bug around it: end what ran
                 continue
             if getattr(self.engine.dispatcher, "faults", 0) != faults:
                 self._faulted.update(s.request_id for s in list(self.engine.running) + batch)
@@ -145,9 +151,13 @@ class Gateway:
         queue = self._streams.get(seq.request_id)
         if queue is None:
             return
-        event = TokenEvent(seq.request_id, seq.output_ids[-1], len(seq.output_ids) - 1, seq.finish_reason,
-                           at=time.perf_counter(), admitted_at=seq.admitted_at,
-                           fault=seq.request_id in self._faulted)
+        if seq.error is not None:  # this request failed alone; the others go on
+            event = TokenEvent(seq.request_id, -1, len(seq.output_ids), "error", seq.error,
+                               time.perf_counter(), seq.admitted_at)
+        else:
+            event = TokenEvent(seq.request_id, seq.output_ids[-1], len(seq.output_ids) - 1, seq.finish_reason,
+                               at=time.perf_counter(), admitted_at=seq.admitted_at,
+                               fault=seq.request_id in self._faulted)
         if seq.finished:
             self._finish(seq.request_id, event)
         else:
@@ -159,8 +169,8 @@ class Gateway:
         if queue is not None:
             queue.put_nowait(event)
 
-    def _fail_all(self, message: str) -> None:
-        for seq in list(self.engine.running) + list(self.engine.waiting):
+    def _fail_running(self, message: str) -> None:
+        for seq in list(self.engine.running):
             self.engine.abort(seq.request_id)
             self._finish(seq.request_id, TokenEvent(seq.request_id, -1, len(seq.output_ids), "error", message,
                                                     time.perf_counter(), seq.admitted_at))

@@ -3,7 +3,10 @@
 It holds no serving logic. `to_params` is the one place protobuf becomes internal types, and
 `status_for` the one place exceptions become gRPC status codes:
 bad input -> INVALID_ARGUMENT, queue full -> RESOURCE_EXHAUSTED, not ready or draining ->
-UNAVAILABLE, deadline -> DEADLINE_EXCEEDED. A failing request never disturbs the others.
+UNAVAILABLE, deadline -> DEADLINE_EXCEEDED, a request that failed inside the engine -> INTERNAL.
+A failing request never disturbs the others. `add_to_server` registers the service with
+deserializers that turn bytes that do not parse (garbage, invalid UTF-8) into a `Malformed`
+request, which every method refuses with INVALID_ARGUMENT naming the message type.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import unknown_fields
+from google.protobuf.message import DecodeError
 
+from gateway.engine import EngineLimits
 from gateway.errors import InvalidRequest, QueueFull
 from gateway.sampling import SamplingParams
 from gateway.service import Gateway, TokenEvent
@@ -27,7 +32,7 @@ from protos import serving_pb2_grpc as pb_grpc
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eod": pb.FINISH_REASON_EOD,
           "cancelled": pb.FINISH_REASON_CANCELLED}
-MAX_STOP_STRINGS = 16
+SERVICE = pb.DESCRIPTOR.services_by_name["YuanServing"]
 
 
 class Unavailable(RuntimeError):
@@ -43,6 +48,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded"
+    if isinstance(exc, RequestFailed):
+        return grpc.StatusCode.INTERNAL, f"request failed: {exc}"
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
@@ -64,6 +71,46 @@ class ServingState:
         return self.gateway
 
 
+class RequestFailed(RuntimeError):
+    """An accepted request failed inside the engine (maps to INTERNAL); the others go on."""
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes did not parse as its message type."""
+
+    type_name: str
+    error: str
+
+
+def _parser(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:  # garbage bytes, invalid UTF-8 in a string field, a truncated message
+            return Malformed(cls.DESCRIPTOR.full_name, str(e))
+    return parse
+
+
+def add_to_server(servicer: YuanServingServicer, server) -> None:
+    """Register `yuan.serving.v1.YuanServing` as the generated code does, with forgiving parsers."""
+    handlers = {}
+    for method in SERVICE.methods:
+        kind = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(getattr(servicer, method.name),
+                                     request_deserializer=_parser(getattr(pb, method.input_type.name)),
+                                     response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def check_request(msg) -> None:
+    """Refuse a malformed message (naming its type) or one with fields this server does not know."""
+    if isinstance(msg, Malformed):
+        raise InvalidRequest("request", f"malformed {msg.type_name} message: {msg.error}")
+    _reject_unknown_fields(msg)
+
+
 def _reject_unknown_fields(msg) -> None:
     unknown = unknown_fields.UnknownFieldSet(msg)
     if len(unknown):
@@ -71,18 +118,22 @@ def _reject_unknown_fields(msg) -> None:
         raise InvalidRequest("request", f"unknown field number(s) {numbers} for {msg.DESCRIPTOR.full_name}")
 
 
-def to_params(req: pb.GenerateRequest, tokenizer: Tokenizer) -> tuple[list[int], SamplingParams, list[str]]:
-    """Prompt ids, sampling params and stop strings of a request; raises `InvalidRequest`."""
-    _reject_unknown_fields(req)
+def to_params(req: pb.GenerateRequest, tokenizer: Tokenizer,
+              limits: EngineLimits) -> tuple[list[int], SamplingParams, list[str]]:
+    """Prompt ids, sampling params and stop strings of a request; raises `InvalidRequest`. Sizes are
+    checked before anything is built from them (the engine checks the rest)."""
+    check_request(req)
     if req.text and req.token_ids:
         raise InvalidRequest("prompt", "give only one of text and token_ids")
+    if len(req.request_id) > limits.max_request_id_len:
+        raise InvalidRequest("request_id", f"has {len(req.request_id)} characters, more than the limit "
+                                           f"{limits.max_request_id_len}")
+    limits.check_stop_strings(list(req.stop))
+    if len(req.stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidRequest("stop_token_ids", f"at most {limits.max_stop_token_ids} ids, got {len(req.stop_token_ids)}")
     prompt = list(req.token_ids) if req.token_ids else tokenizer.encode(req.text)
-    if len(req.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(req.stop)}")
-    if any(not s for s in req.stop):
-        raise InvalidRequest("stop", "stop strings must not be empty")
     params = SamplingParams(
-        max_tokens=req.max_tokens if req.HasField("max_tokens") else 16,
+        max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
         temperature=req.temperature if req.HasField("temperature") else 0.0,
         top_k=req.top_k if req.HasField("top_k") else 0,
         top_p=req.top_p if req.HasField("top_p") else 1.0,
@@ -105,7 +156,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         """The request's stream messages; raises before the first one if the request is refused."""
         arrived = time.perf_counter()
         gateway = self.state.ready()
-        prompt, params, stop = to_params(req, self.state.tokenizer)
+        prompt, params, stop = to_params(req, self.state.tokenizer, gateway.engine.limits)
         rid = req.request_id or uuid.uuid4().hex
         text = TextStream(self.state.tokenizer, stop)
         first: TokenEvent | None = None
@@ -115,7 +166,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         try:
             async for event in stream:
                 if event.error:
-                    raise RuntimeError(event.error)
+                    raise RequestFailed(event.error)
                 if event.fault:  # say so at the end: a pool fault delayed this response
                     context.set_trailing_metadata((("yuan-fault", "pool-failure-recovered"),))
                 first = first or event
@@ -152,7 +203,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
             return pb.GenerateResponse(request_id=final.request_id, token_ids=ids, text="".join(chunks),
                                        finish_reason=final.finish_reason, usage=final.usage,
                                        timings=final.timings)
-        except (InvalidRequest, QueueFull, Unavailable, RuntimeError) as e:
+        except (InvalidRequest, QueueFull, Unavailable, RequestFailed) as e:
             await self._abort(context, e)
         finally:
             self.state.inflight -= 1
@@ -162,7 +213,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         try:
             async for msg in self._run(request, context):
                 yield msg  # returns once gRPC has taken the message
-        except (InvalidRequest, QueueFull, Unavailable, RuntimeError) as e:
+        except (InvalidRequest, QueueFull, Unavailable, RequestFailed) as e:
             await self._abort(context, e)
         finally:
             self.state.inflight -= 1
@@ -170,7 +221,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
     async def Tokenize(self, request, context):
         try:
             self.state.ready()
-            _reject_unknown_fields(request)
+            check_request(request)
         except (InvalidRequest, Unavailable) as e:
             await self._abort(context, e)
         return pb.TokenizeResponse(token_ids=self.state.tokenizer.encode(request.text))
@@ -178,7 +229,8 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
     async def ModelInfo(self, request, context):
         try:
             gateway = self.state.ready()
-        except Unavailable as e:
+            check_request(request)
+        except (InvalidRequest, Unavailable) as e:
             await self._abort(context, e)
         info = self.state.info
         table = getattr(gateway.engine.dispatcher, "table", None)  # live: rebalancing and scaling change it
@@ -196,7 +248,8 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
     async def Stats(self, request, context):
         try:
             gateway = self.state.ready()
-        except Unavailable as e:
+            check_request(request)
+        except (InvalidRequest, Unavailable) as e:
             await self._abort(context, e)
         s = gateway.stats()
         expert_tokens = s.get("expert_tokens", [])
