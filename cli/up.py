@@ -14,10 +14,30 @@ import threading
 import time
 
 
+APP = "yuan"
+
+
+def wait_serving(gateway, timeout_s: float, stop: threading.Event) -> None:
+    """Ask the gateway replica through Ray until it serves; raises its start-up error or TimeoutError.
+    Through Ray, not gRPC: readiness does not depend on TLS certificate names or the bind address."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set():
+        try:
+            status = gateway.status.remote().result(timeout_s=5)
+        except Exception:  # the replica is not up yet  # noqa: BLE001
+            status = None
+        if status and status["error"]:
+            raise RuntimeError(f"gateway failed to start: {status['error']}")
+        if status and status["serving"]:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server not SERVING after {timeout_s:.0f}s")
+        stop.wait(0.5)
+
+
 def cmd_up(args: argparse.Namespace) -> None:
     from ray import serve
 
-    from cli.client import channel, wait_serving
     from cluster.ray_cluster import connect
     from cluster.serve_app import build_app
 
@@ -37,19 +57,21 @@ def cmd_up(args: argparse.Namespace) -> None:
     try:
         serve.start(proxy_location="Disabled")
         serve.run(app, name="yuan", route_prefix=None, blocking=False)
-        if args.tls_cert:
-            ch = channel(f"localhost:{args.port}", args.tls_cert)
-        else:
-            ch = channel(f"{args.host}:{args.port}")
-        wait_serving(ch, args.start_timeout)
-        print(f"yuan-serve: serving on {args.host}:{args.port} ({args.pools} pools x {args.replicas} replicas), "
-              f"ready in {time.perf_counter() - t0:.1f}s; Ctrl-C to stop", flush=True)
+        gateway = serve.get_deployment_handle("GatewayDeployment", app_name=APP)
+        wait_serving(gateway, args.start_timeout, stop)
+        if not stop.is_set():
+            print(f"yuan-serve: serving on {args.host}:{args.port} ({args.pools} pools x {args.replicas} replicas), "
+                  f"ready in {time.perf_counter() - t0:.1f}s; Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass
         print("yuan-serve: draining and shutting down", file=sys.stderr, flush=True)
+        try:  # NOT_SERVING and refusing new calls now, not when Serve gets to the replica's shutdown
+            gateway.drain.remote().result(timeout_s=10)
+        except Exception as e:  # the replica is gone already: nothing to drain
+            print(f"yuan-serve: drain: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     finally:
         try:
-            serve.delete("yuan")
+            serve.delete(APP)
             serve.shutdown()
         finally:
             if started:

@@ -136,7 +136,11 @@ class Deployment:
         return ray.get(refs)
 
     def shutdown(self) -> None:
-        """Kill every actor and placement group this deployment created; stop the cluster if it started it."""
+        """Kill every actor and placement group this deployment created; stop the cluster if it started it.
+        Gateways first get a few seconds to free their shared regions (what they leave is swept at the
+        next start)."""
+        if self.gateways:
+            ray.wait([g.close.remote() for g in self.gateways], num_returns=len(self.gateways), timeout=5)
         for actor in self.gateways + self.workers:
             ray.kill(actor)
         for group in self._groups:

@@ -85,12 +85,35 @@ class AppArgs(BaseModel):
                              tls_key=self.tls_key, grace_s=self.grace_s)
 
 
+def bind_serve_internals_to_node_ip() -> None:
+    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on "[::]:0" (all
+    interfaces) after the constructor; make it bind the node's own address, as Ray's core servers
+    do, so an embedded cluster (node address 127.0.0.1) listens on loopback alone. Called in the
+    replica's constructor; it changes only this process, and only that one address."""
+    import ray
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "yuan_node_ip", False):
+        return
+    node_ip = ray.util.get_node_ip_address()
+
+    def add_port(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{node_ip}:{address.rsplit(':', 1)[1]}"
+        return original(server, address)
+
+    add_port.yuan_node_ip = True
+    replica.add_port_to_grpc_server = add_port
+
+
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 1}, health_check_period_s=5,
                   graceful_shutdown_timeout_s=60)
 class GatewayDeployment:
     def __init__(self, args: AppArgs) -> None:
         from gateway.backends import ray_backend
 
+        bind_serve_internals_to_node_ip()
         cfg, control = args.deployment_config(), args.control_config()
         self.server = GatewayServer(lambda: ray_backend(cfg, control), args.server_options())
         self.port = self.server.start()
@@ -103,10 +126,23 @@ class GatewayDeployment:
     async def address(self) -> int:
         return self.port
 
+    def status(self) -> dict:
+        """Readiness through Ray (no TLS names involved): serving, or the start-up error."""
+        error = self.server.error
+        return {"serving": self.server.serving, "error": None if error is None else f"{type(error).__name__}: {error}"}
+
+    def drain(self) -> None:
+        """Health NOT_SERVING and new calls refused from now on; in-flight calls go on."""
+        self.server.drain()
+
     def __del__(self) -> None:
         self.server.stop()
 
 
+DRAIN_MARGIN_S = 30.0  # Serve's graceful shutdown outlasts the drain's grace period by this much
+
+
 def build_app(args: dict) -> Application:
     """The application `deploy.yaml` and `yuan-serve up` deploy; raises on invalid arguments."""
-    return GatewayDeployment.bind(AppArgs(**args))
+    app_args = AppArgs(**args)
+    return GatewayDeployment.options(graceful_shutdown_timeout_s=app_args.grace_s + DRAIN_MARGIN_S).bind(app_args)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import CheckpointReader, load_experts
-from experts.dataplane import DataPlaneServer, PairBatch
+from experts.dataplane import DataPlaneLimits, DataPlaneServer, PairBatch
 from experts.wire import decode, encode
 from model.config import DTYPES, YuanConfig
 from model.experts import ExpertBank, scatter_rows
@@ -21,7 +21,7 @@ from model.experts import ExpertBank, scatter_rows
 
 class ExpertPool:
     def __init__(self, model_dir: str, expert_ids: list[int], dtype: str | None = None,
-                 device: str = "cpu", num_threads: int = 1) -> None:
+                 device: str = "cpu", num_threads: int = 1, max_tokens_per_request: int = 16384) -> None:
         torch.set_num_threads(num_threads)
         self.model_dir, self.device = model_dir, torch.device(device)
         cfg = YuanConfig.from_file(os.path.join(model_dir, "config.json"))
@@ -29,6 +29,7 @@ class ExpertPool:
         self.banks: list = []
         self.tensors_read: set[str] = set()
         self.data_plane: DataPlaneServer | None = None
+        self.max_tokens_per_request = max_tokens_per_request
         self.set_experts(expert_ids)
 
     def set_experts(self, expert_ids: list[int]) -> dict:
@@ -62,10 +63,19 @@ class ExpertPool:
                 "tensors_read": len(self.tensors_read), "device": str(self.device)}
 
     def open_data_plane(self) -> dict:
-        """Start (once) the data-plane server; returns where gateways reach it."""
+        """Start (once) the data-plane server; returns where gateways reach it and the key they prove
+        themselves with (this travels through Ray, never on the data plane)."""
         if self.data_plane is None:
-            self.data_plane = DataPlaneServer(self.compute_pairs, self.cfg.hidden_size)
+            cfg = self.cfg
+            limits = DataPlaneLimits(cfg.num_layers, cfg.num_experts, self.max_tokens_per_request, cfg.top_k)
+            self.data_plane = DataPlaneServer(self.compute_pairs, cfg.hidden_size, limits)
         return {"address": self.data_plane.address(), "host": socket.gethostname()}
+
+    def close(self) -> None:
+        """Stop the data plane (a pool being removed)."""
+        if self.data_plane is not None:
+            self.data_plane.close()
+            self.data_plane = None
 
     def compute_pairs(self, layer: int, batch: PairBatch, start: int, end: int) -> None:
         """The data plane's call: the weighted outputs of the batch's pairs [start, end) into their

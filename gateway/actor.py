@@ -49,3 +49,8 @@ class GatewayActor:
 
     async def stats(self) -> dict:
         return self.gateway.stats()
+
+    def close(self) -> None:
+        """Free what this process made outside itself (the dispatcher's shared regions)."""
+        self.gateway.close()
+        self.dispatcher.close()

@@ -47,7 +47,14 @@ def ray_backend(cfg, control=None) -> Backend:
         info = _info(engine, cfg.pools, cfg.replicas, deployment.table.version,
                      [list(w) for w in deployment.table.workers])
         run_control = (lambda gateway: control_loop(gateway, deployment, control)) if control else None
-        return Backend(engine, load_tokenizer(Path(cfg.model_dir), model.cfg), info, deployment.shutdown, run_control)
+
+        def close() -> None:  # the dispatcher's shared regions, then the pools
+            try:
+                dispatcher.close()
+            finally:
+                deployment.shutdown()
+
+        return Backend(engine, load_tokenizer(Path(cfg.model_dir), model.cfg), info, close, run_control)
     except BaseException:
         deployment.shutdown()
         raise

@@ -157,6 +157,11 @@ class GatewayServer:
                 await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     @property
+    def serving(self) -> bool:
+        """Started, with its backend up, and not draining."""
+        return self._ready.is_set() and self.error is None and not self.state.draining
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 

@@ -45,8 +45,11 @@ class ExpertBank(nn.Module):
                      weights: torch.Tensor, out: torch.Tensor, slots: torch.Tensor) -> None:
         """out[slots[i]] = weights[i] * expert `expert_ids[i]`(x[rows[i]]) for each pair i. Expert
         pools answer the data plane with this, writing straight into the gateway's shared outputs."""
+        if expert_ids.numel() and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= len(self.local_index)):
+            raise ValueError("expert_ids: a pair is routed to an expert this bank does not hold")
         local = self.local_index[expert_ids]
-        assert bool((local >= 0).all()), "pair routed to an expert this bank does not hold"
+        if not bool((local >= 0).all()):
+            raise ValueError("expert_ids: a pair is routed to an expert this bank does not hold")
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
         # Gather every pair's row and weight once, grouped by expert, so each expert takes plain

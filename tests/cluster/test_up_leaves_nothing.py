@@ -1,0 +1,141 @@
+"""`yuan-serve up` on an embedded cluster, as a user runs it (a real process, stopped with SIGINT by
+its pid): while it serves, no process it started listens on anything but loopback; once it has
+stopped, none of its processes is left, and nothing new is left in the temp dir or /dev/shm."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos import serving_pb2 as pb
+from protos import serving_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# Ray keeps each session's logs under <temp>/ray/session_* by design (operators read them); that
+# one folder is Ray's, made by any Ray process, and is not counted as left behind.
+RAY_TEMP_ROOT = "ray"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def entries(path: str) -> set[str]:
+    return set(os.listdir(path)) - {RAY_TEMP_ROOT}
+
+
+def descendants(root: int) -> set[int]:
+    """`root` and every live process below it (from /proc: each process's parent)."""
+    parent = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            parent[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in found]
+        found.update(kids)
+        frontier.extend(kids)
+    return {p for p in found if Path(f"/proc/{p}").exists()}
+
+
+def listening(pids: set[int]) -> list[tuple[int, str]]:
+    """(pid, local address) of every listening TCP socket these processes hold."""
+    addresses = {}  # socket inode -> address
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                ip_hex = fields[1].split(":")[0]
+                addresses[fields[9]] = _ip(ip_hex, width)
+    found = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in addresses:
+                found.append((pid, addresses[target[8:-1]]))
+    return found
+
+
+def _ip(hex_ip: str, width: int) -> str:
+    raw = bytes.fromhex(hex_ip)
+    if width == 8:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))  # /proc prints each 32-bit word host-order
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1",) or address.startswith("::ffff:127.")
+
+
+def test_up_listens_on_loopback_only_and_leaves_nothing_behind(fixture_dir, golden):
+    tmp, shm = tempfile.gettempdir(), "/dev/shm"
+    before_tmp, before_shm = entries(tmp), entries(shm)
+    port = free_port()
+    cmd = [sys.executable, "-u", "-m", "cli.main", "up", "--model", str(fixture_dir), "--pools", "2",
+           "--port", str(port), "--grace-s", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        for line in proc.stdout:  # up prints its ready line once health is SERVING
+            lines.append(line)
+            if "serving on" in line or time.monotonic() > deadline:
+                break
+        assert any("serving on" in line for line in lines), "".join(lines[-40:])
+        case = golden["cases"][0]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            res = pb_grpc.YuanServingStub(ch).Generate(pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16,
+                                                                          ignore_eod=True), timeout=60)
+        assert list(res.token_ids) == case["generated_ids"]
+        seen = descendants(proc.pid)
+        assert len(seen) > 5, "up, Ray's GCS, raylet, workers, pools and the gateway"
+        wide = [(pid, addr, Path(f"/proc/{pid}/cmdline").read_bytes()[:80]) for pid, addr in listening(seen)
+                if not loopback(addr)]
+        assert not wide, wide
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            rest = proc.communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            rest = proc.communicate()[0]
+    assert proc.returncode == 0, rest[-3000:]
+    deadline = time.monotonic() + 30  # Ray's processes exit after the driver's shutdown
+    while any(Path(f"/proc/{p}").exists() and _not_zombie(p) for p in seen) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in seen if Path(f"/proc/{p}").exists() and _not_zombie(p)]
+    assert entries(tmp) - before_tmp == set()
+    assert entries(shm) - before_shm == set()
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
