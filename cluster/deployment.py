@@ -108,7 +108,14 @@ class Deployment:
         return ExpertPoolActor.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
             num_cpus=cpus, num_gpus=1 if gpus else 0, max_restarts=cfg.pool_max_restarts,
-        ).remote(cfg.model_dir, expert_ids, cfg.dtype, "cuda" if gpus else "cpu")
+        ).remote(cfg.model_dir, expert_ids, cfg.dtype, "cuda" if gpus else "cpu",
+                 max_tokens_per_request=self.max_tokens_per_step())
+
+    def max_tokens_per_step(self) -> int:
+        """The most tokens a gateway's step can send a pool: a prefill budget, one prompt longer than
+        it (admitted alone), or every running sequence's decode; the pools' data plane refuses more."""
+        lim = self.cfg.limits
+        return max(lim.max_prefill_tokens, lim.max_running, lim.max_prompt_len or self.model_cfg.max_position_embeddings)
 
     def replace_worker(self, old, expert_ids: list[int]):
         """A new worker holding `expert_ids` in place of a failing one (which is stopped)."""

@@ -52,6 +52,12 @@ class AppArgs(BaseModel):
     max_queue: int = Field(256, ge=1, description="Requests waiting for a slot; more get RESOURCE_EXHAUSTED.")
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     max_prompt_len: int | None = Field(None, ge=1, description="Longest prompt in tokens; default: context - 1.")
+    default_max_tokens: int = Field(16, ge=1, description="max_tokens of a request that gives none (clamped to "
+                                    "the room its prompt leaves in the context).")
+    max_request_id_len: int = Field(128, ge=1, description="Characters of a client-chosen request id.")
+    max_stop_strings: int = Field(16, ge=0, description="Stop strings per request.")
+    max_stop_len: int = Field(256, ge=1, description="Characters of one stop string.")
+    max_stop_token_ids: int = Field(64, ge=0, description="Stop token ids per request.")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> AppArgs:
@@ -75,7 +81,9 @@ class AppArgs(BaseModel):
 
     def deployment_config(self) -> DeploymentConfig:
         limits = EngineLimits(max_running=self.max_running, max_queue=self.max_queue, max_tokens=self.max_tokens,
-                              max_prompt_len=self.max_prompt_len)
+                              max_prompt_len=self.max_prompt_len, default_max_tokens=self.default_max_tokens,
+                              max_request_id_len=self.max_request_id_len, max_stop_strings=self.max_stop_strings,
+                              max_stop_len=self.max_stop_len, max_stop_token_ids=self.max_stop_token_ids)
         return DeploymentConfig(self.model or str(demo_checkpoint()), pools=self.pools, replicas=self.replicas,
                                 gateways=0, dtype=self.dtype, limits=limits, address="auto",
                                 transport=self.transport, micro_batches=self.micro_batches)

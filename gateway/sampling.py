@@ -1,5 +1,6 @@
 """Next-token choice per sequence: greedy (temperature 0) batched, else temperature, top-k, top-p
-and a per-request `torch.Generator`, so a seeded request samples the same tokens in any batch.
+and a per-request `torch.Generator`, so a seeded request draws the same numbers in any batch (its
+tokens are the same wherever its logits are; see docs/ARCHITECTURE.md on batch invariance).
 
 Every value validation accepts is numerically safe: a temperature below `GREEDY_BELOW` samples
 greedily (dividing logits by 1e-40 overflows to inf, and softmax of inf is NaN), and sampling

@@ -1,6 +1,9 @@
 """`yuan-serve up` on an embedded cluster, as a user runs it (a real process, stopped with SIGINT by
-its pid): while it serves, no process it started listens on anything but loopback; once it has
-stopped, none of its processes is left, and nothing new is left in the temp dir or /dev/shm."""
+its pid), with TLS whose certificate names another host and a bearer token: it gets ready (readiness
+does not dial by name); while it serves, no process it started listens on anything but loopback;
+SIGINT drains at once (health NOT_SERVING while a long stream still runs) and the grace period ends
+that stream with its final CANCELLED message; once it has stopped, none of its processes is left,
+and nothing new is left in the temp dir or /dev/shm."""
 
 from __future__ import annotations
 
@@ -13,8 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import datetime
+import threading
+
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import serving_pb2 as pb
 from protos import serving_pb2_grpc as pb_grpc
@@ -91,15 +98,39 @@ def loopback(address: str) -> bool:
     return address.startswith("127.") or address in ("::1",) or address.startswith("::ffff:127.")
 
 
-def test_up_listens_on_loopback_only_and_leaves_nothing_behind(fixture_dir, golden):
+def self_signed(directory: Path, host: str) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    return directory / "cert.pem", directory / "key.pem"
+
+
+def test_up_listens_on_loopback_only_drains_and_leaves_nothing_behind(fixture_dir, golden, tmp_path):
+    pytest.importorskip("cryptography")
+    cert, key = self_signed(tmp_path, "gateway.yuan.internal")  # not localhost, not 127.0.0.1
     tmp, shm = tempfile.gettempdir(), "/dev/shm"
     before_tmp, before_shm = entries(tmp), entries(shm)
     port = free_port()
     cmd = [sys.executable, "-u", "-m", "cli.main", "up", "--model", str(fixture_dir), "--pools", "2",
-           "--port", str(port), "--grace-s", "2"]
+           "--port", str(port), "--grace-s", "3", "--tls-cert", str(cert), "--tls-key", str(key),
+           "--token", "t0ken", "--max-tokens", "1000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     seen: set[int] = set()
+    interrupted = False
     try:
         deadline = time.monotonic() + 120
         lines = []
@@ -108,18 +139,44 @@ def test_up_listens_on_loopback_only_and_leaves_nothing_behind(fixture_dir, gold
             if "serving on" in line or time.monotonic() > deadline:
                 break
         assert any("serving on" in line for line in lines), "".join(lines[-40:])
+        channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(cert.read_bytes()),
+                                      options=[("grpc.ssl_target_name_override", "gateway.yuan.internal")])
+        stub, auth = pb_grpc.YuanServingStub(channel), [("authorization", "Bearer t0ken")]
         case = golden["cases"][0]
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            res = pb_grpc.YuanServingStub(ch).Generate(pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16,
-                                                                          ignore_eod=True), timeout=60)
+        res = stub.Generate(pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True),
+                            metadata=auth, timeout=60)
         assert list(res.token_ids) == case["generated_ids"]
         seen = descendants(proc.pid)
         assert len(seen) > 5, "up, Ray's GCS, raylet, workers, pools and the gateway"
         wide = [(pid, addr, Path(f"/proc/{pid}/cmdline").read_bytes()[:80]) for pid, addr in listening(seen)
                 if not loopback(addr)]
         assert not wide, wide
-    finally:
+        long = stub.GenerateStream(pb.GenerateRequest(token_ids=[5, 6, 7], max_tokens=1000, ignore_eod=True),
+                                   metadata=auth, timeout=120)
+        first = next(long)
+        rest: list = []
+        reader = threading.Thread(target=lambda: rest.extend(long))
+        reader.start()
         os.kill(proc.pid, signal.SIGINT)
+        interrupted = True
+        health = health_pb2_grpc.HealthStub(channel)
+        status = None
+        while reader.is_alive():  # the drain is visible while the stream still runs
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING and reader.is_alive()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(pb.GenerateRequest(token_ids=[1], max_tokens=1), metadata=auth, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        reader.join(60)
+        msgs = [first] + rest
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_CANCELLED and 1 < len(msgs) < 1000
+        channel.close()
+    finally:
+        if not interrupted:
+            os.kill(proc.pid, signal.SIGINT)
         try:
             rest = proc.communicate(timeout=120)[0]
         except subprocess.TimeoutExpired:
