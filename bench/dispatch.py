@@ -19,7 +19,7 @@ import torch
 
 from bench import percentiles, wait_for_quiet
 from cluster.deployment import Deployment, DeploymentConfig
-from cluster.placement import plan_pools
+from router.table import plan_pools
 from cluster.ray_cluster import connect
 from experts.pool import ExpertPool
 from gateway.compiled_dispatcher import CompiledGraphDispatcher

@@ -106,25 +106,36 @@ def _generate_local(args, model_dir: str, prompt: list[int], params) -> tuple[li
 
 
 def _generate_ray(args, model_dir: str, prompt: list[int], params) -> tuple[list[int], str, dict]:
-    from dataclasses import asdict
+    """One generation through the cluster path a served gateway takes: a controller that owns the
+    pools, and a gateway (here, in this process) attached to it."""
+    import uuid
 
     import ray
 
-    from cluster.deployment import Deployment, DeploymentConfig
+    from cluster.controller import stop_controller
+    from cluster.gateway_host import attach_backend
+    from cluster.pools import PoolConfig
+    from cluster.ray_cluster import connect
 
     t0 = time.perf_counter()
-    deployment = Deployment(DeploymentConfig(model_dir, pools=args.pools, replicas=args.replicas,
-                                             dtype=args.dtype, address=args.address, transport=args.transport,
-                                             micro_batches=args.micro_batches))
+    started = connect(args.address, num_cpus=None if args.address else max(8, args.pools * args.replicas + 4))
+    app = f"generate-{uuid.uuid4().hex[:8]}"
     try:
-        deployment.start()
-        t1 = time.perf_counter()
-        result = ray.get(deployment.gateways[0].generate.remote("cli", prompt, asdict(params)))
-        t2 = time.perf_counter()
+        backend = attach_backend(app, PoolConfig(model_dir, pools=args.pools, replicas=args.replicas, dtype=args.dtype,
+                                                 address=args.address, transport=args.transport,
+                                                 micro_batches=args.micro_batches))
+        try:
+            t1 = time.perf_counter()
+            seq = backend.engine.generate([prompt], params)[0]
+            t2 = time.perf_counter()
+        finally:
+            backend.close()
     finally:
-        deployment.shutdown()
+        stop_controller(app)
+        if started:
+            ray.shutdown()
     timing = {"startup_s": t1 - t0, "generate_s": t2 - t1, "pools": args.pools, "replicas": args.replicas}
-    return result["token_ids"], result["finish_reason"], timing
+    return seq.output_ids, seq.finish_reason, timing
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -202,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cluster.placement import PlacementError
+    from router.table import PlacementError
     from gateway.errors import InvalidRequest
     from model.checkpoint import CheckpointError
     from model.config import ConfigError

@@ -1,24 +1,19 @@
 """Autoscaling expert pools: the number of pool workers follows measured load between bounds.
 
 `ScalingPolicy.decide` is pure (unit-tested): demand is the routed (token, expert) pairs per second
-over the last window divided by what one worker should carry; the target moves up after `up_after`
-consecutive windows above the current size, down after `down_after` windows below it (hysteresis),
-always within [min_workers, max_workers]. `Autoscaler` applies a decision with the same three-phase
-move as rebalancing: new workers start and load their experts off the critical path, the gateway
-switches tables at a step boundary, and workers left out are stopped only after the switch, when no
-call can be in flight to them (draining). No request fails in either direction.
+over the last window (summed over every gateway) divided by what one worker should carry; the target
+moves up after `up_after` consecutive windows above the current size, down after `down_after`
+windows below it (hysteresis), always within [min_workers, max_workers]. The controller applies a
+decision (`Controller.scale_to`) with the same three-phase move as rebalancing: new workers start and
+load their experts off the critical path, every gateway switches tables at a step boundary, and
+workers left out are stopped only after every live gateway acknowledged the switch. No request
+fails in either direction.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from dataclasses import dataclass, field
-
-from cluster.deployment import Deployment
-from cluster.rebalance import Rebalancer
-from router.load import window
 
 
 @dataclass
@@ -47,40 +42,3 @@ class ScalingPolicy:
             self._below = 0
             return max(need, current - 1)  # step down one at a time
         return current
-
-
-class Autoscaler:
-    def __init__(self, deployment: Deployment, rebalancer: Rebalancer, policy: ScalingPolicy) -> None:
-        self.deployment, self.rebalancer, self.policy = deployment, rebalancer, policy
-        self._last = rebalancer.dispatcher.load.snapshot()
-        self._last_t = time.monotonic()
-        self.history: list[dict] = []  # one entry per scaling action, with how long it took
-
-    @property
-    def workers(self) -> list:
-        return self.rebalancer.workers
-
-    async def tick(self) -> int:
-        """Measure the window since the last tick and scale if the policy says so; returns the size."""
-        snap, now = self.rebalancer.dispatcher.load.snapshot(), time.monotonic()
-        pairs = sum(window(self._last, snap)["worker_pairs"].values())
-        rate = pairs / max(1e-6, now - self._last_t)
-        self._last, self._last_t = snap, now
-        target = self.policy.decide(len(self.workers), rate)
-        if target != len(self.workers):
-            await self.scale_to(target, since=None)
-        return len(self.workers)
-
-    async def scale_to(self, n: int, since: dict | None = None) -> None:
-        t0 = time.monotonic()
-        before = len(self.workers)
-        loop = asyncio.get_running_loop()
-        workers = list(self.workers)
-        while len(workers) < n:  # start new workers off the critical path (the gateway keeps stepping)
-            workers.append(await loop.run_in_executor(None, self.deployment.add_worker, []))
-        keep, gone = workers[:n], workers[n:]
-        table = self.rebalancer.plan(since, num_workers=n)
-        await self.rebalancer.apply(table, keep)
-        for w in gone:  # after the switch: no routing table sends them work
-            self.deployment.remove_worker(w)
-        self.history.append({"from": before, "to": n, "seconds": time.monotonic() - t0, "version": table.version})

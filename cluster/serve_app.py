@@ -1,10 +1,15 @@
-"""The Ray Serve application: one gateway deployment that starts its expert pools and serves gRPC.
+"""The Ray Serve application: `gateways` gateway replicas sharing one controller and its pools.
 
 `deploy.yaml` imports `build_app` by path (`serve run deploy.yaml`, `serve deploy deploy.yaml`), and
 `yuan-serve up` calls the same builder, so both run exactly this. Arguments are validated
-(`AppArgs`, unknown keys refused) before anything starts. The gateway's gRPC server is a plain
-`grpc.aio` server inside the replica, not Serve's gRPC proxy (docs/GRPC.md says why); Serve
-supplies lifecycle: health checks that restart a broken replica, and a graceful `__del__` drain.
+(`AppArgs`, unknown keys refused) before anything starts. Each replica gets (or, the first one,
+starts) the application's controller by name and attaches to it (`cluster.gateway_host`); the
+controller owns the pools, so a replica's crash or redeploy costs no pool. Every replica serves gRPC
+on the same port: grpc sets SO_REUSEPORT on Linux, so on one node the kernel spreads connections
+over them. The gRPC server is a plain `grpc.aio` server inside the replica, not Serve's gRPC proxy
+(docs/GRPC.md says why); Serve supplies lifecycle: health checks that restart a broken replica, and
+a graceful `__del__` drain. The controller stops the pools by itself once the Serve application is
+gone and no gateway reports any more.
 """
 
 from __future__ import annotations
@@ -15,10 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
-from cluster.deployment import DeploymentConfig
+from cluster.pools import PoolConfig
 from gateway.engine import EngineLimits
 from gateway.server import GatewayServer, ServerOptions
 from model.checkpoint import demo_checkpoint
+
+
+def _default(cls, name: str):
+    """A dataclass field's default: the one place it is written."""
+    return cls.__dataclass_fields__[name].default
 
 
 class AppArgs(BaseModel):
@@ -27,18 +37,20 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Checkpoint directory; empty: the demo checkpoint, created once.")
-    pools: int = Field(4, ge=1, le=32, description="Expert pools (each hosts a block of experts of every layer).")
-    replicas: int = Field(1, ge=1, le=8, description="Replicas of every pool.")
+    pools: int = Field(_default(PoolConfig, "pools"), ge=1, le=32, description="Expert pools (each hosts a block of experts of every layer).")
+    replicas: int = Field(_default(PoolConfig, "replicas"), ge=1, le=8, description="Replicas of every pool.")
+    gateways: int = Field(1, ge=1, le=64, description="Gateway replicas (attention, cache, scheduler) sharing "
+                          "the pools; on one node they share the gRPC port (SO_REUSEPORT).")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Override the checkpoint dtype.")
-    transport: Literal["dataplane", "ray"] = Field("dataplane", description="Gateway <-> pool bytes: the data "
+    transport: Literal["dataplane", "ray"] = Field(_default(PoolConfig, "transport"), description="Gateway <-> pool bytes: the data "
                                                    "plane (shared memory / TCP) or plain Ray calls.")
-    host: str = Field("127.0.0.1", description="gRPC bind address; loopback by default.")
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port.")
+    host: str = Field(_default(ServerOptions, "host"), description="gRPC bind address; loopback by default.")
+    port: int = Field(_default(ServerOptions, "port"), ge=0, le=65535, description="gRPC port.")
     token: str | None = Field(None, description="Bearer token required on every call except health.")
     tls_cert: str | None = Field(None, description="PEM certificate path (with tls_key) for TLS.")
     tls_key: str | None = Field(None, description="PEM private key path (with tls_cert).")
-    grace_s: float = Field(10.0, ge=0, description="Drain: seconds in-flight requests get to finish.")
-    micro_batches: Literal[1, 2] = Field(1, description="2: decode in two halves, one's attention overlapping "
+    grace_s: float = Field(_default(ServerOptions, "grace_s"), ge=0, description="Drain: seconds in-flight requests get to finish.")
+    micro_batches: Literal[1, 2] = Field(_default(PoolConfig, "micro_batches"), description="2: decode in two halves, one's attention overlapping "
                                          "the other's expert step.")
     rebalance_every_s: float | None = Field(None, gt=0, description="Re-place expert replicas from measured "
                                             "load this often; empty: never.")
@@ -48,16 +60,16 @@ class AppArgs(BaseModel):
     autoscale_max_pools: int | None = Field(None, ge=1, description="Upper bound of the pool count.")
     pairs_per_s_per_pool: float = Field(2000.0, gt=0, description="Load one pool should carry (routed pairs/s).")
     metrics_per_layer: bool = Field(False, description="Prometheus expert load per layer too (more series).")
-    max_running: int = Field(64, ge=1, description="Sequences decoding together.")
-    max_queue: int = Field(256, ge=1, description="Requests waiting for a slot; more get RESOURCE_EXHAUSTED.")
-    max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_running: int = Field(_default(EngineLimits, "max_running"), ge=1, description="Sequences decoding together.")
+    max_queue: int = Field(_default(EngineLimits, "max_queue"), ge=1, description="Requests waiting for a slot; more get RESOURCE_EXHAUSTED.")
+    max_tokens: int = Field(_default(EngineLimits, "max_tokens"), ge=1, description="Largest max_tokens a request may ask for.")
     max_prompt_len: int | None = Field(None, ge=1, description="Longest prompt in tokens; default: context - 1.")
-    default_max_tokens: int = Field(16, ge=1, description="max_tokens of a request that gives none (clamped to "
+    default_max_tokens: int = Field(_default(EngineLimits, "default_max_tokens"), ge=1, description="max_tokens of a request that gives none (clamped to "
                                     "the room its prompt leaves in the context).")
-    max_request_id_len: int = Field(128, ge=1, description="Characters of a client-chosen request id.")
-    max_stop_strings: int = Field(16, ge=0, description="Stop strings per request.")
-    max_stop_len: int = Field(256, ge=1, description="Characters of one stop string.")
-    max_stop_token_ids: int = Field(64, ge=0, description="Stop token ids per request.")
+    max_request_id_len: int = Field(_default(EngineLimits, "max_request_id_len"), ge=1, description="Characters of a client-chosen request id.")
+    max_stop_strings: int = Field(_default(EngineLimits, "max_stop_strings"), ge=0, description="Stop strings per request.")
+    max_stop_len: int = Field(_default(EngineLimits, "max_stop_len"), ge=1, description="Characters of one stop string.")
+    max_stop_token_ids: int = Field(_default(EngineLimits, "max_stop_token_ids"), ge=0, description="Stop token ids per request.")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> AppArgs:
@@ -69,7 +81,7 @@ class AppArgs(BaseModel):
             raise ValueError("autoscale_min_pools must be <= autoscale_max_pools")
         return self
 
-    def control_config(self):
+    def control_config(self, app: str | None = None):
         from cluster.autoscale import ScalingPolicy
         from cluster.controller import ControlConfig
 
@@ -77,16 +89,16 @@ class AppArgs(BaseModel):
         if self.autoscale_min_pools is not None:
             policy = ScalingPolicy(self.autoscale_min_pools, self.autoscale_max_pools, self.pairs_per_s_per_pool)
         return ControlConfig(rebalance_every_s=self.rebalance_every_s, slots_per_pool=self.slots_per_pool,
-                             autoscale=policy, metrics_per_layer=self.metrics_per_layer)
+                             autoscale=policy, metrics_per_layer=self.metrics_per_layer, serve_app=app)
 
-    def deployment_config(self) -> DeploymentConfig:
+    def pool_config(self) -> PoolConfig:
         limits = EngineLimits(max_running=self.max_running, max_queue=self.max_queue, max_tokens=self.max_tokens,
                               max_prompt_len=self.max_prompt_len, default_max_tokens=self.default_max_tokens,
                               max_request_id_len=self.max_request_id_len, max_stop_strings=self.max_stop_strings,
                               max_stop_len=self.max_stop_len, max_stop_token_ids=self.max_stop_token_ids)
-        return DeploymentConfig(self.model or str(demo_checkpoint()), pools=self.pools, replicas=self.replicas,
-                                gateways=0, dtype=self.dtype, limits=limits, address="auto",
-                                transport=self.transport, micro_batches=self.micro_batches)
+        return PoolConfig(self.model or str(demo_checkpoint()), pools=self.pools, replicas=self.replicas,
+                          dtype=self.dtype, limits=limits, address="auto", transport=self.transport,
+                          micro_batches=self.micro_batches)
 
     def server_options(self) -> ServerOptions:
         return ServerOptions(host=self.host, port=self.port, token=self.token, tls_cert=self.tls_cert,
@@ -119,11 +131,12 @@ def bind_serve_internals_to_node_ip() -> None:
                   graceful_shutdown_timeout_s=60)
 class GatewayDeployment:
     def __init__(self, args: AppArgs) -> None:
-        from gateway.backends import ray_backend
+        from cluster.gateway_host import attach_backend
 
         bind_serve_internals_to_node_ip()
-        cfg, control = args.deployment_config(), args.control_config()
-        self.server = GatewayServer(lambda: ray_backend(cfg, control), args.server_options())
+        app = serve.get_replica_context().app_name
+        pools, control = args.pool_config(), args.control_config(app)
+        self.server = GatewayServer(lambda: attach_backend(app, pools, control), args.server_options())
         self.port = self.server.start()
 
     def check_health(self) -> None:
@@ -139,9 +152,11 @@ class GatewayDeployment:
         error = self.server.error
         return {"serving": self.server.serving, "error": None if error is None else f"{type(error).__name__}: {error}"}
 
-    def drain(self) -> None:
-        """Health NOT_SERVING and new calls refused from now on; in-flight calls go on."""
+    def drain(self) -> str:
+        """Health NOT_SERVING and new calls refused from now on; in-flight calls go on. Returns this
+        gateway's id."""
         self.server.drain()
+        return self.server.state.gateway_id
 
     def __del__(self) -> None:
         self.server.stop()
@@ -153,4 +168,5 @@ DRAIN_MARGIN_S = 30.0  # Serve's graceful shutdown outlasts the drain's grace pe
 def build_app(args: dict) -> Application:
     """The application `deploy.yaml` and `yuan-serve up` deploy; raises on invalid arguments."""
     app_args = AppArgs(**args)
-    return GatewayDeployment.options(graceful_shutdown_timeout_s=app_args.grace_s + DRAIN_MARGIN_S).bind(app_args)
+    return GatewayDeployment.options(num_replicas=app_args.gateways,
+                                     graceful_shutdown_timeout_s=app_args.grace_s + DRAIN_MARGIN_S).bind(app_args)

@@ -9,4 +9,17 @@ from experts.pool import ExpertPool
 
 @ray.remote
 class ExpertPoolActor(ExpertPool):
-    """`ExpertPool` as a Ray actor; calls run one at a time, in arrival order."""
+    """`ExpertPool` as a Ray actor; calls run one at a time, in arrival order. It names the Ray node
+    it runs on (gateways on the same node id use shared memory, others TCP) and serves TCP on the
+    node's address."""
+
+    def info(self) -> dict:
+        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def open_data_plane(self, tcp_host: str | None = None) -> dict:
+        reply = super().open_data_plane(tcp_host or ray.util.get_node_ip_address())
+        return {**reply, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def ping(self) -> int:
+        """The controller's health probe: answers at once unless the process is stopped or dead."""
+        return self.table_version

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from model.checkpoint import CheckpointReader, load_experts
-from experts.dataplane import DataPlaneLimits, DataPlaneServer, PairBatch
-from experts.wire import decode, encode
+from experts.dataplane import DataPlaneServer
+from router.dataplane import DataPlaneLimits, PairBatch
+from router.wire import decode, encode
 from model.config import DTYPES, YuanConfig
 from model.experts import ExpertBank, scatter_rows
 
@@ -30,13 +31,16 @@ class ExpertPool:
         self.tensors_read: set[str] = set()
         self.data_plane: DataPlaneServer | None = None
         self.max_tokens_per_request = max_tokens_per_request
+        self.table_version = 0  # the routing-table version these experts were set for (0: at start)
         self.set_experts(expert_ids)
 
-    def set_experts(self, expert_ids: list[int]) -> dict:
+    def set_experts(self, expert_ids: list[int], table_version: int | None = None) -> dict:
         """Hold exactly `expert_ids`: kept experts are copied, new ones read from the checkpoint (only
         their tensors; `tensors_read` lists them), and the banks are swapped in one assignment, so
         calls in flight on other threads finish on the old banks and the next call sees the new ones."""
         ids = sorted(set(expert_ids))
+        if table_version is not None:
+            self.table_version = table_version
         held = {e: j for j, e in enumerate(self.banks[0].expert_ids)} if self.banks else {}
         new = [e for e in ids if e not in held]
         reader = CheckpointReader(self.model_dir)
@@ -60,16 +64,17 @@ class ExpertPool:
     def info(self) -> dict:
         return {"experts": list(self.banks[0].expert_ids) if self.banks else [],
                 "bytes": sum(b.nbytes() for b in self.banks), "pid": os.getpid(),
-                "tensors_read": len(self.tensors_read), "device": str(self.device)}
+                "tensors_read": len(self.tensors_read), "device": str(self.device),
+                "table_version": self.table_version, "node_id": ""}
 
-    def open_data_plane(self) -> dict:
+    def open_data_plane(self, tcp_host: str = "127.0.0.1") -> dict:
         """Start (once) the data-plane server; returns where gateways reach it and the key they prove
         themselves with (this travels through Ray, never on the data plane)."""
         if self.data_plane is None:
             cfg = self.cfg
             limits = DataPlaneLimits(cfg.num_layers, cfg.num_experts, self.max_tokens_per_request, cfg.top_k)
-            self.data_plane = DataPlaneServer(self.compute_pairs, cfg.hidden_size, limits)
-        return {"address": self.data_plane.address(), "host": socket.gethostname()}
+            self.data_plane = DataPlaneServer(self.compute_pairs, cfg.hidden_size, limits, tcp_host)
+        return {"address": self.data_plane.address(), "host": socket.gethostname(), "node_id": ""}
 
     def close(self) -> None:
         """Stop the data plane (a pool being removed)."""

@@ -14,8 +14,8 @@ import ray
 import torch
 from ray.dag import InputNode, MultiOutputNode
 
-from cluster.placement import RoutingTable
-from experts.wire import decode, encode
+from router.table import RoutingTable
+from router.wire import decode, encode
 from router.plan import DispatchTable, assign_pairs
 
 

@@ -1,41 +1,76 @@
 """The gateway's side of the expert step: plan, send to the pools, await all, combine.
 
 Per layer one request goes to every worker that has work, all in flight at once. Each worker is
-reached by its transport: the data plane (`experts/dataplane.py`) by default, where pools on this
-node compute their span of a batch and plan written once to shared memory, straight into the pairs'
-output slots, and pools on other nodes get their rows over TCP; or plain Ray actor calls, which stay
-as the fallback: a worker whose data plane fails is served by Ray calls from then on (`fallbacks`
-counts them). Once every reply is in, each token's slots are added (`sum_slots`). `submit`/`wait`
-split a layer's call so two micro-batches can overlap; each micro-batch (`lane`) has its own
-connections. The routing table can be swapped between steps (`set_table`) without touching this path.
+reached by its transport: the data plane (`gateway/channel.py` to `experts/dataplane.py`) by
+default, where pools on this Ray node compute their span of a batch and plan written once to shared
+memory, straight into the pairs' output slots, and pools on other nodes get their rows over TCP; or
+plain Ray actor calls, which stay as the fallback: a worker whose data plane fails is served by Ray
+calls (`fallbacks` counts them). Once every reply is in, each token's slots are added (`sum_slots`).
+`submit`/`wait` split a layer's call so two micro-batches can overlap; each micro-batch (`lane`)
+has its own connections. The routing table can be swapped between steps (`set_table`) without
+touching this path; workers are known by their keys (name@pid), so a restarted pool is reconnected.
 
-Faults: when a worker dies mid-step, its request goes again to another worker holding all of its
-experts, or, when it held the only copy, waits for Ray to restart it (pools run with
-`max_restarts`), puts the table's experts back on it and reconnects its data plane. A worker that
-stays unusable for `replace_after_s` (it keeps dying, or has no restarts left) leaves the routing
-table: a new worker started by `replace_worker` takes its place under a new table version. `faults` counts such
-events so the gateway can flag the requests they delayed.
+Every wait is bounded. A data-plane reply has a deadline from the worker's recent round trips
+(`ReplyDeadline`: a multiple of their p99, per pair, with a floor). Past it, when other workers hold
+every expert of the span, the span is computed by one of them (a Ray call) and the slow worker is
+*suspect*: its connections close, planning leaves it out while others hold its experts, the lane's
+shared region is renewed (a late write from it lands in the old one), and it is tried again after
+`suspect_s`. With no other holder the request waits for it, up to `recovery_timeout_s`. A worker that
+died is recovered the same way: another holder, or the worker once Ray has restarted it, or the
+holders of the controller's latest table (`fetch_table`); `faults` counts such events so the gateway
+can flag the requests they delayed.
 """
 
 from __future__ import annotations
 
-import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from cluster.placement import RoutingTable
-from experts.dataplane import DataPlaneError, PoolChannel, SharedBatch
-from experts.wire import decode, encode
+from gateway.channel import PoolChannel, SharedBatch
 from model.experts import scatter_rows, sum_slots
+from router.dataplane import DataPlaneError, DataPlaneTimeout
 from router.load import LoadTracker
 from router.plan import DispatchPlan, DispatchTable, WorkerRequest, plan_dispatch
+from router.table import RoutingTable
+from router.wire import decode, encode
 
 TRANSPORTS = ("dataplane", "ray")
 LANES = 2
+_RAY_FAULTS = (RayActorError, ActorUnavailableError, GetTimeoutError, RayTaskError)
+
+
+class ReplyDeadline:
+    """How long one worker's reply may take: `multiple` x the p99 of its recent round trips (per
+    pair, times the pairs asked, or whole, whichever is larger), never under `floor_s`; `cold_s`
+    until `min_samples` round trips are known."""
+
+    def __init__(self, floor_s: float = 0.05, multiple: float = 20.0, cold_s: float = 2.0,
+                 window: int = 256, min_samples: int = 16) -> None:
+        self.floor_s, self.multiple, self.cold_s, self.min_samples = floor_s, multiple, cold_s, min_samples
+        self._whole: deque[float] = deque(maxlen=window)
+        self._per_pair: deque[float] = deque(maxlen=window)
+        self._p99 = (0.0, 0.0)
+        self._since = 0
+
+    def record(self, seconds: float, pairs: int) -> None:
+        self._whole.append(seconds)
+        self._per_pair.append(seconds / max(1, pairs))
+        self._since += 1
+        if self._since >= 32 or len(self._whole) == self.min_samples:  # a quantile every 32 samples
+            self._since = 0
+            self._p99 = (float(np.quantile(self._whole, 0.99)), float(np.quantile(self._per_pair, 0.99)))
+
+    def seconds(self, pairs: int) -> float:
+        if len(self._whole) < self.min_samples:
+            return self.cold_s
+        whole, per_pair = self._p99
+        return max(self.floor_s, self.multiple * max(whole, per_pair * pairs))
 
 
 @dataclass
@@ -48,11 +83,12 @@ class Pending:
     plan: DispatchPlan
     handles: list  # per span of the plan: the PoolChannel it went to, or an ObjectRef (Ray)
     outputs: torch.Tensor | None = None  # the output slots `[T*A, d]`: the lane's shared batch once written
+    sent_at: float = 0.0
 
 
 class PoolDispatcher:
     def __init__(self, table: RoutingTable, workers: list, transport: str = "dataplane",
-                 num_layers: int = 1) -> None:
+                 num_layers: int = 1, keys: list[str] | None = None) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.transport = transport
@@ -60,44 +96,62 @@ class PoolDispatcher:
         self.load = LoadTracker(num_layers, table.num_experts)
         self.fallbacks = 0
         self.faults = 0
-        self.recovery_timeout_s = 120.0
-        self.replace_after_s = 30.0  # a worker unusable this long is replaced (Ray's restart comes first)
-        self.replaced = 0
-        self.replace_worker = None  # (old handle, expert ids) -> new ready handle; set by the deployment
+        self.timeouts = 0  # replies that missed their deadline
+        self.recovery_timeout_s = 120.0  # the longest a span waits for a worker that has no other holder
+        self.call_timeout_s = 10.0  # one Ray call's deadline while recovering
+        self.suspect_s = 5.0  # a worker that missed a deadline is left out this long, then tried again
+        self.fetch_table = None  # () -> {"table", "workers", "keys"}: the controller's current one
+        self.keys: list[str] = []
         self._channels: dict[tuple[int, int], PoolChannel] = {}
+        self._deadlines: dict[str, ReplyDeadline] = {}  # per worker key
+        self._suspect: dict[int, float] = {}  # worker -> since when (this table)
+        self._stale_lanes: set[int] = set()  # lanes whose shared region a suspect worker may still write
         self._local_pools = False  # some channel reaches its pool through the shared batch (kept after a drop)
         self._batches = [SharedBatch() for _ in range(LANES)]  # per lane: the batch pools on this node read
-        self.set_table(table, workers)
+        self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        self.set_table(table, workers, keys)
 
-    def set_table(self, table: RoutingTable, workers: list) -> None:
+    def set_table(self, table: RoutingTable, workers: list, keys: list[str] | None = None) -> None:
         """Switch to a new routing table (call between steps). Connections to workers that stay
-        are kept; new workers get theirs; gone ones are closed."""
+        (same key) are kept; new workers get theirs; gone ones are closed."""
         if len(workers) != len(table.workers):
             raise ValueError(f"routing table v{table.version} has {len(table.workers)} workers, "
                              f"got {len(workers)} handles")
-        old = {id(h): w for w, h in enumerate(getattr(self, "workers", []))}
-        kept = {(w, lane): self._channels.pop((old[id(h)], lane))
-                for w, h in enumerate(workers) if id(h) in old for lane in range(LANES)
-                if (old[id(h)], lane) in self._channels}
+        keys = list(keys) if keys is not None else [f"handle-{id(h)}" for h in workers]
+        old = {k: w for w, k in enumerate(self.keys)}
+        kept = {(w, lane): self._channels.pop((old[k], lane)) for w, k in enumerate(keys) if k in old
+                for lane in range(LANES) if (old[k], lane) in self._channels}
         self._close_channels()
         self._channels = kept
         self._local_pools = any(c.shared for c in kept.values())
-        self.table, self.workers, self._plan = table, list(workers), DispatchTable(table.replica_lists())
+        self.table, self.workers, self.keys = table, list(workers), keys
+        self._replicas = table.replica_lists()
+        self._suspect.clear()
+        self._plan = DispatchTable(self._replicas)
         self._connect([w for w in range(len(workers)) if (w, 0) not in kept])
 
     def _connect(self, workers: list[int]) -> None:
         """Open the data plane to these workers, every lane; one that cannot be reached is served
-        by Ray calls."""
+        by Ray calls. Same Ray node id: shared memory; another node: TCP."""
         if self.transport != "dataplane" or not workers:
             return
-        here = socket.gethostname()
-        for w, info in zip(workers, ray.get([self.workers[w].open_data_plane.remote() for w in workers])):
+        try:
+            infos = ray.get([self.workers[w].open_data_plane.remote() for w in workers], timeout=self.call_timeout_s)
+        except _RAY_FAULTS:
+            infos = [None] * len(workers)
+        for w, info in zip(workers, infos):
+            if info is None:
+                continue
+            same_node = bool(self._node_id) and info.get("node_id") == self._node_id
             try:
                 for lane in range(LANES):
-                    self._channels[(w, lane)] = PoolChannel(info["address"], same_node=info["host"] == here)
+                    self._channels[(w, lane)] = PoolChannel(info["address"], same_node=same_node)
                     self._local_pools |= self._channels[(w, lane)].shared
             except OSError:
                 self._drop(w)
+
+    def deadline(self, worker: int) -> ReplyDeadline:
+        return self._deadlines.setdefault(self.keys[worker], ReplyDeadline())
 
     def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
@@ -105,11 +159,13 @@ class PoolDispatcher:
 
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                lane: int = 0) -> Pending:
+        if self._suspect:
+            self._retry_suspects()
         into = None
         if self._local_pools:  # build the plan right in the lane's shared batch
             into = self._batches[lane].reserve(x.shape[0], expert_ids.shape[1], x.shape[1], x.dtype)
         plan = plan_dispatch(expert_ids, weights, self._plan, self.outstanding, into)
-        pending = Pending(layer, lane, x, plan, [])
+        pending = Pending(layer, lane, x, plan, [], sent_at=time.perf_counter())
         for span in plan.spans:
             pending.handles.append(self._send(span, pending))
         # Bookkeeping after the sends: the pools are already working while it runs.
@@ -132,6 +188,9 @@ class PoolDispatcher:
         finally:
             for w, start, end in pending.plan.spans:
                 self.outstanding[w] -= end - start
+            if pending.lane in self._stale_lanes:  # a suspect may write into it late: use a new region
+                self._stale_lanes.discard(pending.lane)
+                self._batches[pending.lane].close()
 
     def _send(self, span: tuple[int, int, int], pending: Pending):
         worker, start, end = span
@@ -156,65 +215,99 @@ class PoolDispatcher:
         """A worker's outputs `[n, d]` by whatever road is still open; None when they are already in
         the shared output slots."""
         worker, start, end = span
+        r = None
         if isinstance(handle, PoolChannel):
+            deadline = self.deadline(worker)
             try:
+                handle.set_deadline(max(0.001, deadline.seconds(end - start) - (time.perf_counter() - pending.sent_at)))
                 out = handle.recv()
+                deadline.record(time.perf_counter() - pending.sent_at, end - start)
                 self.load.record_request(worker, end - start, handle.last_compute_s)
                 return out
+            except DataPlaneTimeout:
+                self.timeouts += 1
+                r = pending.plan.request(span)
+                if not self._others_hold(r):  # nobody else can: wait for this one to recover
+                    try:
+                        handle.set_deadline(self.recovery_timeout_s)
+                        out = handle.recv()
+                        self.faults += 1
+                        self.load.record_request(worker, end - start, handle.last_compute_s)
+                        return out
+                    except DataPlaneError:
+                        self._drop(worker)
+                        return self._recover(r, pending)
+                self._mark_suspect(worker)
+                return self._recover(r, pending)
             except DataPlaneError:  # resend this request the Ray way
                 self._drop(worker)
                 handle = self._ray_call(pending.plan.request(span), pending.layer, pending.x)
         self.load.record_request(worker, end - start)
         try:
-            return decode(ray.get(handle), pending.x.dtype)
-        except (RayActorError, ActorUnavailableError):
-            return self._recover(pending.plan.request(span), pending)
+            return decode(ray.get(handle, timeout=self.call_timeout_s), pending.x.dtype)
+        except _RAY_FAULTS:
+            return self._recover(r or pending.plan.request(span), pending)
+
+    def _others_hold(self, r: WorkerRequest) -> bool:
+        needed = set(r.expert_ids[r.expert_ids >= 0].tolist())
+        return any(needed <= set(held) for w, held in enumerate(self.table.workers)
+                   if w != r.worker and w not in self._suspect)
+
+    def _mark_suspect(self, worker: int) -> None:
+        """Leave a worker that missed its deadline out of planning while others hold its experts."""
+        self._drop(worker)
+        self._suspect[worker] = time.monotonic()
+        self._stale_lanes = set(range(LANES))
+        self._plan = DispatchTable([[w for w in holders if w not in self._suspect] or holders
+                                    for holders in self._replicas])
+
+    def _retry_suspects(self) -> None:
+        now = time.monotonic()
+        for w, since in list(self._suspect.items()):
+            if now - since >= self.suspect_s:
+                del self._suspect[w]
+                self._connect([w])
+        if not self._suspect:
+            self._plan = DispatchTable(self._replicas)
 
     def _recover(self, r: WorkerRequest, pending: Pending) -> torch.Tensor:
-        """The worker died: another replica holding all of the request's experts computes it, or the
-        restarted worker does once Ray has brought it back."""
+        """The worker is dead or hung: another worker holding all of the request's experts computes
+        it, or the worker once Ray has restarted it, or a holder in the controller's latest table."""
         self.faults += 1
-        failing_since = time.monotonic()
         x, needed = pending.x, set(r.expert_ids[r.expert_ids >= 0].tolist())
-        others = [w for w, held in enumerate(self.table.workers) if w != r.worker and needed <= set(held)]
         deadline = time.monotonic() + self.recovery_timeout_s
+        candidates = self._holders(needed, self.table.workers, self.workers, skip=r.worker)
+        candidates.append(self.workers[r.worker])
         while True:
-            for w in others + [r.worker]:
+            for target in candidates:
                 try:
-                    if w == r.worker:
-                        self._resync(w)
-                    return decode(ray.get(self._ray_call(r, pending.layer, x, worker=w)), x.dtype)
-                except (RayActorError, ActorUnavailableError, GetTimeoutError):
-                    if w == r.worker and time.monotonic() - failing_since >= self.replace_after_s:
-                        self._replace(w)
-                        failing_since = time.monotonic()
+                    ref = self._ray_call(r, pending.layer, x, target=target)
+                    return decode(ray.get(ref, timeout=self.call_timeout_s), x.dtype)
+                except _RAY_FAULTS:
+                    continue
             if time.monotonic() > deadline:
                 raise RuntimeError(f"expert pool worker {r.worker} did not come back within "
-                                   f"{self.recovery_timeout_s:.0f}s and no other replica holds experts {sorted(needed)}")
+                                   f"{self.recovery_timeout_s:.0f}s and no other worker holds experts {sorted(needed)}")
             time.sleep(0.2)
+            fresh = self._fetch()
+            if fresh is not None:
+                candidates = self._holders(needed, fresh["table"].workers, fresh["workers"]) + candidates
 
-    def _replace(self, worker: int) -> None:
-        """Take a failing worker out of the table: a new one holding its experts takes its index,
-        under a new table version."""
-        if self.replace_worker is None:
-            return
-        old = self.workers[worker]
-        self._drop(worker)
-        self.workers[worker] = self.replace_worker(old, list(self.table.workers[worker]))
-        self.table = RoutingTable(self.table.version + 1, self.table.workers, self.table.num_experts)
-        self.replaced += 1
+    def _fetch(self) -> dict | None:
+        if self.fetch_table is None:
+            return None
+        try:
+            return self.fetch_table()
+        except Exception:  # the controller is away too: keep trying what we have  # noqa: BLE001
+            return None
 
-    def _resync(self, worker: int) -> None:
-        """A restarted worker: give it this table's experts again and reconnect its data plane."""
-        info = ray.get(self.workers[worker].info.remote(), timeout=5)
-        if info["experts"] != list(self.table.workers[worker]):
-            ray.get(self.workers[worker].set_experts.remote(list(self.table.workers[worker])))
-        if (worker, 0) not in self._channels:
-            self._connect([worker])
+    def _holders(self, needed: set[int], held: tuple, handles: list, skip: int = -1) -> list:
+        return [h for w, (experts, h) in enumerate(zip(held, handles)) if w != skip and needed <= set(experts)
+                and w not in self._suspect]
 
-    def _ray_call(self, r: WorkerRequest, layer: int, x: torch.Tensor, worker: int | None = None):
-        """The request (its rows of x) as a plain Ray actor call, to its worker or to `worker` (another replica)."""
-        target = self.workers[r.worker if worker is None else worker]
+    def _ray_call(self, r: WorkerRequest, layer: int, x: torch.Tensor, target=None):
+        """The request (its rows of x) as a plain Ray actor call, to its worker or to `target`."""
+        target = self.workers[r.worker] if target is None else target
         return target.compute.remote(layer, encode(x.index_select(0, r.rows)), encode(r.expert_ids), encode(r.weights))
 
     def _drop(self, worker: int) -> None:

@@ -59,18 +59,21 @@ class Backend:
     tokenizer: Tokenizer
     info: dict
     close: Callable[[], None] = field(default=lambda: None)
-    control: Callable[[Gateway], Awaitable[None]] | None = None  # runs beside the engine until drain
+    # runs beside the engine until drain, with the gateway and the servicer's state
+    control: Callable[[Gateway, ServingState], Awaitable[None]] | None = None
+    gateway_id: str = ""  # named in every response's trailing metadata (`yuan-gateway`)
 
 
 class _BearerAuth(grpc.aio.ServerInterceptor):
     """Checks `authorization: Bearer <token>` on every call except health: exactly one such header,
     compared in constant time (a second header, right or wrong, is refused)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, state: ServingState) -> None:
         self.expected = f"Bearer {token}".encode()
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token",
+                                trailing_metadata=(("yuan-gateway", state.gateway_id),))
 
         self._deny = deny
 
@@ -180,10 +183,10 @@ class GatewayServer:
     async def _serve(self) -> None:
         opts = self.options
         self._stop = asyncio.Event()
-        interceptors = [_BearerAuth(opts.token)] if opts.token else []
+        interceptors = [_BearerAuth(opts.token, self.state)] if opts.token else []
         server = grpc.aio.server(interceptors=interceptors)
         add_to_server(YuanServingServicer(self.state), server)
-        health = self._health = health_aio.HealthServicer()
+        health = self._health = self.state.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection([SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
         address = f"{opts.host}:{opts.port}"
@@ -202,12 +205,11 @@ class GatewayServer:
             self.backend = await loop.run_in_executor(None, self.factory)
             gateway = Gateway(self.backend.engine)
             self.state.tokenizer, self.state.info = self.backend.tokenizer, self.backend.info
+            self.state.gateway_id = self.backend.gateway_id or self.state.gateway_id
             self.state.gateway = gateway
             if self.backend.control is not None:
-                control = asyncio.ensure_future(self.backend.control(gateway))
-            if not self.state.draining:  # a drain asked for while loading wins
-                for name in ("", SERVICE):
-                    await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+                control = asyncio.ensure_future(self.backend.control(gateway, self.state))
+            await self.state.set_available(self.state.available)
         except BaseException as e:
             self.error = e
         finally:

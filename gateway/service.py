@@ -68,10 +68,10 @@ class Gateway:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[TokenEvent]:
         return [event async for event in self.stream(request_id, prompt_ids, params)]
 
-    async def switch_table(self, table, workers: list) -> None:
+    async def switch_table(self, table, workers: list, keys: list[str] | None = None) -> None:
         """Make the dispatcher use a new routing table from the next step on; returns once applied."""
         done = asyncio.get_running_loop().create_future()
-        self._post(("table", (table, workers, done)))
+        self._post(("table", (table, workers, keys, done)))
         await done
 
     def cancel(self, request_id: str) -> None:
@@ -128,9 +128,9 @@ class Gateway:
         ops, self._inbox = self._inbox, []
         for op, args in ops:
             if op == "table":  # between steps: nothing is in flight
-                table, workers, done = args
+                table, workers, keys, done = args
                 try:
-                    self.engine.dispatcher.set_table(table, workers)
+                    self.engine.dispatcher.set_table(table, workers, keys)
                     done.set_result(None)
                 except Exception as e:
                     done.set_exception(e)

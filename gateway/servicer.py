@@ -12,10 +12,12 @@ request, which every method refuses with INVALID_ARGUMENT naming the message typ
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import unknown_fields
@@ -62,6 +64,22 @@ class ServingState:
     info: dict | None = None
     draining: bool = False
     inflight: int = 0  # generation RPCs not yet fully written to their clients (drain waits for them)
+    gateway_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    available: bool = True  # False while some expert has no live holder (health NOT_SERVING)
+    cluster: dict = field(default_factory=dict)  # every live gateway's stats, as the controller last said
+    health: object = None  # the health servicer, set by the server
+
+    async def set_available(self, available: bool) -> None:
+        """Health SERVING when up, not draining and every expert has a live holder; else NOT_SERVING."""
+        from grpc_health.v1 import health_pb2
+
+        self.available = available
+        if self.health is None:
+            return
+        up = available and not self.draining and self.gateway is not None
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE.full_name):
+            await self.health.set(name, status)
 
     def ready(self) -> Gateway:
         if self.draining:
@@ -148,9 +166,15 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
     def __init__(self, state: ServingState) -> None:
         self.state = state
 
+    def _trailer(self, fault: bool = False) -> tuple:
+        """Trailing metadata of every response: which gateway served it (and whether a pool fault
+        delayed it)."""
+        pairs = (("yuan-gateway", self.state.gateway_id),)
+        return pairs + ((("yuan-fault", "pool-failure-recovered"),) if fault else ())
+
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         code, message = status_for(exc)
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=self._trailer())
 
     async def _run(self, req: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         """The request's stream messages; raises before the first one if the request is refused."""
@@ -168,7 +192,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
                 if event.error:
                     raise RequestFailed(event.error)
                 if event.fault:  # say so at the end: a pool fault delayed this response
-                    context.set_trailing_metadata((("yuan-fault", "pool-failure-recovered"),))
+                    context.set_trailing_metadata(self._trailer(fault=True))
                 first = first or event
                 last = event
                 msg = pb.GenerateStreamResponse(request_id=rid, index=event.index)
@@ -190,6 +214,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
             await stream.aclose()  # cancels the request in the engine if it is still running
 
     async def Generate(self, request, context):
+        context.set_trailing_metadata(self._trailer())
         self.state.inflight += 1
         try:
             ids: list[int] = []
@@ -209,6 +234,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
             self.state.inflight -= 1
 
     async def GenerateStream(self, request, context):
+        context.set_trailing_metadata(self._trailer())
         self.state.inflight += 1
         try:
             async for msg in self._run(request, context):
@@ -219,6 +245,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
             self.state.inflight -= 1
 
     async def Tokenize(self, request, context):
+        context.set_trailing_metadata(self._trailer())
         try:
             self.state.ready()
             check_request(request)
@@ -227,6 +254,7 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         return pb.TokenizeResponse(token_ids=self.state.tokenizer.encode(request.text))
 
     async def ModelInfo(self, request, context):
+        context.set_trailing_metadata(self._trailer())
         try:
             gateway = self.state.ready()
             check_request(request)
@@ -243,9 +271,10 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
             top_k=info["config"]["top_k"], pools=pools, replicas=replicas,
             routing_table_version=table.version if table else info["routing_table_version"],
             workers=[pb.Worker(worker=i, experts=e) for i, e in enumerate(workers)],
-            limits_json=json.dumps(info["limits"]))
+            limits_json=json.dumps(info["limits"]), gateway=self.state.gateway_id, gateways=self._gateways(gateway))
 
     async def Stats(self, request, context):
+        context.set_trailing_metadata(self._trailer())
         try:
             gateway = self.state.ready()
             check_request(request)
@@ -261,7 +290,18 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
                                 expert_tokens=[n for row in expert_tokens for n in row],
                                 routing_table_version=s.get("routing_table_version", 0),
                                 worker_compute_s=s.get("worker_compute_s", {}), admitted=s["admitted"],
-                                queue_delay_s=s["queue_delay_s"])
+                                queue_delay_s=s["queue_delay_s"], gateway=self.state.gateway_id,
+                                gateways=(gws := self._gateways(gateway)),
+                                running_total=sum(g.running for g in gws), waiting_total=sum(g.waiting for g in gws))
+
+    def _gateways(self, gateway: Gateway) -> list[pb.GatewayInfo]:
+        """Every live gateway as the controller last reported them, this one with its live numbers."""
+        me = {"version": getattr(getattr(gateway.engine.dispatcher, "table", None), "version", 0),
+              **gateway.engine.stats()}
+        rows = {**self.state.cluster, self.state.gateway_id: me}
+        return [pb.GatewayInfo(gateway=g, routing_table_version=r.get("version", 0), running=r.get("running", 0),
+                               waiting=r.get("waiting", 0), steps=r.get("steps", 0), admitted=r.get("admitted", 0))
+                for g, r in sorted(rows.items())]
 
 
 def _timings(arrived: float, first: TokenEvent | None, last: TokenEvent | None, count: int) -> pb.Timings:

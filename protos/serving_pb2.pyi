@@ -123,7 +123,7 @@ class Worker(_message.Message):
     def __init__(self, worker: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("config_json", "num_experts", "top_k", "pools", "replicas", "routing_table_version", "workers", "limits_json")
+    __slots__ = ("config_json", "num_experts", "top_k", "pools", "replicas", "routing_table_version", "workers", "limits_json", "gateway", "gateways")
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,8 @@ class ModelInfoResponse(_message.Message):
     ROUTING_TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_JSON_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     config_json: str
     num_experts: int
     top_k: int
@@ -140,14 +142,32 @@ class ModelInfoResponse(_message.Message):
     routing_table_version: int
     workers: _containers.RepeatedCompositeFieldContainer[Worker]
     limits_json: str
-    def __init__(self, config_json: _Optional[str] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., pools: _Optional[int] = ..., replicas: _Optional[int] = ..., routing_table_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., limits_json: _Optional[str] = ...) -> None: ...
+    gateway: str
+    gateways: _containers.RepeatedCompositeFieldContainer[GatewayInfo]
+    def __init__(self, config_json: _Optional[str] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., pools: _Optional[int] = ..., replicas: _Optional[int] = ..., routing_table_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., limits_json: _Optional[str] = ..., gateway: _Optional[str] = ..., gateways: _Optional[_Iterable[_Union[GatewayInfo, _Mapping]]] = ...) -> None: ...
+
+class GatewayInfo(_message.Message):
+    __slots__ = ("gateway", "routing_table_version", "running", "waiting", "steps", "admitted")
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    gateway: str
+    routing_table_version: int
+    running: int
+    waiting: int
+    steps: int
+    admitted: int
+    def __init__(self, gateway: _Optional[str] = ..., routing_table_version: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., steps: _Optional[int] = ..., admitted: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("running", "waiting", "cache_slots_used", "cache_tokens", "cache_bytes", "steps", "tokens_sent", "num_layers", "num_experts", "expert_tokens", "worker_pairs", "routing_table_version", "worker_compute_s", "admitted", "queue_delay_s")
+    __slots__ = ("running", "waiting", "cache_slots_used", "cache_tokens", "cache_bytes", "steps", "tokens_sent", "num_layers", "num_experts", "expert_tokens", "worker_pairs", "routing_table_version", "worker_compute_s", "admitted", "queue_delay_s", "gateway", "gateways", "running_total", "waiting_total")
     class TokensSentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +204,10 @@ class StatsResponse(_message.Message):
     WORKER_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WAITING_TOTAL_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     cache_slots_used: int
@@ -199,4 +223,8 @@ class StatsResponse(_message.Message):
     worker_compute_s: _containers.ScalarMap[int, float]
     admitted: int
     queue_delay_s: float
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_slots_used: _Optional[int] = ..., cache_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_sent: _Optional[_Mapping[int, int]] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., worker_pairs: _Optional[_Mapping[int, int]] = ..., routing_table_version: _Optional[int] = ..., worker_compute_s: _Optional[_Mapping[int, float]] = ..., admitted: _Optional[int] = ..., queue_delay_s: _Optional[float] = ...) -> None: ...
+    gateway: str
+    gateways: _containers.RepeatedCompositeFieldContainer[GatewayInfo]
+    running_total: int
+    waiting_total: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_slots_used: _Optional[int] = ..., cache_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_sent: _Optional[_Mapping[int, int]] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., worker_pairs: _Optional[_Mapping[int, int]] = ..., routing_table_version: _Optional[int] = ..., worker_compute_s: _Optional[_Mapping[int, float]] = ..., admitted: _Optional[int] = ..., queue_delay_s: _Optional[float] = ..., gateway: _Optional[str] = ..., gateways: _Optional[_Iterable[_Union[GatewayInfo, _Mapping]]] = ..., running_total: _Optional[int] = ..., waiting_total: _Optional[int] = ...) -> None: ...

@@ -96,7 +96,8 @@ class YuanServingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Reports the gateway's live load: running and waiting requests, cache use.
+        """Reports the gateway's live load (running and waiting requests, cache use), and every gateway's
+        with the totals.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -65,6 +65,17 @@ class LoadTracker:
         if compute_s is not None:
             self.worker_compute_s[worker] = self.worker_compute_s.get(worker, 0.0) + compute_s
 
+    def add(self, delta: dict) -> None:
+        """Add another tracker's `window` (a gateway's load, summed by the controller)."""
+        with self._lock:
+            self._fold()
+            self._expert_tokens += torch.as_tensor(delta["expert_tokens"], dtype=torch.long)
+            self._pair_tokens += torch.as_tensor(delta["pair_tokens"], dtype=torch.long)
+        for w, n in delta["worker_pairs"].items():
+            self.worker_pairs[w] = self.worker_pairs.get(w, 0) + n
+        for w, t in delta["worker_compute_s"].items():
+            self.worker_compute_s[w] = self.worker_compute_s.get(w, 0.0) + t
+
     def snapshot(self) -> dict:
         return {"expert_tokens": self.expert_tokens, "pair_tokens": self.pair_tokens,
                 "worker_pairs": dict(self.worker_pairs),

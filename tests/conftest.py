@@ -81,3 +81,63 @@ def settled_stats(stub, timeout: float = 10.0):
         if (stats.running == 0 and stats.waiting == 0) or time.monotonic() > deadline:
             return stats
         time.sleep(0.02)
+
+
+@pytest.fixture
+def pool_set(ray_cluster, fixture_dir):
+    """Start expert pools of the golden fixture on the shared cluster (`pool_set(pools=2, ...)`),
+    without a controller; every set is shut down at the end."""
+    from cluster.pools import PoolConfig, PoolSet
+
+    started = []
+
+    def _start(**kwargs) -> PoolSet:
+        ps = PoolSet(PoolConfig(str(fixture_dir), **kwargs))
+        ps.start()
+        started.append(ps)
+        return ps
+
+    yield _start
+    for ps in started:
+        ps.shutdown()
+
+
+@pytest.fixture
+def cluster_app(ray_cluster, fixture_dir):
+    """An application on the shared cluster: its controller and pools, and gateways attached to it in
+    this process (`cluster_app(pools=2, ...)` -> (app name, first gateway's Backend); more with
+    `.attach()`); everything is closed and stopped at the end."""
+    import uuid
+
+    from cluster.controller import ControlConfig, stop_controller
+    from cluster.gateway_host import attach_backend
+    from cluster.pools import PoolConfig
+
+    apps, backends = [], []
+
+    class App:
+        def __init__(self, control: ControlConfig, **kwargs) -> None:
+            self.name = f"test-{uuid.uuid4().hex[:8]}"
+            self.pools, self.control = PoolConfig(str(fixture_dir), **kwargs), control
+            apps.append(self.name)
+
+        def attach(self):
+            backend = attach_backend(self.name, self.pools, self.control)
+            backends.append(backend)
+            return backend
+
+        @property
+        def controller(self):
+            from cluster.controller import controller_name
+            from cluster.pools import NAMESPACE
+
+            return ray_cluster.get_actor(controller_name(self.name), namespace=NAMESPACE)
+
+    def _start(control: ControlConfig = ControlConfig(), **kwargs) -> App:
+        return App(control, **kwargs)
+
+    yield _start
+    for b in backends:
+        b.close()
+    for name in apps:
+        stop_controller(name)

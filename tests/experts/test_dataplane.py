@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from experts.dataplane import (DataPlaneError, DataPlaneLimits, DataPlaneServer, PoolChannel, SharedBatch,
-                               SharedRequest, handshake_mac, sweep_dead_regions)
+from experts.dataplane import DataPlaneServer
+from gateway.channel import PoolChannel, SharedBatch
+from router.dataplane import DataPlaneError, DataPlaneLimits, SharedRequest, handshake_mac, sweep_dead_regions
 from experts.pool import ExpertPool
 from router.plan import DispatchPlan, WorkerRequest
 

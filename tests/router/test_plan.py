@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.placement import PlacementError, RoutingTable, plan_pools
+from router.table import PlacementError, RoutingTable, plan_pools
 from model.experts import ExpertBank, bits, sum_slots
 from router._pairsort import sort_pairs
 from router.plan import DispatchTable, plan_dispatch

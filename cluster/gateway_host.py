@@ -1,0 +1,109 @@
+"""The one way to host a gateway on a cluster: attach to the application's controller by name, get
+its routing table and pool handles, connect the data plane, and serve. Ray Serve replicas
+(`cluster.serve_app`) and `yuan-serve generate --engine ray` both use `attach_backend`.
+
+Beside the engine runs `report_loop`: every `report_every_s` it tells the controller the table
+version in use (the acknowledgement a move waits for), the load since the last report and the
+gateway's stats; it applies a newer table from the reply between two steps, keeps the other
+gateways' stats for ModelInfo and Stats, and sets health NOT_SERVING while some expert has no live
+holder. A controller that does not answer costs nothing: the gateway keeps serving on its last
+table, and its unsent load goes with the next report that gets through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+import ray
+
+from cluster.controller import ControlConfig, controller_name, start_controller
+from cluster.pools import NAMESPACE, PoolConfig
+from gateway.backends import engine_info
+from gateway.engine import Engine
+from gateway.pool_dispatcher import PoolDispatcher
+from gateway.server import Backend
+from gateway.service import Gateway
+from gateway.servicer import ServingState
+from gateway.tokenizer import load_tokenizer
+from model.checkpoint import load_model
+from router.load import window
+
+REPORT_EVERY_S = 0.25
+REPORT_TIMEOUT_S = 2.0
+
+
+def gateway_id() -> str:
+    """A Serve replica's id, else host and pid."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not a Serve replica  # noqa: BLE001
+        return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def attach_backend(app: str, pools: PoolConfig, control: ControlConfig = ControlConfig(),
+                   create: bool = True, start_timeout_s: float = 300.0) -> Backend:
+    """A gateway engine in this process, attached to `app`'s controller (started first when `create`
+    and there is none) and its pools. Closing it closes this gateway's connections, never a pool."""
+    from cluster.ray_cluster import connect
+
+    connect(pools.address)
+    if create:
+        controller = start_controller(app, pools, control, start_timeout_s)
+    else:
+        controller = ray.get_actor(controller_name(app), namespace=NAMESPACE)
+    me = gateway_id()
+    reply = ray.get(controller.attach.remote(me), timeout=start_timeout_s)
+    model, _ = load_model(pools.model_dir, pools.dtype)
+    dispatcher = PoolDispatcher(reply["table"], reply["workers"], pools.transport, model.cfg.num_layers,
+                                keys=reply["keys"])
+    dispatcher.fetch_table = lambda: ray.get(controller.table_now.remote(), timeout=REPORT_TIMEOUT_S)
+    engine = Engine(model, dispatcher, pools.limits, micro_batches=pools.micro_batches)
+    info = engine_info(engine, pools.pools, pools.replicas, reply["table"].version,
+                       [list(w) for w in reply["table"].workers])
+    info["app"] = app
+
+    async def control_loop(gateway: Gateway, state: ServingState) -> None:
+        state.cluster = reply["gateways"]
+        await report_loop(gateway, state, controller, me)
+
+    return Backend(engine, load_tokenizer(Path(pools.model_dir), model.cfg), info, dispatcher.close,
+                   control_loop, gateway_id=me)
+
+
+async def report_loop(gateway: Gateway, state: ServingState, controller, me: str,
+                      every_s: float = REPORT_EVERY_S) -> None:
+    dispatcher = gateway.engine.dispatcher
+    sent = dispatcher.load.snapshot()
+    while True:
+        await asyncio.sleep(every_s)
+        snap = dispatcher.load.snapshot()
+        delta = window(sent, snap)
+        keys = dispatcher.keys  # the controller counts work per worker name, not per table index
+        delta["worker_pairs"] = {_name(keys, w): n for w, n in delta["worker_pairs"].items() if n}
+        delta["worker_compute_s"] = {_name(keys, w): t for w, t in delta["worker_compute_s"].items() if t}
+        delta["expert_tokens"], delta["pair_tokens"] = delta["expert_tokens"].numpy(), delta["pair_tokens"].numpy()
+        e = gateway.engine.stats()
+        stats = {k: e[k] for k in ("running", "waiting", "steps", "admitted")}
+        try:
+            reply = await asyncio.wait_for(_await(controller.report.remote(me, dispatcher.table.version, delta, stats)),
+                                           REPORT_TIMEOUT_S)
+        except Exception:  # the controller is restarting or busy: keep serving on the last table  # noqa: BLE001
+            continue
+        sent = snap
+        if "table" in reply:
+            await gateway.switch_table(reply["table"], reply["workers"], reply["keys"])
+        state.cluster = {g: r for g, r in reply["gateways"].items() if g != me}
+        await state.set_available(not reply["uncovered"])
+
+
+def _name(keys: list[str], worker: int) -> str:
+    return keys[worker].split("@")[0] if worker < len(keys) else str(worker)
+
+
+async def _await(ref):
+    return await ref
