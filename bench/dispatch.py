@@ -18,7 +18,7 @@ import ray
 import torch
 
 from bench import percentiles, wait_for_quiet
-from cluster.deployment import Deployment, DeploymentConfig
+from cluster.pools import PoolConfig, PoolSet
 from router.table import plan_pools
 from cluster.ray_cluster import connect
 from experts.pool import ExpertPool
@@ -69,8 +69,9 @@ class EchoPool(ExpertPool):
 def measure(model_dir: str, pools: int, tokens: int, iters: int, compute: str,
             compiled: bool = False) -> dict[str, dict[str, float]]:
     if compute == "experts":
-        d = Deployment(DeploymentConfig(model_dir, pools=pools, gateways=0)).start_pools()
-        table, workers, stop = d.table, d.workers, d.shutdown
+        ps = PoolSet(PoolConfig(model_dir, pools=pools))
+        ps.start()
+        table, workers, stop = ps.table, ps.handles, ps.shutdown
     else:
         table = plan_pools(TRANSPORT_CFG.num_experts, pools)
         workers = [ray.remote(EchoPool).options(num_cpus=1).remote(model_dir, list(e)) for e in table.workers]

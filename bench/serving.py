@@ -17,10 +17,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import ray
 import torch
 
 from bench import add_arguments, percentiles, wait_for_quiet
-from cluster.deployment import Deployment, DeploymentConfig
+from cluster.pools import PoolConfig, PoolSet
 from cluster.ray_cluster import connect
 from gateway.engine import Engine, EngineLimits
 from gateway.pool_dispatcher import PoolDispatcher
@@ -107,14 +108,17 @@ def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len
 def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_tokens: int, tmp: str) -> dict:
     """A skewed checkpoint on contiguous pools, then rebalanced from the load it measured: tokens per
     pool (max/mean) and throughput, before and after, in one run."""
-    from cluster.rebalance import Rebalancer
+    from cluster.controller import ControlConfig, start_controller, stop_controller
+    from cluster.gateway_host import report_once
     from router.load import window, worker_balance
 
     ckpt = write_random_checkpoint(preset("tiny"), f"{tmp}/skewed", seed=3, router_skew=skew)
     model, _ = load_model(str(ckpt))
-    d = Deployment(DeploymentConfig(str(ckpt), pools=pools, gateways=0)).start_pools()
+    app = "bench-balance"
+    controller = start_controller(app, PoolConfig(str(ckpt), pools=pools), ControlConfig(slots_per_pool=32 // pools + 4))
     try:
-        disp = PoolDispatcher(d.table, d.workers, num_layers=model.cfg.num_layers)
+        table = ray.get(controller.table_now.remote())
+        disp = PoolDispatcher(table["table"], table["workers"], num_layers=model.cfg.num_layers, keys=table["keys"])
         wait_for_quiet()
         limits = EngineLimits(max_running=concurrency, max_tokens=max_tokens)
 
@@ -127,15 +131,19 @@ def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_toke
             balance_ = worker_balance(window(start, disp.load.snapshot())["worker_pairs"], pools)
             return start, {"max_over_mean": balance_, "tokens_per_s": result["tokens_per_s"]}
 
-        start, before = phase("before")
-        progress(f"rebalancing {pools} pools from the measured load")
-        rebalancer = Rebalancer(Gateway(Engine(model, disp)), slots_per_worker=32 // pools + 4)
-        asyncio.run(rebalancer.apply(rebalancer.plan(start)))
+        _, before = phase("before")
+        progress(f"the controller rebalances {pools} pools from the measured load")
+        report_once(controller, "bench", disp)  # the load of the first phase
+        moved = controller.rebalance.remote()
+        while not ray.wait([moved], timeout=0.05)[0]:  # acknowledge the new table, as a gateway does
+            report_once(controller, "bench", disp)
+        ray.get(moved)
+        report_once(controller, "bench", disp)
         _, after = phase("after")
         out = {"before": before, "after": after}
         disp.close()
     finally:
-        d.shutdown()
+        stop_controller(app)
     return {"skew": skew, "pools": pools, "concurrency": concurrency,
             "load_balance": {p: out[p]["max_over_mean"] for p in out},
             "throughput": {p: out[p]["tokens_per_s"] for p in out}}
@@ -166,9 +174,10 @@ def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len
                     timed = TimedDispatcher(disp)
                     res[label][c] = measure(Engine(model, timed, limits), timed, c, prompt_len, max_tokens)
             for P in pools:
-                d = Deployment(DeploymentConfig(str(ckpt), pools=P, gateways=0)).start_pools()
+                ps = PoolSet(PoolConfig(str(ckpt), pools=P))
+                ps.start()
                 try:
-                    disp = PoolDispatcher(d.table, d.workers, num_layers=model.cfg.num_layers)
+                    disp = PoolDispatcher(ps.table, ps.handles, num_layers=model.cfg.num_layers)
                     wait_for_quiet()  # Ray starts replacement idle workers after the pools take theirs
                     variants = [(f"{P} pools", 1)] + ([(f"{P} pools+overlap", 2)] if overlap and P == max(pools) else [])
                     for label, micro in variants:
@@ -180,7 +189,7 @@ def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len
                             res[label][c] = measure(engine, timed, c, prompt_len, max_tokens)
                     disp.close()
                 finally:
-                    d.shutdown()
+                    ps.shutdown()
             best = f"{max(pools)} pools" if pools else None
             if best:
                 out["throughput_ratio"][name] = {c: res[best][c]["tokens_per_s"] / res["in-process"][c]["tokens_per_s"]

@@ -105,7 +105,7 @@ class Controller:
         rec.version, rec.seen, rec.stats = version, time.monotonic(), stats or rec.stats
         if load:
             self.load.add(load)
-        if version >= self.table.version:  # a gateway saw a later table than this (restarted) controller
+        if version > self.table.version:  # a gateway saw a later table than this (restarted) controller
             self._publish(version=version + 1)
         reply = {"version": self.table.version, "uncovered": list(self.uncovered),
                  "gateways": {g: {"version": r.version, **r.stats} for g, r in self._live_gateways().items()}}
@@ -149,6 +149,10 @@ class Controller:
         v = version if version is not None else (self.table.version + 1 if self.table else 1)
         self.table = RoutingTable(v, tuple(w.experts for w in serving), E)
         self.serving = serving
+
+    def load_snapshot(self) -> dict:
+        """The summed load so far (for `rebalance(since=...)`)."""
+        return self.load.snapshot()
 
     def status(self) -> dict:
         return {"version": self.table.version if self.table else 0, "uncovered": list(self.uncovered),

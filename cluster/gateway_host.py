@@ -101,6 +101,19 @@ async def report_loop(gateway: Gateway, state: ServingState, controller, me: str
         await state.set_available(not reply["uncovered"])
 
 
+def report_once(controller, me: str, dispatcher, timeout_s: float = REPORT_TIMEOUT_S) -> dict:
+    """One report for a gateway that runs its engine by hand (benchmarks), applying a newer table at
+    once (call it between steps). Sends the load ever seen, so call it once per fresh dispatcher or
+    accept the double count; returns the reply."""
+    delta = dispatcher.load.snapshot()
+    delta["expert_tokens"], delta["pair_tokens"] = delta["expert_tokens"].numpy(), delta["pair_tokens"].numpy()
+    delta["worker_pairs"], delta["worker_compute_s"] = {}, {}
+    reply = ray.get(controller.report.remote(me, dispatcher.table.version, delta, {}), timeout=timeout_s)
+    if "table" in reply:
+        dispatcher.set_table(reply["table"], reply["workers"], reply["keys"])
+    return reply
+
+
 def _name(keys: list[str], worker: int) -> str:
     return keys[worker].split("@")[0] if worker < len(keys) else str(worker)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 import ray
 
-from cluster.deployment import Deployment, DeploymentConfig
+from cluster.controller import ControlConfig
 from gateway.engine import Engine, local_engine
 from gateway.pool_dispatcher import PoolDispatcher
 from gateway.sampling import SamplingParams
@@ -20,17 +21,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("replicas", [1, 2], ids=["restart-only-copy", "resend-to-replica"])
-def test_killing_a_pool_mid_stream_loses_no_request(ray_cluster, fixture_dir, golden, replicas):
+def test_killing_a_pool_mid_stream_loses_no_request(pool_set, fixture_dir, golden, replicas):
     long = golden["cases"][5]["prompt_ids"]
     prompts = [c["prompt_ids"] for c in golden["cases"]] + [long[i * 9: i * 9 + 6 + i] for i in range(9)]
     n = 20
     ref = local_engine(str(fixture_dir))
     expected = [ref.generate([p], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids for p in prompts]
-    d = Deployment(DeploymentConfig(str(fixture_dir), pools=2, replicas=replicas, gateways=0)).start_pools()
+    ps = pool_set(pools=2, replicas=replicas)
     model, _ = load_model(str(fixture_dir))
-    disp = PoolDispatcher(d.table, d.workers, num_layers=model.cfg.num_layers)
+    disp = PoolDispatcher(ps.table, ps.handles, num_layers=model.cfg.num_layers)
     gw = Gateway(Engine(model, disp))
-    victim = d.pool_info[0]["pid"]
+    victim = ps.workers[0].pid
     try:
         async def one(i: int):
             events = [e async for e in gw.stream(f"f{i}", prompts[i], SamplingParams(max_tokens=n, ignore_eod=True))]
@@ -50,26 +51,26 @@ def test_killing_a_pool_mid_stream_loses_no_request(ray_cluster, fixture_dir, go
     finally:
         gw.close()
         disp.close()
-        d.shutdown()
 
 
-def test_a_pool_that_stays_dead_is_replaced_and_the_response_says_so(ray_cluster, fixture_dir, golden):
-    """No restarts left: the worker leaves the routing table, a new one takes its experts, and the
-    gRPC response that was delayed carries the fault in its trailing metadata."""
+def test_a_pool_that_stays_dead_is_replaced_and_the_response_says_so(cluster_app, fixture_dir, golden):
+    """No restarts left: the controller replaces the worker with a new one holding its experts, the
+    gateway switches to the new table, and the gRPC response that was delayed carries the fault in its
+    trailing metadata."""
     import grpc
 
-    from gateway.backends import ray_backend
+    from cluster.gateway_host import attach_backend
     from gateway.server import GatewayServer, ServerOptions
     from protos import serving_pb2 as pb
     from protos import serving_pb2_grpc as pb_grpc
 
+    app = cluster_app(ControlConfig(probe_every_s=0.2, probe_timeout_s=0.5, replace_after_s=0.5),
+                      pools=2, pool_max_restarts=0)
     backends = []
 
     def backend():
-        b = ray_backend(DeploymentConfig(str(fixture_dir), pools=2, pool_max_restarts=0))
-        b.engine.dispatcher.replace_after_s = 0.5
-        backends.append(b)
-        return b
+        backends.append(attach_backend(app.name, app.pools, app.control))
+        return backends[0]
 
     srv = GatewayServer(backend, ServerOptions(port=0))
     port = srv.start()
@@ -88,7 +89,14 @@ def test_a_pool_that_stays_dead_is_replaced_and_the_response_says_so(ray_cluster
             trailing = dict(call.trailing_metadata())
         assert tokens == ref[0].output_ids
         assert trailing.get("yuan-fault") == "pool-failure-recovered"
-        assert disp.replaced == 1 and disp.table.version == 2
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = ray.get(app.controller.status.remote())
+            if any(h["kind"] == "replace" for h in status["history"]) and disp.table.version == status["version"]:
+                break
+            time.sleep(0.2)
+        assert [h["kind"] for h in status["history"]] == ["replace"]
         assert ray.get(disp.workers[0].info.remote())["pid"] != victim
+        assert len(disp._channels) == 2 * len(disp.workers), "the gateway reaches the new worker by its data plane"
     finally:
         srv.stop(grace_s=0)

@@ -9,8 +9,9 @@ import grpc
 import pytest
 from conftest import settled_stats as settled
 
-from cluster.deployment import DeploymentConfig
-from gateway.backends import ray_backend
+from cluster.controller import ControlConfig, stop_controller
+from cluster.gateway_host import attach_backend
+from cluster.pools import PoolConfig
 from gateway.engine import local_engine
 from gateway.sampling import SamplingParams
 from gateway.server import GatewayServer, ServerOptions
@@ -20,13 +21,20 @@ from protos import serving_pb2_grpc as pb_grpc
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+def attached_server(app: str, pools: PoolConfig, control: ControlConfig = ControlConfig()) -> GatewayServer:
+    """A gRPC server in this process whose gateway is attached to `app`'s controller and pools."""
+    srv = GatewayServer(lambda: attach_backend(app, pools, control), ServerOptions(port=0))
+    srv.start()
+    srv.wait_ready(180)
+    return srv
+
+
 @pytest.fixture(scope="module")
 def server(ray_cluster, fixture_dir):
-    srv = GatewayServer(lambda: ray_backend(DeploymentConfig(str(fixture_dir), pools=4)), ServerOptions(port=0))
-    port = srv.start()
-    srv.wait_ready(180)
-    yield f"127.0.0.1:{port}"
+    srv = attached_server("grpc-ray", PoolConfig(str(fixture_dir), pools=4))
+    yield f"127.0.0.1:{srv.port}"
     srv.stop(grace_s=0)
+    stop_controller("grpc-ray")
 
 
 @pytest.fixture(scope="module")
@@ -123,28 +131,25 @@ def test_stats_cli_plots_one_cell_per_layer_and_expert(server, golden, tmp_path)
     assert matplotlib.image.imread(str(png)).shape[0] > 100
 
 
-def test_server_control_loop_rebalances_and_exports_metrics(ray_cluster, fixture_dir, golden):
-    from cluster.controller import ControlConfig
-
-    control = ControlConfig(interval_s=0.2, rebalance_every_s=0.2, slots_per_pool=10)
-    srv = GatewayServer(lambda: ray_backend(DeploymentConfig(str(fixture_dir), pools=4), control), ServerOptions(port=0))
-    port = srv.start()
+def test_the_controller_rebalances_from_served_load(ray_cluster, fixture_dir, golden):
+    control = ControlConfig(probe_every_s=0.2, rebalance_every_s=0.5, slots_per_pool=10)
+    srv = attached_server("grpc-rebalance", PoolConfig(str(fixture_dir), pools=4), control)
     try:
-        srv.wait_ready(180)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             stub = pb_grpc.YuanServingStub(ch)
             deadline = time.monotonic() + 30
             while stub.Stats(pb.StatsRequest()).routing_table_version < 2 and time.monotonic() < deadline:
                 for case in golden["cases"][:3]:  # load to rebalance by; tokens stay exact throughout
                     req = pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True)
                     assert list(stub.Generate(req, timeout=60).token_ids) == case["generated_ids"]
-            assert stub.Stats(pb.StatsRequest()).routing_table_version >= 2, "the control loop rebalanced"
+            assert stub.Stats(pb.StatsRequest()).routing_table_version >= 2, "the controller rebalanced"
             info = stub.ModelInfo(pb.ModelInfoRequest())
             assert info.routing_table_version >= 2, "ModelInfo shows the live routing table"
             assert info.pools == 4 and info.replicas >= 2
             assert any(len([w for w in info.workers if e in w.experts]) > 1 for e in range(32)), "hot experts replicated"
     finally:
         srv.stop(grace_s=0)
+        stop_controller("grpc-rebalance")
 
 
 def test_stats_report_pool_compute_time_and_queue_delay(server, golden):

@@ -38,6 +38,8 @@ def test_deploy_yaml_args_validate_and_bad_ones_are_named():
 def test_serve_runs_deploy_yaml_app(ray_cluster, fixture_dir, golden):
     from ray import serve
 
+    from cluster.controller import stop_controller
+
     serve.start(proxy_location="Disabled")
     try:
         serve.run(build_app({**deploy_args(), "model": str(fixture_dir), "port": 0, "pools": 2}),
@@ -54,15 +56,16 @@ def test_serve_runs_deploy_yaml_app(ray_cluster, fixture_dir, golden):
                 pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True), timeout=60)
             assert list(res.token_ids) == case["generated_ids"]
     finally:
-        serve.shutdown()
+        serve.delete("yuan")
+        stop_controller("yuan")
 
 
 @pytest.mark.ray
 def test_pools_fit_a_cluster_with_fewer_cpus_than_pools(ray_cluster):
     """`serve run deploy.yaml` on a 2-core box starts Ray with 2 CPUs: pools then take a share each."""
-    from cluster.deployment import Deployment
+    from cluster.pools import PoolSet
 
     total = ray_cluster.cluster_resources()["CPU"]
-    assert Deployment._cpus_per_worker(int(total) - 1) == 1.0
-    share = Deployment._cpus_per_worker(int(total) * 3)
+    assert PoolSet._cpus_per_worker(int(total) - 1) == 1.0
+    share = PoolSet._cpus_per_worker(int(total) * 3)
     assert 0 < share < 1 and share * int(total) * 3 <= total - 1 + 1e-9
