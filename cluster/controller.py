@@ -150,6 +150,11 @@ class Controller:
         self.table = RoutingTable(v, tuple(w.experts for w in serving), E)
         self.serving = serving
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def load_snapshot(self) -> dict:
         """The summed load so far (for `rebalance(since=...)`)."""
         return self.load.snapshot()

@@ -14,6 +14,7 @@ gone and no gateway reports any more.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -150,7 +151,8 @@ class GatewayDeployment:
     def status(self) -> dict:
         """Readiness through Ray (no TLS names involved): serving, or the start-up error."""
         error = self.server.error
-        return {"serving": self.server.serving, "error": None if error is None else f"{type(error).__name__}: {error}"}
+        return {"serving": self.server.serving, "error": None if error is None else f"{type(error).__name__}: {error}",
+                "gateway": self.server.state.gateway_id, "pid": os.getpid()}
 
     def drain(self) -> str:
         """Health NOT_SERVING and new calls refused from now on; in-flight calls go on. Returns this

@@ -14,8 +14,9 @@ Every wait is bounded. A data-plane reply has a deadline from the worker's recen
 (`ReplyDeadline`: a multiple of their p99, per pair, with a floor). Past it, when other workers hold
 every expert of the span, the span is computed by one of them (a Ray call) and the slow worker is
 *suspect*: its connections close, planning leaves it out while others hold its experts, the lane's
-shared region is renewed (a late write from it lands in the old one), and it is tried again after
-`suspect_s`. With no other holder the request waits for it, up to `recovery_timeout_s`. A worker that
+shared region is renewed (a late write from it lands in the old one), until the next table (the
+controller's health probes decide whether it stays out). With no other holder the request waits for
+it, up to `recovery_timeout_s`. A worker that
 died is recovered the same way: another holder, or the worker once Ray has restarted it, or the
 holders of the controller's latest table (`fetch_table`); `faults` counts such events so the gateway
 can flag the requests they delayed.
@@ -98,8 +99,7 @@ class PoolDispatcher:
         self.faults = 0
         self.timeouts = 0  # replies that missed their deadline
         self.recovery_timeout_s = 120.0  # the longest a span waits for a worker that has no other holder
-        self.call_timeout_s = 10.0  # one Ray call's deadline while recovering
-        self.suspect_s = 5.0  # a worker that missed a deadline is left out this long, then tried again
+        self.call_timeout_s = 2.0  # one Ray call's deadline (a fallback, recovery, opening a data plane)
         self.fetch_table = None  # () -> {"table", "workers", "keys"}: the controller's current one
         self.keys: list[str] = []
         self._channels: dict[tuple[int, int], PoolChannel] = {}
@@ -135,12 +135,14 @@ class PoolDispatcher:
         by Ray calls. Same Ray node id: shared memory; another node: TCP."""
         if self.transport != "dataplane" or not workers:
             return
-        try:
-            infos = ray.get([self.workers[w].open_data_plane.remote() for w in workers], timeout=self.call_timeout_s)
-        except _RAY_FAULTS:
-            infos = [None] * len(workers)
-        for w, info in zip(workers, infos):
-            if info is None:
+        refs = [self.workers[w].open_data_plane.remote() for w in workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.call_timeout_s)
+        for w, ref in zip(workers, refs):
+            if ref not in ready:
+                continue  # hung or gone: Ray calls (bounded) until the next table
+            try:
+                info = ray.get(ref)
+            except _RAY_FAULTS:
                 continue
             same_node = bool(self._node_id) and info.get("node_id") == self._node_id
             try:
@@ -159,8 +161,6 @@ class PoolDispatcher:
 
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                lane: int = 0) -> Pending:
-        if self._suspect:
-            self._retry_suspects()
         into = None
         if self._local_pools:  # build the plan right in the lane's shared batch
             into = self._batches[lane].reserve(x.shape[0], expert_ids.shape[1], x.shape[1], x.dtype)
@@ -244,9 +244,13 @@ class PoolDispatcher:
                 handle = self._ray_call(pending.plan.request(span), pending.layer, pending.x)
         self.load.record_request(worker, end - start)
         try:
-            return decode(ray.get(handle, timeout=self.call_timeout_s), pending.x.dtype)
+            return decode(ray.get(handle, timeout=self._call_timeout(worker, end - start)), pending.x.dtype)
         except _RAY_FAULTS:
             return self._recover(r or pending.plan.request(span), pending)
+
+    def _call_timeout(self, worker: int, pairs: int) -> float:
+        """A Ray call's deadline: `call_timeout_s`, or longer where the worker's round trips say so."""
+        return max(self.call_timeout_s, 5 * self.deadline(worker).seconds(pairs))
 
     def _others_hold(self, r: WorkerRequest) -> bool:
         needed = set(r.expert_ids[r.expert_ids >= 0].tolist())
@@ -261,15 +265,6 @@ class PoolDispatcher:
         self._plan = DispatchTable([[w for w in holders if w not in self._suspect] or holders
                                     for holders in self._replicas])
 
-    def _retry_suspects(self) -> None:
-        now = time.monotonic()
-        for w, since in list(self._suspect.items()):
-            if now - since >= self.suspect_s:
-                del self._suspect[w]
-                self._connect([w])
-        if not self._suspect:
-            self._plan = DispatchTable(self._replicas)
-
     def _recover(self, r: WorkerRequest, pending: Pending) -> torch.Tensor:
         """The worker is dead or hung: another worker holding all of the request's experts computes
         it, or the worker once Ray has restarted it, or a holder in the controller's latest table."""
@@ -282,7 +277,7 @@ class PoolDispatcher:
             for target in candidates:
                 try:
                     ref = self._ray_call(r, pending.layer, x, target=target)
-                    return decode(ray.get(ref, timeout=self.call_timeout_s), x.dtype)
+                    return decode(ray.get(ref, timeout=self._call_timeout(r.worker, r.rows.numel())), x.dtype)
                 except _RAY_FAULTS:
                     continue
             if time.monotonic() > deadline:

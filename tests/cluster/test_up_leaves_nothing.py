@@ -23,6 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from procnet import descendants, listening, loopback
 from protos import serving_pb2 as pb
 from protos import serving_pb2_grpc as pb_grpc
 
@@ -40,62 +41,6 @@ def free_port() -> int:
 
 def entries(path: str) -> set[str]:
     return set(os.listdir(path)) - {RAY_TEMP_ROOT}
-
-
-def descendants(root: int) -> set[int]:
-    """`root` and every live process below it (from /proc: each process's parent)."""
-    parent = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            parent[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = {root}, [root]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c not in found]
-        found.update(kids)
-        frontier.extend(kids)
-    return {p for p in found if Path(f"/proc/{p}").exists()}
-
-
-def listening(pids: set[int]) -> list[tuple[int, str]]:
-    """(pid, local address) of every listening TCP socket these processes hold."""
-    addresses = {}  # socket inode -> address
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A":  # LISTEN
-                ip_hex = fields[1].split(":")[0]
-                addresses[fields[9]] = _ip(ip_hex, width)
-    found = []
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in addresses:
-                found.append((pid, addresses[target[8:-1]]))
-    return found
-
-
-def _ip(hex_ip: str, width: int) -> str:
-    raw = bytes.fromhex(hex_ip)
-    if width == 8:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))  # /proc prints each 32-bit word host-order
-    return socket.inet_ntop(socket.AF_INET6, words)
-
-
-def loopback(address: str) -> bool:
-    return address.startswith("127.") or address in ("::1",) or address.startswith("::ffff:127.")
 
 
 def self_signed(directory: Path, host: str) -> tuple[Path, Path]:
