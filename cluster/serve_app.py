@@ -103,7 +103,7 @@ class AppArgs(BaseModel):
 
     def server_options(self) -> ServerOptions:
         return ServerOptions(host=self.host, port=self.port, token=self.token, tls_cert=self.tls_cert,
-                             tls_key=self.tls_key, grace_s=self.grace_s)
+                             tls_key=self.tls_key, grace_s=self.grace_s, bind_when_ready=True)
 
 
 def bind_serve_internals_to_node_ip() -> None:
@@ -146,7 +146,12 @@ class GatewayDeployment:
             raise RuntimeError(f"gateway server is down: {self.server.error}")
 
     async def address(self) -> int:
-        return self.port
+        """The gRPC port, once bound (a replica binds when its backend is up)."""
+        import asyncio
+
+        while self.server.port is None and self.server.error is None:
+            await asyncio.sleep(0.1)
+        return self.server.port
 
     def status(self) -> dict:
         """Readiness through Ray (no TLS names involved): serving, or the start-up error."""

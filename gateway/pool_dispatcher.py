@@ -125,6 +125,7 @@ class PoolDispatcher:
         self._channels = kept
         self._local_pools = any(c.shared for c in kept.values())
         self.table, self.workers, self.keys = table, list(workers), keys
+        self.outstanding = {}  # between steps nothing is in flight; indices now mean this table's workers
         self._replicas = table.replica_lists()
         self._suspect.clear()
         self._plan = DispatchTable(self._replicas)

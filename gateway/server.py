@@ -45,6 +45,9 @@ class ServerOptions:
     tls_key: str | None = None
     grace_s: float = 10.0  # drain: time in-flight calls get before they are cancelled
     start_timeout_s: float = 300.0
+    # Bind only once the backend is up. Gateways sharing a port (SO_REUSEPORT) need this: a replica
+    # still loading would otherwise take its share of new connections and refuse them all.
+    bind_when_ready: bool = False
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -114,9 +117,12 @@ class GatewayServer:
 
     # ---- lifecycle (called from any thread) ----------------------------------------------
     def start(self) -> int:
-        """Bind and start serving health; returns the port. The backend loads in the background."""
+        """Bind and start serving health; returns the port. The backend loads in the background
+        (with `bind_when_ready`, binding waits for it: this returns the configured port at once)."""
         self._thread = threading.Thread(target=self._main, name="gateway-server", daemon=True)
         self._thread.start()
+        if self.options.bind_when_ready:
+            return self.options.port
         if not self._bound.wait(30) or self.port is None:
             raise RuntimeError(f"gRPC server did not bind {self.options.host}:{self.options.port}: {self.error}")
         return self.port
@@ -192,14 +198,16 @@ class GatewayServer:
         address = f"{opts.host}:{opts.port}"
         if opts.tls_cert:
             creds = grpc.ssl_server_credentials([(Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes())])
-            self.port = server.add_secure_port(address, creds)
+            add_port = lambda: server.add_secure_port(address, creds)  # noqa: E731
         else:
-            self.port = server.add_insecure_port(address)
-        await server.start()
+            add_port = lambda: server.add_insecure_port(address)  # noqa: E731
         for name in ("", SERVICE):
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._bound.set()
         loop = asyncio.get_running_loop()
+        if not opts.bind_when_ready:
+            self.port = add_port()
+            await server.start()
+            self._bound.set()
         control = None
         try:
             self.backend = await loop.run_in_executor(None, self.factory)
@@ -207,6 +215,10 @@ class GatewayServer:
             self.state.tokenizer, self.state.info = self.backend.tokenizer, self.backend.info
             self.state.gateway_id = self.backend.gateway_id or self.state.gateway_id
             self.state.gateway = gateway
+            if opts.bind_when_ready:
+                self.port = add_port()
+                await server.start()
+                self._bound.set()
             if self.backend.control is not None:
                 control = asyncio.ensure_future(self.backend.control(gateway, self.state))
             await self.state.set_available(self.state.available)
@@ -214,6 +226,7 @@ class GatewayServer:
             self.error = e
         finally:
             self._ready.set()
+            self._bound.set()
         await self._stop.wait()
         # Drain: health says NOT_SERVING and new calls get UNAVAILABLE while the port stays open;
         # in-flight calls get the grace period to finish, then are cancelled in the engine, which

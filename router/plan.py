@@ -58,7 +58,8 @@ def _assign(flat_ids: np.ndarray, table: DispatchTable, outstanding: dict[int, i
         # load so far (pairs in flight, plus this batch's fixed assignments), in token order.
         load = np.bincount(pair_worker[pair_worker >= 0], minlength=table.num_workers).tolist()
         for w, n in (outstanding or {}).items():
-            load[w] += n
+            if w < len(load):  # (a worker of an older table has none in flight)
+                load[w] += n
         counts = np.bincount(flat_ids, minlength=len(table.replicas))
         by_expert = np.argsort(flat_ids, kind="stable")  # each expert's pairs, in token order
         starts = np.concatenate(([0], np.cumsum(counts)))

@@ -9,7 +9,7 @@ import torch
 from router.table import PlacementError, RoutingTable, plan_pools
 from model.experts import ExpertBank, bits, sum_slots
 from router._pairsort import sort_pairs
-from router.plan import DispatchTable, plan_dispatch
+from router.plan import DispatchTable, assign_pairs, plan_dispatch
 
 
 def test_plan_pools_covers_every_expert_in_blocks():
@@ -121,3 +121,10 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     a = a.copy()
     a.flags.writeable = False
     return a
+
+
+def test_planning_ignores_in_flight_counts_of_workers_an_older_table_had():
+    """After a table shrinks, the outstanding counts may still name workers past its end."""
+    table = DispatchTable(RoutingTable(2, ((0, 1), (1, 2), (2, 0)), 3).replica_lists())
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    assert assign_pairs(ids, table, {0: 1, 7: 0, 9: 4}).shape == (3, 2)
