@@ -84,6 +84,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed,
                             stop_token_ids=tuple(cli_args.token_ids(args.stop_token_ids or "", "--stop-token-ids")))
+    from gateway.engine import EngineLimits, check_request
+
+    params = check_request(cfg, EngineLimits(), "cli", prompt, params)  # before anything starts
     run = _generate_ray if args.engine == "ray" else _generate_local
     token_ids, finish_reason, timing = run(args, str(model_dir), prompt, params)
     text = tokenizer.decode(token_ids, skip_special=True)

@@ -13,8 +13,8 @@ import grpc
 
 from cli.client import channel
 from protos import serving_pb2 as pb
-from router.load import max_over_mean
 from protos import serving_pb2_grpc as pb_grpc
+from router.load import max_over_mean
 
 
 def fetch(target: str, token: str | None = None, tls_ca: str | None = None) -> pb.StatsResponse:
@@ -59,8 +59,13 @@ def cmd_stats(args: argparse.Namespace) -> None:
 
         print(json.dumps(MessageToDict(stats)))
         return
-    print(f"running {stats.running}, waiting {stats.waiting}, cache slots {stats.cache_slots_used}, "
-          f"steps {stats.steps}, routing table v{stats.routing_table_version}")
+    print(f"gateway {stats.gateway}: running {stats.running}, waiting {stats.waiting}, cache slots "
+          f"{stats.cache_slots_used}, steps {stats.steps}, routing table v{stats.routing_table_version}")
+    if stats.gateways:
+        print(f"all {len(stats.gateways)} gateways: running {stats.running_total}, waiting {stats.waiting_total}")
+        for g in stats.gateways:
+            print(f"  {g.gateway}: running {g.running}, waiting {g.waiting}, steps {g.steps}, admitted {g.admitted}, "
+                  f"table v{g.routing_table_version}")
     if stats.num_experts:
         per_expert = [sum(stats.expert_tokens[layer * stats.num_experts + e] for layer in range(stats.num_layers))
                       for e in range(stats.num_experts)]

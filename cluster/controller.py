@@ -149,6 +149,8 @@ class Controller:
         v = version if version is not None else (self.table.version + 1 if self.table else 1)
         self.table = RoutingTable(v, tuple(w.experts for w in serving), E)
         self.serving = serving
+        for w in pool:  # fire and forget: a restarted controller starts above the highest noted
+            w.handle.note_table.remote(v)
 
     def pid(self) -> int:
         import os

@@ -61,6 +61,11 @@ class ExpertPool:
         self.banks = banks
         return self.info()
 
+    def note_table(self, version: int) -> None:
+        """The controller published this routing-table version (a restarted controller starts above
+        the highest version any pool noted, so above every gateway's)."""
+        self.table_version = max(self.table_version, version)
+
     def info(self) -> dict:
         return {"experts": list(self.banks[0].expert_ids) if self.banks else [],
                 "bytes": sum(b.nbytes() for b in self.banks), "pid": os.getpid(),

@@ -112,33 +112,13 @@ class Engine:
     def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  pending: int = 0) -> SamplingParams:
         """The checks of `add`, without queueing; `pending` counts requests about to be added.
-        Returns the params with `max_tokens` resolved: an unset one is the default, clamped to the
-        room the context leaves; a given one that does not fit is refused (as vLLM does)."""
-        cfg, lim = self.model.cfg, self.limits
-        if not isinstance(request_id, str) or len(request_id) > lim.max_request_id_len:
-            raise InvalidRequest("request_id", f"must be a string of at most {lim.max_request_id_len} "
-                                               f"characters, got {len(request_id)}")
-        if not prompt_ids:
-            raise InvalidRequest("prompt", "is empty")
-        if len(prompt_ids) > lim.max_prompt_len:
-            raise InvalidRequest("prompt", f"has {len(prompt_ids)} tokens, more than the limit "
-                                           f"{lim.max_prompt_len}")
-        bad = next((t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)), None)
-        if bad is not None:
-            raise InvalidRequest("token_ids", f"id {bad!r} is outside the vocabulary [0, {cfg.vocab_size})")
-        room = self.max_len - len(prompt_ids)
-        if params.max_tokens is None:
-            params = replace(params, max_tokens=min(lim.default_max_tokens, lim.max_tokens, room))
-        params.validate(cfg.vocab_size, lim.max_tokens, lim.max_stop_token_ids)
-        if params.max_tokens > room:
-            raise InvalidRequest("max_tokens", f"{params.max_tokens} does not fit: the prompt has "
-                                               f"{len(prompt_ids)} tokens and the context {self.max_len}, "
-                                               f"which leaves room for {room}")
+        Returns the params with `max_tokens` resolved (`check_request`)."""
+        params = check_request(self.model.cfg, self.limits, request_id, prompt_ids, params)
         if any(s.request_id == request_id for s in self.waiting) or \
                 any(s.request_id == request_id for s in self.running):
             raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
-        if len(self.waiting) + pending >= lim.max_queue:
-            raise QueueFull(f"queue is full ({lim.max_queue} waiting requests)")
+        if len(self.waiting) + pending >= self.limits.max_queue:
+            raise QueueFull(f"queue is full ({self.limits.max_queue} waiting requests)")
         return params
 
     def abort(self, request_id: str) -> Sequence | None:
@@ -265,6 +245,35 @@ class Engine:
         while any(not s.finished for s in seqs):
             self.step()
         return seqs
+
+
+def check_request(cfg, limits: EngineLimits, request_id: str, prompt_ids: list[int],
+                  params: SamplingParams) -> SamplingParams:
+    """A request's own checks against a model config and the limits (no engine state needed, so a
+    client can run them before starting anything). Returns the params with `max_tokens` resolved: an
+    unset one is the default, clamped to the room the context leaves; a given one that does not fit
+    is refused (as vLLM does)."""
+    lim, max_len = limits, cfg.max_position_embeddings
+    max_prompt = lim.max_prompt_len or max_len - 1
+    if not isinstance(request_id, str) or len(request_id) > lim.max_request_id_len:
+        raise InvalidRequest("request_id", f"must be a string of at most {lim.max_request_id_len} "
+                                           f"characters, got {len(request_id)}")
+    if not prompt_ids:
+        raise InvalidRequest("prompt", "is empty")
+    if len(prompt_ids) > max_prompt:
+        raise InvalidRequest("prompt", f"has {len(prompt_ids)} tokens, more than the limit {max_prompt}")
+    bad = next((t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)), None)
+    if bad is not None:
+        raise InvalidRequest("token_ids", f"id {bad!r} is outside the vocabulary [0, {cfg.vocab_size})")
+    room = max_len - len(prompt_ids)
+    if params.max_tokens is None:
+        params = replace(params, max_tokens=min(lim.default_max_tokens, lim.max_tokens, room))
+    params.validate(cfg.vocab_size, lim.max_tokens, lim.max_stop_token_ids)
+    if params.max_tokens > room:
+        raise InvalidRequest("max_tokens", f"{params.max_tokens} does not fit: the prompt has "
+                                           f"{len(prompt_ids)} tokens and the context {max_len}, "
+                                           f"which leaves room for {room}")
+    return params
 
 
 def local_engine(model_dir: str, dtype: str | None = None, limits: EngineLimits = EngineLimits(),

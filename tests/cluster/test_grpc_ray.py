@@ -125,6 +125,7 @@ def test_stats_cli_plots_one_cell_per_layer_and_expert(server, golden, tmp_path)
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "max/mean" in out.stdout
+    assert f"gateway {stats.gateway}:" in out.stdout and "all 1 gateways: running" in out.stdout
 
     import matplotlib.image
 

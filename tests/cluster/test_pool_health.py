@@ -177,6 +177,7 @@ def test_a_killed_controller_costs_no_pool_and_comes_back(cluster_app, fixture_d
             await asyncio.sleep(0.3)
             pid = (await app.controller.pid.remote())
             os.kill(pid, signal.SIGKILL)
+            t_kill = time.monotonic()
             served = await asyncio.gather(*[gw.generate(f"c{i}", c["prompt_ids"], params) for i, c in enumerate(cases)])
             deadline = time.monotonic() + 60  # Ray restarts it; it adopts the pools
             while time.monotonic() < deadline:
@@ -187,6 +188,7 @@ def test_a_killed_controller_costs_no_pool_and_comes_back(cluster_app, fixture_d
                 except Exception:  # noqa: BLE001
                     pass
                 await asyncio.sleep(0.2)
+            print(f"controller back with the pools adopted {time.monotonic() - t_kill:.1f}s after SIGKILL")
             assert await app.controller.pid.remote() != pid
             moved = await app.controller.rebalance.remote()
             again = await asyncio.gather(*[gw.generate(f"d{i}", c["prompt_ids"], params) for i, c in enumerate(cases)])
