@@ -13,12 +13,8 @@ class ExpertPoolActor(ExpertPool):
     it runs on (gateways on the same node id use shared memory, others TCP) and serves TCP on the
     node's address."""
 
-    def info(self) -> dict:
-        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
-
     def open_data_plane(self, tcp_host: str | None = None) -> dict:
-        reply = super().open_data_plane(tcp_host or ray.util.get_node_ip_address())
-        return {**reply, "node_id": ray.get_runtime_context().get_node_id()}
+        return super().open_data_plane(tcp_host or ray.util.get_node_ip_address())
 
     def ping(self) -> int:
         """The controller's health probe: answers at once unless the process is stopped or dead."""

@@ -199,7 +199,7 @@ class DataPlaneServer:
             batch["views"] = batch_views(buf, req.tokens, req.top_k, self.hidden, DTYPES[req.dtype])
             batch["key"] = key
         views = batch["views"]
-        check_span(views.index, req.start, req.end, req.tokens, req.top_k)
+        check_span(views.index, req.start, req.end, req.tokens, req.top_k, self.limits.num_experts)
         return self._compute(req.layer, views, req.start, req.end)
 
     def _answer_inline(self, framed: Framed, head: dict) -> None:
@@ -208,6 +208,7 @@ class DataPlaneServer:
         buf = framed.exact(bx + bi + bw)
         pairs = np.arange(n)
         index = np.stack([pairs, pairs, tensor_at(buf, bx, bi, (n,), torch.long).numpy()])  # one row per pair
+        check_span(index, 0, n, n, 1, self.limits.num_experts)
         batch = PairBatch(tensor_at(buf, 0, bx, (n, d), dtype), index, tensor_at(buf, bx + bi, bw, (n,), dtype),
                           torch.empty(n, d, dtype=dtype))
         compute_s = self._compute(head["layer"], batch, 0, n)

@@ -20,6 +20,14 @@ from model.config import DTYPES, YuanConfig
 from model.experts import ExpertBank, scatter_rows
 
 
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): gateways on the same node id use shared
+    memory, others TCP."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 class ExpertPool:
     def __init__(self, model_dir: str, expert_ids: list[int], dtype: str | None = None,
                  device: str = "cpu", num_threads: int = 1, max_tokens_per_request: int = 16384) -> None:
@@ -70,7 +78,7 @@ class ExpertPool:
         return {"experts": list(self.banks[0].expert_ids) if self.banks else [],
                 "bytes": sum(b.nbytes() for b in self.banks), "pid": os.getpid(),
                 "tensors_read": len(self.tensors_read), "device": str(self.device),
-                "table_version": self.table_version, "node_id": ""}
+                "table_version": self.table_version, "node_id": node_id()}
 
     def open_data_plane(self, tcp_host: str = "127.0.0.1") -> dict:
         """Start (once) the data-plane server; returns where gateways reach it and the key they prove
@@ -79,7 +87,7 @@ class ExpertPool:
             cfg = self.cfg
             limits = DataPlaneLimits(cfg.num_layers, cfg.num_experts, self.max_tokens_per_request, cfg.top_k)
             self.data_plane = DataPlaneServer(self.compute_pairs, cfg.hidden_size, limits, tcp_host)
-        return {"address": self.data_plane.address(), "host": socket.gethostname(), "node_id": ""}
+        return {"address": self.data_plane.address(), "host": socket.gethostname(), "node_id": node_id()}
 
     def close(self) -> None:
         """Stop the data plane (a pool being removed)."""

@@ -154,7 +154,10 @@ class PoolDispatcher:
                 self._drop(w)
 
     def deadline(self, worker: int) -> ReplyDeadline:
-        return self._deadlines.setdefault(self.keys[worker], ReplyDeadline())
+        d = self._deadlines.get(self.keys[worker])
+        if d is None:
+            d = self._deadlines[self.keys[worker]] = ReplyDeadline()
+        return d
 
     def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:

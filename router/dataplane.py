@@ -330,14 +330,16 @@ def tensor_at(buf: memoryview, offset: int, nbytes: int, shape: tuple[int, ...],
     return torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).view(shape)
 
 
-def check_span(index: np.ndarray, start: int, end: int, tokens: int, top_k: int) -> None:
-    """The plan's rows and slots of pairs [start, end) point inside the batch (numpy would wrap a
-    negative one around to a real entry); expert ids are checked by the bank."""
+def check_span(index: np.ndarray, start: int, end: int, tokens: int, top_k: int, num_experts: int) -> None:
+    """The plan's rows, slots and expert ids of pairs [start, end) point inside the batch and the
+    model (numpy and torch would wrap a -1 around to a real entry): two numpy calls."""
     if end > start:
-        span = index[:2, start:end]
-        low, high = span.min(axis=1), span.max(axis=1)
-        if low.min() < 0 or high[0] >= tokens or high[1] >= tokens * top_k:
+        span = index[:, start:end]
+        (row_lo, slot_lo, id_lo), (row_hi, slot_hi, id_hi) = span.min(axis=1).tolist(), span.max(axis=1).tolist()
+        if min(row_lo, slot_lo) < 0 or row_hi >= tokens or slot_hi >= tokens * top_k:
             raise ValueError(f"plan: rows or slots of pairs [{start}, {end}) are outside the batch")
+        if id_lo < 0 or id_hi >= num_experts:
+            raise ValueError(f"expert_ids: of pairs [{start}, {end}) are outside [0, {num_experts})")
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes | None:
