@@ -16,4 +16,5 @@ demo: $(VENV)/.installed
 	bash scripts/demo.sh
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q

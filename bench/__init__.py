@@ -19,6 +19,7 @@ def wait_for_quiet(max_s: float = 20.0, busy_below: float = 0.25, window_s: floa
     seconds waited. Ray refills its pool of idle workers right after actors take some, and those
     starting processes eat the cores of a 2-core box for seconds: measured, the 4-pool round trip
     read 0.75 ms inside a full `yuan-serve bench` run and 0.45 ms alone."""
+
     def busy() -> tuple[int, int]:
         with open("/proc/stat") as f:
             v = [int(n) for n in f.readline().split()[1:]]
@@ -43,9 +44,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--dispatch-pools", type=int, default=4, help="0 skips the dispatch round-trip measurement")
+    p.add_argument(
+        "--dispatch-pools", type=int, default=4, help="0 skips the dispatch round-trip measurement"
+    )
     p.add_argument("--no-overlap", action="store_true", help="skip the micro-batch overlap variant")
-    p.add_argument("--skew", type=float, default=4.0,
-                   help="router skew of the rebalancing run (4 pools, before/after); 0 skips it")
+    p.add_argument(
+        "--skew",
+        type=float,
+        default=4.0,
+        help="router skew of the rebalancing run (4 pools, before/after); 0 skips it",
+    )
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--plot", default=None, help="write a PNG of throughput vs concurrency here")

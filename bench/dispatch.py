@@ -27,9 +27,19 @@ from gateway.pool_dispatcher import TRANSPORTS, PoolDispatcher
 from model.checkpoint import write_random_checkpoint
 from model.config import YuanConfig
 
-TRANSPORT_CFG = YuanConfig(vocab_size=320, hidden_size=2048, num_layers=1, num_heads=16, num_experts=32,
-                           top_k=2, ffn_hidden_size=8, max_position_embeddings=64, eod_token_id=256,
-                           sep_token_id=258, pad_token_id=256)
+TRANSPORT_CFG = YuanConfig(
+    vocab_size=320,
+    hidden_size=2048,
+    num_layers=1,
+    num_heads=16,
+    num_experts=32,
+    top_k=2,
+    ffn_hidden_size=8,
+    max_position_embeddings=64,
+    eod_token_id=256,
+    sep_token_id=258,
+    pad_token_id=256,
+)
 
 
 # Round trips before timing, in seconds: a serving gateway's path is hot all the time, and 20 calls
@@ -66,8 +76,9 @@ class EchoPool(ExpertPool):
         return x.copy()
 
 
-def measure(model_dir: str, pools: int, tokens: int, iters: int, compute: str,
-            compiled: bool = False) -> dict[str, dict[str, float]]:
+def measure(
+    model_dir: str, pools: int, tokens: int, iters: int, compute: str, compiled: bool = False
+) -> dict[str, dict[str, float]]:
     if compute == "experts":
         ps = PoolSet(PoolConfig(model_dir, pools=pools))
         ps.start()
@@ -80,6 +91,7 @@ def measure(model_dir: str, pools: int, tokens: int, iters: int, compute: str,
         def stop():
             for w in workers:
                 ray.kill(w)
+
     wait_for_quiet()  # new actors make Ray start replacement workers, which compete for the cores
     try:
         out = {}
@@ -101,7 +113,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--pools", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--inline-kib", type=int, default=1024, help="Ray's inline object limit (its default: 100)")
+    p.add_argument(
+        "--inline-kib", type=int, default=1024, help="Ray's inline object limit (its default: 100)"
+    )
     p.add_argument("--compute", nargs="+", choices=["echo", "experts"], default=["echo", "experts"])
     p.add_argument("--compiled", action="store_true", help="also measure a Ray Compiled Graph transport")
     p.add_argument("--json", action="store_true")
@@ -110,15 +124,27 @@ def main() -> None:
     torch.set_num_threads(1)  # as the gateway actor runs; more threads spin and starve the pools
     with tempfile.TemporaryDirectory() as tmp:
         write_random_checkpoint(TRANSPORT_CFG, tmp + "/ckpt", seed=0)
-        rows = {c: {P: measure(tmp + "/ckpt", P, args.tokens, args.iters, c, args.compiled) for P in args.pools}
-                for c in args.compute}
+        rows = {
+            c: {P: measure(tmp + "/ckpt", P, args.tokens, args.iters, c, args.compiled) for P in args.pools}
+            for c in args.compute
+        }
     ray.shutdown()
     if args.json:
-        print(json.dumps({"tokens": args.tokens, "hidden": TRANSPORT_CFG.hidden_size, "inline_kib": args.inline_kib,
-                          "pools": rows}))
+        print(
+            json.dumps(
+                {
+                    "tokens": args.tokens,
+                    "hidden": TRANSPORT_CFG.hidden_size,
+                    "inline_kib": args.inline_kib,
+                    "pools": rows,
+                }
+            )
+        )
         return
-    print(f"per-layer dispatch round trip, {args.tokens} tokens x {TRANSPORT_CFG.hidden_size} float32, "
-          f"Ray inline limit {args.inline_kib} KiB, {args.iters} iterations")
+    print(
+        f"per-layer dispatch round trip, {args.tokens} tokens x {TRANSPORT_CFG.hidden_size} float32, "
+        f"Ray inline limit {args.inline_kib} KiB, {args.iters} iterations"
+    )
     print(f"{'pools':>8} {'compute':>8} {'transport':>10} {'p50 ms':>8} {'p99 ms':>8}   ray/this p50")
     for c, by_pools in rows.items():
         for P, r in by_pools.items():

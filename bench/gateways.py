@@ -58,17 +58,32 @@ class BenchGateway:
 def aggregate(gateways: list, streams: int, prompt_len: int, max_tokens: int) -> float:
     """`streams` split over the gateways, all at once; tokens/s from the first start to the last end."""
     share = [streams // len(gateways) + (i < streams % len(gateways)) for i in range(len(gateways))]
-    runs = ray.get([g.run.remote(n, prompt_len, max_tokens, i) for i, (g, n) in enumerate(zip(gateways, share))])
+    runs = ray.get(
+        [g.run.remote(n, prompt_len, max_tokens, i) for i, (g, n) in enumerate(zip(gateways, share))]
+    )
     return sum(r["tokens"] for r in runs) / (max(r["t1"] for r in runs) - min(r["t0"] for r in runs))
 
 
-def run(preset_name: str, pools: int, streams: list[int], blocks: int, prompt_len: int, max_tokens: int) -> dict:
+def run(
+    preset_name: str, pools: int, streams: list[int], blocks: int, prompt_len: int, max_tokens: int
+) -> dict:
     connect(num_cpus=16)
-    out: dict = {"config": {"preset": preset_name, "pools": pools, "streams": streams, "blocks": blocks,
-                            "prompt_len": prompt_len, "max_tokens": max_tokens, "cores": os.cpu_count()}}
+    out: dict = {
+        "config": {
+            "preset": preset_name,
+            "pools": pools,
+            "streams": streams,
+            "blocks": blocks,
+            "prompt_len": prompt_len,
+            "max_tokens": max_tokens,
+            "cores": os.cpu_count(),
+        }
+    }
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_random_checkpoint(preset(preset_name), f"{tmp}/{preset_name}", seed=0)
-        cfg = PoolConfig(str(ckpt), pools=pools, limits=EngineLimits(max_running=max(streams), max_tokens=max_tokens))
+        cfg = PoolConfig(
+            str(ckpt), pools=pools, limits=EngineLimits(max_running=max(streams), max_tokens=max_tokens)
+        )
         t0 = time.perf_counter()
         start_controller("bench-gateways", cfg)
         gateways = [BenchGateway.remote("bench-gateways", cfg) for _ in range(2)]
@@ -110,15 +125,19 @@ def main() -> None:
     if a.json:
         print(json.dumps(out))
         return
-    print(f"{a.preset}, {a.pools} pools, {out['config']['cores']} cores, median of {a.blocks} alternated blocks")
+    print(
+        f"{a.preset}, {a.pools} pools, {out['config']['cores']} cores, median of {a.blocks} alternated blocks"
+    )
     print("| streams | 1 gateway tok/s | 2 gateways tok/s | 2 / 1 |")
     print("| --- | --- | --- | --- |")
     for n in a.streams:
         t = out["tokens_per_s"][n]
         print(f"| {n} | {t[1]:.0f} | {t[2]:.0f} | {out['two_over_one'][n]:.2f} |")
-    print(f"cold start (controller, {a.pools} pools, 2 gateways): {out['cold_start_s']:.1f} s; "
-          f"a killed gateway serving again with the pools kept: {out['gateway_restart_s']:.1f} s "
-          f"(attach and model load {out['gateway_attach_s']:.1f} s)")
+    print(
+        f"cold start (controller, {a.pools} pools, 2 gateways): {out['cold_start_s']:.1f} s; "
+        f"a killed gateway serving again with the pools kept: {out['gateway_restart_s']:.1f} s "
+        f"(attach and model load {out['gateway_attach_s']:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -62,17 +62,25 @@ def main() -> None:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         ours = time_calls(pb_grpc.YuanServingStub(ch), args.calls)
     server.stop(grace_s=0)
-    serve.start(proxy_location="HeadOnly", http_options={"port": 0},
-                grpc_options={"port": args.port,
-                              "grpc_servicer_functions": ["protos.serving_pb2_grpc.add_YuanServingServicer_to_server"]})
+    serve.start(
+        proxy_location="HeadOnly",
+        http_options={"port": 0},
+        grpc_options={
+            "port": args.port,
+            "grpc_servicer_functions": ["protos.serving_pb2_grpc.add_YuanServingServicer_to_server"],
+        },
+    )
     try:
         serve.run(ProxiedTokenize.bind(model_dir), name="tok", route_prefix="/tok")
         with grpc.insecure_channel(f"127.0.0.1:{args.port}") as ch:
             proxy = time_calls(pb_grpc.YuanServingStub(ch), args.calls, metadata=[("application", "tok")])
     finally:
         serve.shutdown()
-    result = {"grpc_aio_in_gateway": ours, "serve_grpc_proxy": proxy,
-              "proxy_over_ours_p50": proxy["p50_ms"] / ours["p50_ms"]}
+    result = {
+        "grpc_aio_in_gateway": ours,
+        "serve_grpc_proxy": proxy,
+        "proxy_over_ours_p50": proxy["p50_ms"] / ours["p50_ms"],
+    }
     if args.json:
         print(json.dumps(result))
         return

@@ -70,17 +70,26 @@ async def run_load(gateway: Gateway, prompts: list[list[int]], max_tokens: int) 
     results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
     wall = time.perf_counter() - t0
     ttft, tpot, tokens = zip(*results)
-    return {"tokens_per_s": sum(tokens) / wall, "wall_s": wall, "tokens": sum(tokens),
-            "ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot)}
+    return {
+        "tokens_per_s": sum(tokens) / wall,
+        "wall_s": wall,
+        "tokens": sum(tokens),
+        "ttft_ms": percentiles(ttft),
+        "tpot_ms": percentiles(tpot),
+    }
 
 
-def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len: int, max_tokens: int) -> dict:
+def measure(
+    engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len: int, max_tokens: int
+) -> dict:
     """Breakdown per step: gateway compute (attention, router, sampling, scheduling), expert calls
     (wall time the gateway spent in them), and of that the pools' own expert math (summed over pools,
     which run in parallel) and the rest (transport and waiting)."""
     g = torch.Generator().manual_seed(concurrency)
     vocab = engine.model.cfg.vocab_size
-    prompts = [torch.randint(0, min(vocab, 256), (prompt_len,), generator=g).tolist() for _ in range(concurrency)]
+    prompts = [
+        torch.randint(0, min(vocab, 256), (prompt_len,), generator=g).tolist() for _ in range(concurrency)
+    ]
     gateway = Gateway(engine)
     asyncio.run(run_load(gateway, prompts[:1], 2))  # warm-up
     timed.times.clear()
@@ -97,11 +106,14 @@ def measure(engine: Engine, timed: TimedDispatcher, concurrency: int, prompt_len
     result["expert_step_ms"] = percentiles(timed.times)
     step_s = result["wall_s"] / max(1, steps)
     per_step = 1e3 / max(1, steps)
-    result["breakdown_ms_per_step"] = {"total": step_s * 1e3, "expert_calls": expert_s * per_step,
-                                       "gateway_compute": (result["wall_s"] - expert_s) * per_step,
-                                       "pool_compute_summed": pool_s * per_step,
-                                       "transport_and_waiting": max(0.0, expert_s - pool_s) * per_step,
-                                       "expert_calls_per_layer": expert_s / max(1, steps * layers) * 1e3}
+    result["breakdown_ms_per_step"] = {
+        "total": step_s * 1e3,
+        "expert_calls": expert_s * per_step,
+        "gateway_compute": (result["wall_s"] - expert_s) * per_step,
+        "pool_compute_summed": pool_s * per_step,
+        "transport_and_waiting": max(0.0, expert_s - pool_s) * per_step,
+        "expert_calls_per_layer": expert_s / max(1, steps * layers) * 1e3,
+    }
     return result
 
 
@@ -115,10 +127,14 @@ def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_toke
     ckpt = write_random_checkpoint(preset("tiny"), f"{tmp}/skewed", seed=3, router_skew=skew)
     model, _ = load_model(str(ckpt))
     app = "bench-balance"
-    controller = start_controller(app, PoolConfig(str(ckpt), pools=pools), ControlConfig(slots_per_pool=32 // pools + 4))
+    controller = start_controller(
+        app, PoolConfig(str(ckpt), pools=pools), ControlConfig(slots_per_pool=32 // pools + 4)
+    )
     try:
         table = ray.get(controller.table_now.remote())
-        disp = PoolDispatcher(table["table"], table["workers"], num_layers=model.cfg.num_layers, keys=table["keys"])
+        disp = PoolDispatcher(
+            table["table"], table["workers"], num_layers=model.cfg.num_layers, keys=table["keys"]
+        )
         wait_for_quiet()
         limits = EngineLimits(max_running=concurrency, max_tokens=max_tokens)
 
@@ -144,28 +160,53 @@ def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_toke
         disp.close()
     finally:
         stop_controller(app)
-    return {"skew": skew, "pools": pools, "concurrency": concurrency,
-            "load_balance": {p: out[p]["max_over_mean"] for p in out},
-            "throughput": {p: out[p]["tokens_per_s"] for p in out}}
+    return {
+        "skew": skew,
+        "pools": pools,
+        "concurrency": concurrency,
+        "load_balance": {p: out[p]["max_over_mean"] for p in out},
+        "throughput": {p: out[p]["tokens_per_s"] for p in out},
+    }
 
 
 def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len: int, max_tokens: int,
-        dispatch_pools: int = 4, dispatch_iters: int = 200, overlap: bool = True, skew: float = 0.0) -> dict:
+def run(
+    presets: list[str],
+    pools: list[int],
+    concurrency: list[int],
+    prompt_len: int,
+    max_tokens: int,
+    dispatch_pools: int = 4,
+    dispatch_iters: int = 200,
+    overlap: bool = True,
+    skew: float = 0.0,
+) -> dict:
     torch.set_num_threads(1)
     connect(num_cpus=16)
-    out: dict = {"config": {"presets": presets, "pools": pools, "concurrency": concurrency,
-                            "prompt_len": prompt_len, "max_tokens": max_tokens}, "results": {},
-                 "throughput_ratio": {}}
+    out: dict = {
+        "config": {
+            "presets": presets,
+            "pools": pools,
+            "concurrency": concurrency,
+            "prompt_len": prompt_len,
+            "max_tokens": max_tokens,
+        },
+        "results": {},
+        "throughput_ratio": {},
+    }
     limits = EngineLimits(max_running=max(concurrency), max_tokens=max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         for name in presets:
             ckpt = write_random_checkpoint(preset(name), f"{tmp}/{name}", seed=0)
             model, reader = load_model(str(ckpt))
-            engines = {"in-process": LocalDispatcher(load_experts(reader, model.cfg, list(range(model.cfg.num_experts))))}
+            engines = {
+                "in-process": LocalDispatcher(
+                    load_experts(reader, model.cfg, list(range(model.cfg.num_experts)))
+                )
+            }
             res = out["results"][name] = {}
             for label, disp in engines.items():
                 res[label] = {}
@@ -179,7 +220,9 @@ def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len
                 try:
                     disp = PoolDispatcher(ps.table, ps.handles, num_layers=model.cfg.num_layers)
                     wait_for_quiet()  # Ray starts replacement idle workers after the pools take theirs
-                    variants = [(f"{P} pools", 1)] + ([(f"{P} pools+overlap", 2)] if overlap and P == max(pools) else [])
+                    variants = [(f"{P} pools", 1)] + (
+                        [(f"{P} pools+overlap", 2)] if overlap and P == max(pools) else []
+                    )
                     for label, micro in variants:
                         res[label] = {}
                         for c in concurrency:
@@ -192,8 +235,10 @@ def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len
                     ps.shutdown()
             best = f"{max(pools)} pools" if pools else None
             if best:
-                out["throughput_ratio"][name] = {c: res[best][c]["tokens_per_s"] / res["in-process"][c]["tokens_per_s"]
-                                                 for c in concurrency}
+                out["throughput_ratio"][name] = {
+                    c: res[best][c]["tokens_per_s"] / res["in-process"][c]["tokens_per_s"]
+                    for c in concurrency
+                }
     if skew > 0:
         with tempfile.TemporaryDirectory() as tmp:
             b = balance(skew, 4, max(concurrency), prompt_len, max_tokens, tmp)
@@ -206,36 +251,50 @@ def run(presets: list[str], pools: list[int], concurrency: list[int], prompt_len
         with tempfile.TemporaryDirectory() as tmp:
             write_random_checkpoint(TRANSPORT_CFG, tmp + "/ckpt", seed=0)
             rt = dispatch_measure(tmp + "/ckpt", dispatch_pools, 64, dispatch_iters, "echo")
-        out["dispatch_round_trip_ms"] = {**rt["dataplane"], "pools": dispatch_pools, "tokens": 64,
-                                         "hidden": TRANSPORT_CFG.hidden_size, "ray_calls": rt["ray"]}
+        out["dispatch_round_trip_ms"] = {
+            **rt["dataplane"],
+            "pools": dispatch_pools,
+            "tokens": 64,
+            "hidden": TRANSPORT_CFG.hidden_size,
+            "ray_calls": rt["ray"],
+        }
     return out
 
 
 def table(out: dict) -> str:
     lines = []
     for name, res in out["results"].items():
-        lines.append(f"\npreset {name}: tokens/s | TTFT p50/p99 ms | TPOT p50/p99 ms | expert step per layer ms")
+        lines.append(
+            f"\npreset {name}: tokens/s | TTFT p50/p99 ms | TPOT p50/p99 ms | expert step per layer ms"
+        )
         for label, by_c in res.items():
             for c, r in by_c.items():
                 b = r["breakdown_ms_per_step"]
-                lines.append(f"  {label:>10} x{c:<3} {r['tokens_per_s']:9.1f} | {r['ttft_ms']['p50']:7.1f} / "
-                             f"{r['ttft_ms']['p99']:7.1f} | {r['tpot_ms']['p50']:6.2f} / {r['tpot_ms']['p99']:6.2f} | "
-                             f"{b['expert_calls_per_layer']:6.3f}  (step {b['total']:.2f} ms: gateway "
-                             f"{b['gateway_compute']:.2f}, expert calls {b['expert_calls']:.2f} = pools "
-                             f"{b['pool_compute_summed']:.2f} summed + transport/waiting "
-                             f"{b['transport_and_waiting']:.2f})")
+                lines.append(
+                    f"  {label:>10} x{c:<3} {r['tokens_per_s']:9.1f} | {r['ttft_ms']['p50']:7.1f} / "
+                    f"{r['ttft_ms']['p99']:7.1f} | {r['tpot_ms']['p50']:6.2f} / {r['tpot_ms']['p99']:6.2f} | "
+                    f"{b['expert_calls_per_layer']:6.3f}  (step {b['total']:.2f} ms: gateway "
+                    f"{b['gateway_compute']:.2f}, expert calls {b['expert_calls']:.2f} = pools "
+                    f"{b['pool_compute_summed']:.2f} summed + transport/waiting "
+                    f"{b['transport_and_waiting']:.2f})"
+                )
         if name in out["throughput_ratio"]:
             ratios = ", ".join(f"x{c}: {v:.2f}" for c, v in out["throughput_ratio"][name].items())
             lines.append(f"  distributed / in-process throughput: {ratios}")
     if "balance_run" in out:
         b = out["balance_run"]
-        lines.append(f"\nskewed tiny (router skew {b['skew']}), {b['pools']} pools, x{b['concurrency']}: tokens per pool "
-                     f"max/mean {b['load_balance']['before']:.2f} -> {b['load_balance']['after']:.2f} after rebalancing; "
-                     f"throughput {b['throughput']['before']:.1f} -> {b['throughput']['after']:.1f} tokens/s")
+        lines.append(
+            f"\nskewed tiny (router skew {b['skew']}), {b['pools']} pools, x{b['concurrency']}: "
+            f"tokens per pool max/mean {b['load_balance']['before']:.2f} -> "
+            f"{b['load_balance']['after']:.2f} after rebalancing; "
+            f"throughput {b['throughput']['before']:.1f} -> {b['throughput']['after']:.1f} tokens/s"
+        )
     if "dispatch_round_trip_ms" in out:
         rt = out["dispatch_round_trip_ms"]
-        lines.append(f"\ndispatch round trip, {rt['tokens']} tokens x {rt['hidden']} to {rt['pools']} pools (echo): "
-                     f"p50 {rt['p50']:.3f} ms, p99 {rt['p99']:.3f} ms (Ray calls: p50 {rt['ray_calls']['p50']:.3f} ms)")
+        lines.append(
+            f"\ndispatch round trip, {rt['tokens']} tokens x {rt['hidden']} to {rt['pools']} pools (echo): "
+            f"p50 {rt['p50']:.3f} ms, p99 {rt['p99']:.3f} ms (Ray calls: p50 {rt['ray_calls']['p50']:.3f} ms)"
+        )
     return "\n".join(lines)
 
 
@@ -266,8 +325,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    out = run(args.presets, args.pools, args.concurrency, args.prompt_len, args.max_tokens, args.dispatch_pools,
-              overlap=not args.no_overlap, skew=args.skew)
+    out = run(
+        args.presets,
+        args.pools,
+        args.concurrency,
+        args.prompt_len,
+        args.max_tokens,
+        args.dispatch_pools,
+        overlap=not args.no_overlap,
+        skew=args.skew,
+    )
     if args.plot:
         plot(out, args.plot)
         out["plot"] = args.plot

@@ -20,8 +20,12 @@ from cli import args as cli_args
 from protos import serving_pb2 as pb
 from protos import serving_pb2_grpc as pb_grpc
 
-FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOD: "eod",
-                pb.FINISH_REASON_CANCELLED: "cancelled"}
+FINISH_NAMES = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_EOD: "eod",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+}
 
 
 def channel(target: str, tls_ca: str | None = None) -> grpc.Channel:
@@ -36,7 +40,10 @@ def wait_serving(ch: grpc.Channel, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+            if (
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
                 return
         except grpc.RpcError:
             pass
@@ -46,8 +53,13 @@ def wait_serving(ch: grpc.Channel, timeout_s: float) -> None:
 
 
 def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, stop=args.stop or [])
+    req = pb.GenerateRequest(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop=args.stop or [],
+    )
     if args.token_ids is not None:
         req.token_ids.extend(cli_args.token_ids(args.token_ids))
     else:
@@ -85,9 +97,21 @@ def cmd_client(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - t0
     if args.json:
         t = last.timings
-        print(json.dumps({"token_ids": ids, "text": "".join(chunks), "finish_reason": FINISH_NAMES[last.finish_reason],
-                          "timing": {"queue_ms": round(t.queue_ms, 3), "ttft_ms": round(t.ttft_ms, 3),
-                                     "per_token_ms": round(t.per_token_ms, 3), "wall_s": round(wall, 4)}}))
+        print(
+            json.dumps(
+                {
+                    "token_ids": ids,
+                    "text": "".join(chunks),
+                    "finish_reason": FINISH_NAMES[last.finish_reason],
+                    "timing": {
+                        "queue_ms": round(t.queue_ms, 3),
+                        "ttft_ms": round(t.ttft_ms, 3),
+                        "per_token_ms": round(t.per_token_ms, 3),
+                        "wall_s": round(wall, 4),
+                    },
+                }
+            )
+        )
     else:
         print()
 

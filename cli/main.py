@@ -39,10 +39,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(json.dumps(counts))
         return
     print(f"total parameters   {counts['total_params'] / 1e9:10.3f} B")
-    print(f"active per token   {counts['active_params'] / 1e9:10.3f} B  "
-          f"({cfg.top_k} of {cfg.num_experts} experts per layer)")
-    print(f"forward GFLOPs     {counts['gflops_per_token']:10.3f}    per token "
-          f"(2 per active parameter, attention over {args.context} tokens of context)")
+    print(
+        f"active per token   {counts['active_params'] / 1e9:10.3f} B  "
+        f"({cfg.top_k} of {cfg.num_experts} experts per layer)"
+    )
+    print(
+        f"forward GFLOPs     {counts['gflops_per_token']:10.3f}    per token "
+        f"(2 per active parameter, attention over {args.context} tokens of context)"
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -57,18 +61,28 @@ def cmd_plan(args: argparse.Namespace) -> None:
     gb = 1e9
     print(f"{args.gpus} GPUs x {args.gpu_mem:g} GB, one expert pool each, bf16 weights")
     print(f"  experts per pool           {plan['experts_per_pool']} (of {cfg.num_experts}, every layer)")
-    print(f"  bytes per pool             {plan['bytes_per_pool'] / gb:8.2f} GB  "
-          f"({'fits' if plan['fits'] else 'DOES NOT FIT'}; room for {plan['spare_expert_replicas_per_gpu']} "
-          f"more expert replicas per GPU)")
-    print(f"  gateway weights            {plan['gateway_weight_bytes'] / gb:8.2f} GB, cache "
-          f"{plan['gateway_cache_bytes'] / gb:.2f} GB for {args.batch} sequences x {args.context} tokens")
-    print(f"  moved per layer per token  {plan['bytes_moved_per_layer_per_token'] / 1024:8.1f} KiB "
-          f"({plan['bytes_moved_per_token'] / 2**20:.2f} MiB per token over all layers)")
-    print(f"  decode bound, memory       {plan['tokens_per_s_bound_memory']:10.0f} tokens/s per gateway "
-          f"(batch {args.batch}, {plan['experts_touched_per_layer']:.1f} experts touched per layer, "
-          f"{args.hbm_tbs:g} TB/s)")
-    print(f"  decode bound, link         {plan['tokens_per_s_bound_link']:10.0f} tokens/s per gateway "
-          f"({args.link_gbs:g} GB/s)")
+    print(
+        f"  bytes per pool             {plan['bytes_per_pool'] / gb:8.2f} GB  "
+        f"({'fits' if plan['fits'] else 'DOES NOT FIT'}; room for {plan['spare_expert_replicas_per_gpu']} "
+        f"more expert replicas per GPU)"
+    )
+    print(
+        f"  gateway weights            {plan['gateway_weight_bytes'] / gb:8.2f} GB, cache "
+        f"{plan['gateway_cache_bytes'] / gb:.2f} GB for {args.batch} sequences x {args.context} tokens"
+    )
+    print(
+        f"  moved per layer per token  {plan['bytes_moved_per_layer_per_token'] / 1024:8.1f} KiB "
+        f"({plan['bytes_moved_per_token'] / 2**20:.2f} MiB per token over all layers)"
+    )
+    print(
+        f"  decode bound, memory       {plan['tokens_per_s_bound_memory']:10.0f} tokens/s per gateway "
+        f"(batch {args.batch}, {plan['experts_touched_per_layer']:.1f} experts touched per layer, "
+        f"{args.hbm_tbs:g} TB/s)"
+    )
+    print(
+        f"  decode bound, link         {plan['tokens_per_s_bound_link']:10.0f} tokens/s per gateway "
+        f"({args.link_gbs:g} GB/s)"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -80,10 +94,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model_dir = Path(args.model) if args.model else demo_checkpoint()
     cfg = YuanConfig.from_file(model_dir / "config.json")
     tokenizer = load_tokenizer(model_dir, cfg)
-    prompt = cli_args.token_ids(args.token_ids) if args.token_ids is not None else tokenizer.encode(args.prompt)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed,
-                            stop_token_ids=tuple(cli_args.token_ids(args.stop_token_ids or "", "--stop-token-ids")))
+    prompt = (
+        cli_args.token_ids(args.token_ids) if args.token_ids is not None else tokenizer.encode(args.prompt)
+    )
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=tuple(cli_args.token_ids(args.stop_token_ids or "", "--stop-token-ids")),
+    )
     from gateway.engine import EngineLimits, check_request
 
     params = check_request(cfg, EngineLimits(), "cli", prompt, params)  # before anything starts
@@ -91,8 +112,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     token_ids, finish_reason, timing = run(args, str(model_dir), prompt, params)
     text = tokenizer.decode(token_ids, skip_special=True)
     if args.json:
-        print(json.dumps({"token_ids": token_ids, "text": text, "finish_reason": finish_reason,
-                          "timing": {k: round(v, 4) for k, v in timing.items()}}))
+        print(
+            json.dumps(
+                {
+                    "token_ids": token_ids,
+                    "text": text,
+                    "finish_reason": finish_reason,
+                    "timing": {k: round(v, 4) for k, v in timing.items()},
+                }
+            )
+        )
     else:
         print(text)
 
@@ -124,9 +153,18 @@ def _generate_ray(args, model_dir: str, prompt: list[int], params) -> tuple[list
     started = connect(args.address, num_cpus=None if args.address else max(8, args.pools * args.replicas + 4))
     app = f"generate-{uuid.uuid4().hex[:8]}"
     try:
-        backend = attach_backend(app, PoolConfig(model_dir, pools=args.pools, replicas=args.replicas, dtype=args.dtype,
-                                                 address=args.address, transport=args.transport,
-                                                 micro_batches=args.micro_batches))
+        backend = attach_backend(
+            app,
+            PoolConfig(
+                model_dir,
+                pools=args.pools,
+                replicas=args.replicas,
+                dtype=args.dtype,
+                address=args.address,
+                transport=args.transport,
+                micro_batches=args.micro_batches,
+            ),
+        )
         try:
             t1 = time.perf_counter()
             seq = backend.engine.generate([prompt], params)[0]
@@ -183,16 +221,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("generate", help="generate a completion")
-    s.add_argument("--engine", choices=["local", "ray"], default="ray",
-                   help="ray: gateway + expert pools on Ray (default); local: the in-process reference")
+    s.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="ray",
+        help="ray: gateway + expert pools on Ray (default); local: the in-process reference",
+    )
     s.add_argument("--pools", type=int, default=4, help="expert pools (ray engine)")
     s.add_argument("--replicas", type=int, default=1, help="replicas of every pool (ray engine)")
-    s.add_argument("--transport", choices=["dataplane", "ray"], default="dataplane",
-                   help="gateway <-> pool bytes (ray engine)")
-    s.add_argument("--micro-batches", type=int, choices=[1, 2], default=1,
-                   help="2: overlap one half-batch's attention with the other's experts (ray engine)")
-    s.add_argument("--address", default=None,
-                   help="join this Ray cluster ('auto', 'ray://host:port'); default: start an embedded one")
+    s.add_argument(
+        "--transport",
+        choices=["dataplane", "ray"],
+        default="dataplane",
+        help="gateway <-> pool bytes (ray engine)",
+    )
+    s.add_argument(
+        "--micro-batches",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="2: overlap one half-batch's attention with the other's experts (ray engine)",
+    )
+    s.add_argument(
+        "--address",
+        default=None,
+        help="join this Ray cluster ('auto', 'ray://host:port'); default: start an embedded one",
+    )
     s.add_argument("--model", help="checkpoint directory (default: the demo checkpoint, created once)")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt")

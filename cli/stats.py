@@ -33,11 +33,15 @@ def plot(stats: pb.StatsResponse, path: str) -> None:
     L, E = stats.num_layers, stats.num_experts
     grid = np.array(stats.expert_tokens, dtype=float).reshape(L, E) if L and E else np.zeros((1, 1))
     workers = sorted(stats.worker_pairs)
-    fig, (heat, bars) = plt.subplots(1, 2, figsize=(13, 3 + 0.25 * max(L, 1)),
-                                     gridspec_kw={"width_ratios": [3, 1]})
+    fig, (heat, bars) = plt.subplots(
+        1, 2, figsize=(13, 3 + 0.25 * max(L, 1)), gridspec_kw={"width_ratios": [3, 1]}
+    )
     im = heat.imshow(grid, aspect="auto", cmap="viridis")
-    heat.set(title=f"tokens routed per (layer, expert), routing table v{stats.routing_table_version}",
-             xlabel="expert", ylabel="layer")
+    heat.set(
+        title=f"tokens routed per (layer, expert), routing table v{stats.routing_table_version}",
+        xlabel="expert",
+        ylabel="layer",
+    )
     heat.set_yticks(range(grid.shape[0]))
     heat.set_xticks(range(0, grid.shape[1], max(1, grid.shape[1] // 16)))
     fig.colorbar(im, ax=heat)
@@ -59,18 +63,30 @@ def cmd_stats(args: argparse.Namespace) -> None:
 
         print(json.dumps(MessageToDict(stats)))
         return
-    print(f"gateway {stats.gateway}: running {stats.running}, waiting {stats.waiting}, cache slots "
-          f"{stats.cache_slots_used}, steps {stats.steps}, routing table v{stats.routing_table_version}")
+    print(
+        f"gateway {stats.gateway}: running {stats.running}, waiting {stats.waiting}, cache slots "
+        f"{stats.cache_slots_used}, steps {stats.steps}, routing table v{stats.routing_table_version}"
+    )
     if stats.gateways:
-        print(f"all {len(stats.gateways)} gateways: running {stats.running_total}, waiting {stats.waiting_total}")
+        total = f"running {stats.running_total}, waiting {stats.waiting_total}"
+        print(f"all {len(stats.gateways)} gateways: {total}")
         for g in stats.gateways:
-            print(f"  {g.gateway}: running {g.running}, waiting {g.waiting}, steps {g.steps}, admitted {g.admitted}, "
-                  f"table v{g.routing_table_version}")
+            print(
+                f"  {g.gateway}: running {g.running}, waiting {g.waiting}, steps {g.steps}, "
+                f"admitted {g.admitted}, table v{g.routing_table_version}"
+            )
     if stats.num_experts:
-        per_expert = [sum(stats.expert_tokens[layer * stats.num_experts + e] for layer in range(stats.num_layers))
-                      for e in range(stats.num_experts)]
-        print(f"expert load max/mean {max_over_mean(per_expert):.2f}; hottest "
-              + ", ".join(f"{e}:{per_expert[e]}" for e in sorted(range(len(per_expert)), key=lambda e: -per_expert[e])[:5]))
+        per_expert = [
+            sum(stats.expert_tokens[layer * stats.num_experts + e] for layer in range(stats.num_layers))
+            for e in range(stats.num_experts)
+        ]
+        print(
+            f"expert load max/mean {max_over_mean(per_expert):.2f}; hottest "
+            + ", ".join(
+                f"{e}:{per_expert[e]}"
+                for e in sorted(range(len(per_expert)), key=lambda e: -per_expert[e])[:5]
+            )
+        )
     if stats.worker_pairs:
         loads = [stats.worker_pairs[w] for w in sorted(stats.worker_pairs)]
         print(f"pool worker pairs {loads} (max/mean {max_over_mean(loads):.2f})")

@@ -74,16 +74,20 @@ def cmd_up(args: argparse.Namespace) -> None:
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.perf_counter()
     a = app_args
-    started = connect(args.address, num_cpus=None if args.address else
-                      max(8, a.pools * a.replicas + a.gateways + 3))
+    started = connect(
+        args.address, num_cpus=None if args.address else max(8, a.pools * a.replicas + a.gateways + 3)
+    )
     try:
         serve.start(proxy_location="Disabled")
         serve.run(app, name=APP, route_prefix=None, blocking=False)
         gateway = serve.get_deployment_handle("GatewayDeployment", app_name=APP)
         wait_serving(gateway, a.gateways, args.start_timeout, stop)
         if not stop.is_set():
-            print(f"yuan-serve: serving on {a.host}:{a.port} ({a.gateways} gateways, {a.pools} pools x "
-                  f"{a.replicas} replicas), ready in {time.perf_counter() - t0:.1f}s; Ctrl-C to stop", flush=True)
+            print(
+                f"yuan-serve: serving on {a.host}:{a.port} ({a.gateways} gateways, {a.pools} pools x "
+                f"{a.replicas} replicas), ready in {time.perf_counter() - t0:.1f}s; Ctrl-C to stop",
+                flush=True,
+            )
         while not stop.wait(0.5):
             pass
         print("yuan-serve: draining and shutting down", file=sys.stderr, flush=True)

@@ -28,11 +28,15 @@ class ScalingPolicy:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_workers <= self.max_workers:
-            raise ValueError(f"need 1 <= min_workers ({self.min_workers}) <= max_workers ({self.max_workers})")
+            raise ValueError(
+                f"need 1 <= min_workers ({self.min_workers}) <= max_workers ({self.max_workers})"
+            )
 
     def decide(self, current: int, pairs_per_s: float) -> int:
         """The worker count to move to, given the current count and the load of the last window."""
-        need = min(self.max_workers, max(self.min_workers, math.ceil(pairs_per_s / self.pairs_per_s_per_worker)))
+        need = min(
+            self.max_workers, max(self.min_workers, math.ceil(pairs_per_s / self.pairs_per_s_per_worker))
+        )
         self._above = self._above + 1 if need > current else 0
         self._below = self._below + 1 if need < current else 0
         if self._above >= self.up_after:

@@ -15,8 +15,16 @@ from model.config import YuanConfig
 from model.params import parameter_counts
 
 
-def capacity_plan(cfg: YuanConfig, gpus: int, gpu_mem_gb: float, hbm_tbs: float = 4.8, link_gbs: float = 50.0,
-                  batch: int = 64, context: int = 4096, bytes_per_param: int = 2) -> dict:
+def capacity_plan(
+    cfg: YuanConfig,
+    gpus: int,
+    gpu_mem_gb: float,
+    hbm_tbs: float = 4.8,
+    link_gbs: float = 50.0,
+    batch: int = 64,
+    context: int = 4096,
+    bytes_per_param: int = 2,
+) -> dict:
     if gpus < 1 or gpu_mem_gb <= 0:
         raise ValueError("gpus must be >= 1 and gpu_mem_gb > 0")
     counts = parameter_counts(cfg)
@@ -36,16 +44,26 @@ def capacity_plan(cfg: YuanConfig, gpus: int, gpu_mem_gb: float, hbm_tbs: float 
     step_s = step_read_bytes / (hbm_tbs * 1e12)
     moved_per_token = 2 * cfg.top_k * d * bytes_per_param * L  # out and back, every layer
     return {
-        "gpus": gpus, "experts_per_pool": experts_per_pool,
-        "bytes_per_expert": expert_bytes, "bytes_per_pool": pool_bytes,
-        "fits": pool_bytes <= usable, "spare_expert_replicas_per_gpu": spare_replicas,
+        "gpus": gpus,
+        "experts_per_pool": experts_per_pool,
+        "bytes_per_expert": expert_bytes,
+        "bytes_per_pool": pool_bytes,
+        "fits": pool_bytes <= usable,
+        "spare_expert_replicas_per_gpu": spare_replicas,
         "gateway_weight_bytes": gateway_bytes,
-        "kv_bytes_per_token": kv_per_token, "lf_bytes_per_sequence": lf_per_sequence,
+        "kv_bytes_per_token": kv_per_token,
+        "lf_bytes_per_sequence": lf_per_sequence,
         "gateway_cache_bytes": batch * (context * kv_per_token + lf_per_sequence),
-        "bytes_moved_per_layer_per_token": moved_per_token // L, "bytes_moved_per_token": moved_per_token,
+        "bytes_moved_per_layer_per_token": moved_per_token // L,
+        "bytes_moved_per_token": moved_per_token,
         "experts_touched_per_layer": touched,
         "tokens_per_s_bound_memory": batch / step_s if step_s else float("inf"),
         "tokens_per_s_bound_link": link_gbs * 1e9 / moved_per_token,
-        "assumptions": {"hbm_tbs": hbm_tbs, "link_gbs": link_gbs, "batch": batch, "context": context,
-                        "bytes_per_param": bytes_per_param},
+        "assumptions": {
+            "hbm_tbs": hbm_tbs,
+            "link_gbs": link_gbs,
+            "batch": batch,
+            "context": context,
+            "bytes_per_param": bytes_per_param,
+        },
     }

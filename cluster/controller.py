@@ -97,7 +97,9 @@ class Controller:
         self._loop_task = asyncio.ensure_future(self._control_loop())
 
     # ---- gateways ------------------------------------------------------------------------------
-    async def report(self, gateway_id: str, version: int, load: dict | None = None, stats: dict | None = None) -> dict:
+    async def report(
+        self, gateway_id: str, version: int, load: dict | None = None, stats: dict | None = None
+    ) -> dict:
         """A gateway's heartbeat: the version it uses (its acknowledgement), its load since the last
         report and its stats. The reply has the table when the gateway's is not the current one."""
         await self.ready()
@@ -107,16 +109,22 @@ class Controller:
             self.load.add(load)
         if version > self.table.version:  # a gateway saw a later table than this (restarted) controller
             self._publish(version=version + 1)
-        reply = {"version": self.table.version, "uncovered": list(self.uncovered),
-                 "gateways": {g: {"version": r.version, **r.stats} for g, r in self._live_gateways().items()}}
+        reply = {
+            "version": self.table.version,
+            "uncovered": list(self.uncovered),
+            "gateways": {g: {"version": r.version, **r.stats} for g, r in self._live_gateways().items()},
+        }
         if version != self.table.version:
             reply |= self.table_now()
         return reply
 
     def table_now(self) -> dict:
         """The current table and its workers' handles and keys (a key changes when its process does)."""
-        return {"table": self.table, "workers": [w.handle for w in self.serving],
-                "keys": [f"{w.name}@{w.pid}" for w in self.serving]}
+        return {
+            "table": self.table,
+            "workers": [w.handle for w in self.serving],
+            "keys": [f"{w.name}@{w.pid}" for w in self.serving],
+        }
 
     async def attach(self, gateway_id: str) -> dict:
         """A gateway starting (or restarting): the current table, nothing else touched."""
@@ -162,12 +170,23 @@ class Controller:
         return self.load.snapshot()
 
     def status(self) -> dict:
-        return {"version": self.table.version if self.table else 0, "uncovered": list(self.uncovered),
-                "workers": [{"name": w.name, "experts": list(w.experts), "pid": w.pid, "node_id": w.node_id,
-                             "healthy": w.name not in self.unhealthy,
-                             "serving": any(s.name == w.name for s in self.serving)} for w in self.pools.workers],
-                "gateways": {g: {"version": r.version, **r.stats} for g, r in self._live_gateways().items()},
-                "history": list(self.history)}
+        return {
+            "version": self.table.version if self.table else 0,
+            "uncovered": list(self.uncovered),
+            "workers": [
+                {
+                    "name": w.name,
+                    "experts": list(w.experts),
+                    "pid": w.pid,
+                    "node_id": w.node_id,
+                    "healthy": w.name not in self.unhealthy,
+                    "serving": any(s.name == w.name for s in self.serving),
+                }
+                for w in self.pools.workers
+            ],
+            "gateways": {g: {"version": r.version, **r.stats} for g, r in self._live_gateways().items()},
+            "history": list(self.history),
+        }
 
     # ---- health --------------------------------------------------------------------------------
     async def _control_loop(self) -> None:
@@ -200,8 +219,13 @@ class Controller:
 
     async def _probe(self) -> None:
         workers = list(self.pools.workers)
-        results = await asyncio.gather(*[asyncio.wait_for(_await(w.handle.info.remote()), self.control.probe_timeout_s)
-                                         for w in workers], return_exceptions=True)
+        results = await asyncio.gather(
+            *[
+                asyncio.wait_for(_await(w.handle.info.remote()), self.control.probe_timeout_s)
+                for w in workers
+            ],
+            return_exceptions=True,
+        )
         changed, now = False, time.monotonic()
         for w, res in zip(workers, results):
             if isinstance(res, BaseException):
@@ -225,15 +249,24 @@ class Controller:
         """A new pool holding `old`'s experts takes its place; `old` stops once every gateway moved."""
         async with self._move:
             t0 = time.monotonic()
-            new = await asyncio.get_running_loop().run_in_executor(None, self.pools.add_worker, list(old.experts))
+            new = await asyncio.get_running_loop().run_in_executor(
+                None, self.pools.add_worker, list(old.experts)
+            )
             order = [new if w.name == old.name else w for w in self.pools.workers if w.name != new.name]
             self.pools.workers = order
             self.unhealthy.pop(old.name, None)
             self._publish()
             await self._acknowledged(self.table.version)
             self.pools.remove_worker(old)
-            self.history.append({"kind": "replace", "old": old.name, "new": new.name,
-                                 "seconds": time.monotonic() - t0, "version": self.table.version})
+            self.history.append(
+                {
+                    "kind": "replace",
+                    "old": old.name,
+                    "new": new.name,
+                    "seconds": time.monotonic() - t0,
+                    "version": self.table.version,
+                }
+            )
 
     # ---- moves ---------------------------------------------------------------------------------
     def plan(self, since: dict | None = None, num_workers: int | None = None) -> RoutingTable:
@@ -266,24 +299,41 @@ class Controller:
             await self._apply(self.plan(None, num_workers=n), keep, "scale")
             for w in gone:
                 self.pools.remove_worker(w)
-            self.history.append({"kind": "scale", "from": before, "to": n, "seconds": time.monotonic() - t0,
-                                 "version": self.table.version})
+            self.history.append(
+                {
+                    "kind": "scale",
+                    "from": before,
+                    "to": n,
+                    "seconds": time.monotonic() - t0,
+                    "version": self.table.version,
+                }
+            )
         return self.status()
 
     async def _apply(self, new: RoutingTable, workers: list[Worker], kind: str) -> None:
         """grow (each worker loads what it will newly hold, keeping what it has), publish, wait for
         the gateways, shrink (each drops what the new table no longer sends it)."""
         t0 = time.monotonic()
-        await asyncio.gather(*[_await(w.handle.set_experts.remote(sorted(set(w.experts) | set(e))))
-                               for w, e in zip(workers, new.workers)])
+        await asyncio.gather(
+            *[
+                _await(w.handle.set_experts.remote(sorted(set(w.experts) | set(e))))
+                for w, e in zip(workers, new.workers)
+            ]
+        )
         for w, e in zip(workers, new.workers):
             w.experts = tuple(e)
         self._publish(workers, version=new.version)
         await self._acknowledged(self.table.version)
-        await asyncio.gather(*[_await(w.handle.set_experts.remote(list(e), self.table.version))
-                               for w, e in zip(workers, new.workers)])
+        await asyncio.gather(
+            *[
+                _await(w.handle.set_experts.remote(list(e), self.table.version))
+                for w, e in zip(workers, new.workers)
+            ]
+        )
         if kind == "rebalance":
-            self.history.append({"kind": kind, "seconds": time.monotonic() - t0, "version": self.table.version})
+            self.history.append(
+                {"kind": kind, "seconds": time.monotonic() - t0, "version": self.table.version}
+            )
 
     # ---- the end -------------------------------------------------------------------------------
     async def _serve_app_gone(self) -> bool:
@@ -308,11 +358,19 @@ async def _await(ref):
 ControllerActor = ray.remote(Controller)
 
 
-def start_controller(app: str, pools: PoolConfig, control: ControlConfig = ControlConfig(), timeout_s: float = 300.0):
+def start_controller(
+    app: str, pools: PoolConfig, control: ControlConfig = ControlConfig(), timeout_s: float = 300.0
+):
     """Get this application's controller, starting it if there is none; returns its handle once its
     pools are up."""
-    handle = ControllerActor.options(name=controller_name(app), namespace=NAMESPACE, lifetime="detached",
-                                     get_if_exists=True, max_restarts=-1, num_cpus=0).remote(app, pools, control)
+    handle = ControllerActor.options(
+        name=controller_name(app),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        num_cpus=0,
+    ).remote(app, pools, control)
     ray.get(handle.ready.remote(), timeout=timeout_s)
     return handle
 
@@ -339,8 +397,12 @@ class LoadMetrics:
         self.per_layer = per_layer
         tags = ("layer", "expert") if per_layer else ("expert",)
         self.expert = Counter("yuan_expert_tokens", "Tokens routed to each expert", tag_keys=tags)
-        self.pairs = Counter("yuan_pool_pairs", "(token, expert) pairs computed per pool worker", tag_keys=("worker",))
-        self.compute = Counter("yuan_pool_compute_seconds", "Expert math time per pool worker", tag_keys=("worker",))
+        self.pairs = Counter(
+            "yuan_pool_pairs", "(token, expert) pairs computed per pool worker", tag_keys=("worker",)
+        )
+        self.compute = Counter(
+            "yuan_pool_compute_seconds", "Expert math time per pool worker", tag_keys=("worker",)
+        )
         self.workers = Gauge("yuan_pool_workers", "Expert-pool workers in the routing table")
         self.version = Gauge("yuan_routing_table_version", "Routing table version in use")
         self.gateways = Gauge("yuan_gateways", "Gateways reporting to the controller")

@@ -45,8 +45,13 @@ def gateway_id() -> str:
         return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def attach_backend(app: str, pools: PoolConfig, control: ControlConfig = ControlConfig(),
-                   create: bool = True, start_timeout_s: float = 300.0) -> Backend:
+def attach_backend(
+    app: str,
+    pools: PoolConfig,
+    control: ControlConfig = ControlConfig(),
+    create: bool = True,
+    start_timeout_s: float = 300.0,
+) -> Backend:
     """A gateway engine in this process, attached to `app`'s controller (started first when `create`
     and there is none) and its pools. Closing it closes this gateway's connections, never a pool."""
     from cluster.ray_cluster import connect
@@ -59,24 +64,33 @@ def attach_backend(app: str, pools: PoolConfig, control: ControlConfig = Control
     me = gateway_id()
     reply = ray.get(controller.attach.remote(me), timeout=start_timeout_s)
     model, _ = load_model(pools.model_dir, pools.dtype)
-    dispatcher = PoolDispatcher(reply["table"], reply["workers"], pools.transport, model.cfg.num_layers,
-                                keys=reply["keys"])
+    dispatcher = PoolDispatcher(
+        reply["table"], reply["workers"], pools.transport, model.cfg.num_layers, keys=reply["keys"]
+    )
     dispatcher.fetch_table = lambda: ray.get(controller.table_now.remote(), timeout=REPORT_TIMEOUT_S)
     engine = Engine(model, dispatcher, pools.limits, micro_batches=pools.micro_batches)
-    info = engine_info(engine, pools.pools, pools.replicas, reply["table"].version,
-                       [list(w) for w in reply["table"].workers])
+    info = engine_info(
+        engine, pools.pools, pools.replicas, reply["table"].version, [list(w) for w in reply["table"].workers]
+    )
     info["app"] = app
 
     async def control_loop(gateway: Gateway, state: ServingState) -> None:
         state.cluster = reply["gateways"]
         await report_loop(gateway, state, controller, me)
 
-    return Backend(engine, load_tokenizer(Path(pools.model_dir), model.cfg), info, dispatcher.close,
-                   control_loop, gateway_id=me)
+    return Backend(
+        engine,
+        load_tokenizer(Path(pools.model_dir), model.cfg),
+        info,
+        dispatcher.close,
+        control_loop,
+        gateway_id=me,
+    )
 
 
-async def report_loop(gateway: Gateway, state: ServingState, controller, me: str,
-                      every_s: float = REPORT_EVERY_S) -> None:
+async def report_loop(
+    gateway: Gateway, state: ServingState, controller, me: str, every_s: float = REPORT_EVERY_S
+) -> None:
     dispatcher = gateway.engine.dispatcher
     sent = dispatcher.load.snapshot()
     while True:
@@ -86,12 +100,16 @@ async def report_loop(gateway: Gateway, state: ServingState, controller, me: str
         keys = dispatcher.keys  # the controller counts work per worker name, not per table index
         delta["worker_pairs"] = {_name(keys, w): n for w, n in delta["worker_pairs"].items() if n}
         delta["worker_compute_s"] = {_name(keys, w): t for w, t in delta["worker_compute_s"].items() if t}
-        delta["expert_tokens"], delta["pair_tokens"] = delta["expert_tokens"].numpy(), delta["pair_tokens"].numpy()
+        delta["expert_tokens"], delta["pair_tokens"] = (
+            delta["expert_tokens"].numpy(),
+            delta["pair_tokens"].numpy(),
+        )
         e = gateway.engine.stats()
         stats = {k: e[k] for k in ("running", "waiting", "steps", "admitted")}
         try:
-            reply = await asyncio.wait_for(_await(controller.report.remote(me, dispatcher.table.version, delta, stats)),
-                                           REPORT_TIMEOUT_S)
+            reply = await asyncio.wait_for(
+                _await(controller.report.remote(me, dispatcher.table.version, delta, stats)), REPORT_TIMEOUT_S
+            )
         except Exception:  # the controller is restarting or busy: keep serving on the last table  # noqa: BLE001
             continue
         sent = snap
@@ -106,7 +124,10 @@ def report_once(controller, me: str, dispatcher, timeout_s: float = REPORT_TIMEO
     once (call it between steps). Sends the load ever seen, so call it once per fresh dispatcher or
     accept the double count; returns the reply."""
     delta = dispatcher.load.snapshot()
-    delta["expert_tokens"], delta["pair_tokens"] = delta["expert_tokens"].numpy(), delta["pair_tokens"].numpy()
+    delta["expert_tokens"], delta["pair_tokens"] = (
+        delta["expert_tokens"].numpy(),
+        delta["pair_tokens"].numpy(),
+    )
     delta["worker_pairs"], delta["worker_compute_s"] = {}, {}
     reply = ray.get(controller.report.remote(me, dispatcher.table.version, delta, {}), timeout=timeout_s)
     if "table" in reply:

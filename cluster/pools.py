@@ -91,8 +91,9 @@ class PoolSet:
         """Connect to Ray and start the planned pools; returns the first routing table."""
         cfg = self.cfg
         table = plan_pools(self.model_cfg.num_experts, cfg.pools, cfg.replicas)
-        self.started_cluster = connect(cfg.address, num_cpus=None if cfg.address else
-                                       max(8, len(table.workers) + 4))
+        self.started_cluster = connect(
+            cfg.address, num_cpus=None if cfg.address else max(8, len(table.workers) + 4)
+        )
         try:
             gpus = ray.cluster_resources().get("GPU", 0) >= len(table.workers)
             cpus = self._cpus_per_worker(len(table.workers))
@@ -103,13 +104,22 @@ class PoolSet:
                 group = self._group([self._bundle(cpus, gpus)] * R, "SPREAD", names[0])
                 for r, name in enumerate(names):
                     self._groups[name] = group
-                    pending.append((name, self._spawn(name, group, r, list(table.workers[p * R + r]), cpus, gpus),
-                                    table.workers[p * R + r]))
-            self._wait([g.ready() for g in {id(g): g for g in self._groups.values()}.values()],
-                       "placement groups for the expert pools")
+                    pending.append(
+                        (
+                            name,
+                            self._spawn(name, group, r, list(table.workers[p * R + r]), cpus, gpus),
+                            table.workers[p * R + r],
+                        )
+                    )
+            self._wait(
+                [g.ready() for g in {id(g): g for g in self._groups.values()}.values()],
+                "placement groups for the expert pools",
+            )
             infos = self._wait([h.info.remote() for _, h, _ in pending], "expert pools to load their experts")
-            self.workers = [Worker(h, name, tuple(experts), info["pid"], info["node_id"])
-                            for (name, h, experts), info in zip(pending, infos)]
+            self.workers = [
+                Worker(h, name, tuple(experts), info["pid"], info["node_id"])
+                for (name, h, experts), info in zip(pending, infos)
+            ]
         except BaseException:
             self.shutdown()
             raise
@@ -118,9 +128,14 @@ class PoolSet:
     def adopt(self) -> RoutingTable | None:
         """Find this application's live pools by name (a restarted controller); returns the table
         they hold (version: the highest any of them was told, plus one), or None if there are none."""
-        names = sorted((a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                        if a.get("namespace") == NAMESPACE and a["name"].startswith(self.prefix)),
-                       key=lambda n: int(n[len(self.prefix):]))
+        names = sorted(
+            (
+                a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a.get("namespace") == NAMESPACE and a["name"].startswith(self.prefix)
+            ),
+            key=lambda n: int(n[len(self.prefix) :]),
+        )
         found = []
         for name in names:
             try:
@@ -130,13 +145,15 @@ class PoolSet:
                 continue
         if not found:
             return None
-        self.workers = [Worker(h, name, tuple(info["experts"]), info["pid"], info["node_id"]) for name, h, info in found]
+        self.workers = [
+            Worker(h, name, tuple(info["experts"]), info["pid"], info["node_id"]) for name, h, info in found
+        ]
         for name, _, _ in found:
             try:
                 self._groups[name] = ray.util.get_placement_group(name)
             except ValueError:
                 pass
-        self._next = 1 + max(int(n[len(self.prefix):]) for n in names)
+        self._next = 1 + max(int(n[len(self.prefix) :]) for n in names)
         version = 1 + max(info.get("table_version", 0) for _, _, info in found)
         return RoutingTable(version, tuple(w.experts for w in self.workers), self.model_cfg.num_experts)
 
@@ -186,18 +203,31 @@ class PoolSet:
         it), restarted by Ray up to `pool_max_restarts` times."""
         cfg = self.cfg
         return ExpertPoolActor.options(
-            name=name, namespace=NAMESPACE, lifetime="detached",
+            name=name,
+            namespace=NAMESPACE,
+            lifetime="detached",
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
-            num_cpus=cpus, num_gpus=1 if gpus else 0, max_restarts=cfg.pool_max_restarts,
+            num_cpus=cpus,
+            num_gpus=1 if gpus else 0,
+            max_restarts=cfg.pool_max_restarts,
             resources={k: v for k, v in cfg.pool_resources.items()},
-        ).remote(cfg.model_dir, expert_ids, cfg.dtype, "cuda" if gpus else "cpu",
-                 max_tokens_per_request=self.max_tokens_per_step())
+        ).remote(
+            cfg.model_dir,
+            expert_ids,
+            cfg.dtype,
+            "cuda" if gpus else "cpu",
+            max_tokens_per_request=self.max_tokens_per_step(),
+        )
 
     def max_tokens_per_step(self) -> int:
         """The most tokens a gateway's step can send a pool: a prefill budget, one prompt longer than
         it (admitted alone), or every running sequence's decode; the pools' data plane refuses more."""
         lim = self.cfg.limits
-        return max(lim.max_prefill_tokens, lim.max_running, lim.max_prompt_len or self.model_cfg.max_position_embeddings)
+        return max(
+            lim.max_prefill_tokens,
+            lim.max_running,
+            lim.max_prompt_len or self.model_cfg.max_position_embeddings,
+        )
 
     @staticmethod
     def _cpus_per_worker(workers: int) -> float:
@@ -209,6 +239,8 @@ class PoolSet:
     def _wait(self, refs: list, what: str) -> list:
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.start_timeout_s)
         if pending:
-            raise DeploymentError(f"timed out after {self.cfg.start_timeout_s:.0f}s waiting for {what} "
-                                  f"({len(pending)} of {len(refs)} not ready)")
+            raise DeploymentError(
+                f"timed out after {self.cfg.start_timeout_s:.0f}s waiting for {what} "
+                f"({len(pending)} of {len(refs)} not ready)"
+            )
         return ray.get(refs)

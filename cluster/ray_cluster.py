@@ -29,8 +29,9 @@ def confine_to_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported ray before the variable was set
 
 
-def connect(address: str | None = None, num_cpus: int | None = None,
-            inline_object_bytes: int = INLINE_OBJECT_BYTES) -> bool:
+def connect(
+    address: str | None = None, num_cpus: int | None = None, inline_object_bytes: int = INLINE_OBJECT_BYTES
+) -> bool:
     """Make sure this process is connected to Ray; returns True if it started a local cluster.
 
     `address`: None starts an embedded cluster on loopback; "auto" or "ray://host:port" joins an
@@ -45,6 +46,10 @@ def connect(address: str | None = None, num_cpus: int | None = None,
         ray.init(address=address, log_to_driver=False)
         return False
     confine_to_loopback()
-    ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=False, _system_config={"max_direct_call_object_size": inline_object_bytes})
+    ray.init(
+        num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config={"max_direct_call_object_size": inline_object_bytes},
+    )
     return True

@@ -37,40 +37,92 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="Checkpoint directory; empty: the demo checkpoint, created once.")
-    pools: int = Field(_default(PoolConfig, "pools"), ge=1, le=32, description="Expert pools (each hosts a block of experts of every layer).")
+    model: str | None = Field(
+        None, description="Checkpoint directory; empty: the demo checkpoint, created once."
+    )
+    pools: int = Field(
+        _default(PoolConfig, "pools"),
+        ge=1,
+        le=32,
+        description="Expert pools (each hosts a block of experts of every layer).",
+    )
     replicas: int = Field(_default(PoolConfig, "replicas"), ge=1, le=8, description="Replicas of every pool.")
-    gateways: int = Field(1, ge=1, le=64, description="Gateway replicas (attention, cache, scheduler) sharing "
-                          "the pools; on one node they share the gRPC port (SO_REUSEPORT).")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Override the checkpoint dtype.")
-    transport: Literal["dataplane", "ray"] = Field(_default(PoolConfig, "transport"), description="Gateway <-> pool bytes: the data "
-                                                   "plane (shared memory / TCP) or plain Ray calls.")
+    gateways: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Gateway replicas (attention, cache, scheduler) sharing "
+        "the pools; on one node they share the gRPC port (SO_REUSEPORT).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Override the checkpoint dtype."
+    )
+    transport: Literal["dataplane", "ray"] = Field(
+        _default(PoolConfig, "transport"),
+        description="Gateway <-> pool bytes: the data plane (shared memory / TCP) or plain Ray calls.",
+    )
     host: str = Field(_default(ServerOptions, "host"), description="gRPC bind address; loopback by default.")
     port: int = Field(_default(ServerOptions, "port"), ge=0, le=65535, description="gRPC port.")
     token: str | None = Field(None, description="Bearer token required on every call except health.")
     tls_cert: str | None = Field(None, description="PEM certificate path (with tls_key) for TLS.")
     tls_key: str | None = Field(None, description="PEM private key path (with tls_cert).")
-    grace_s: float = Field(_default(ServerOptions, "grace_s"), ge=0, description="Drain: seconds in-flight requests get to finish.")
-    micro_batches: Literal[1, 2] = Field(_default(PoolConfig, "micro_batches"), description="2: decode in two halves, one's attention overlapping "
-                                         "the other's expert step.")
-    rebalance_every_s: float | None = Field(None, gt=0, description="Re-place expert replicas from measured "
-                                            "load this often; empty: never.")
-    slots_per_pool: int | None = Field(None, ge=1, description="Experts one pool may hold (its memory budget); "
-                                       "default: its share + 4.")
-    autoscale_min_pools: int | None = Field(None, ge=1, description="With autoscale_max_pools: pool count follows load.")
+    grace_s: float = Field(
+        _default(ServerOptions, "grace_s"),
+        ge=0,
+        description="Drain: seconds in-flight requests get to finish.",
+    )
+    micro_batches: Literal[1, 2] = Field(
+        _default(PoolConfig, "micro_batches"),
+        description="2: decode in two halves, one's attention overlapping the other's expert step.",
+    )
+    rebalance_every_s: float | None = Field(
+        None, gt=0, description="Re-place expert replicas from measured load this often; empty: never."
+    )
+    slots_per_pool: int | None = Field(
+        None, ge=1, description="Experts one pool may hold (its memory budget); default: its share + 4."
+    )
+    autoscale_min_pools: int | None = Field(
+        None, ge=1, description="With autoscale_max_pools: pool count follows load."
+    )
     autoscale_max_pools: int | None = Field(None, ge=1, description="Upper bound of the pool count.")
-    pairs_per_s_per_pool: float = Field(2000.0, gt=0, description="Load one pool should carry (routed pairs/s).")
+    pairs_per_s_per_pool: float = Field(
+        2000.0, gt=0, description="Load one pool should carry (routed pairs/s)."
+    )
     metrics_per_layer: bool = Field(False, description="Prometheus expert load per layer too (more series).")
-    max_running: int = Field(_default(EngineLimits, "max_running"), ge=1, description="Sequences decoding together.")
-    max_queue: int = Field(_default(EngineLimits, "max_queue"), ge=1, description="Requests waiting for a slot; more get RESOURCE_EXHAUSTED.")
-    max_tokens: int = Field(_default(EngineLimits, "max_tokens"), ge=1, description="Largest max_tokens a request may ask for.")
-    max_prompt_len: int | None = Field(None, ge=1, description="Longest prompt in tokens; default: context - 1.")
-    default_max_tokens: int = Field(_default(EngineLimits, "default_max_tokens"), ge=1, description="max_tokens of a request that gives none (clamped to "
-                                    "the room its prompt leaves in the context).")
-    max_request_id_len: int = Field(_default(EngineLimits, "max_request_id_len"), ge=1, description="Characters of a client-chosen request id.")
-    max_stop_strings: int = Field(_default(EngineLimits, "max_stop_strings"), ge=0, description="Stop strings per request.")
-    max_stop_len: int = Field(_default(EngineLimits, "max_stop_len"), ge=1, description="Characters of one stop string.")
-    max_stop_token_ids: int = Field(_default(EngineLimits, "max_stop_token_ids"), ge=0, description="Stop token ids per request.")
+    max_running: int = Field(
+        _default(EngineLimits, "max_running"), ge=1, description="Sequences decoding together."
+    )
+    max_queue: int = Field(
+        _default(EngineLimits, "max_queue"),
+        ge=1,
+        description="Requests waiting for a slot; more get RESOURCE_EXHAUSTED.",
+    )
+    max_tokens: int = Field(
+        _default(EngineLimits, "max_tokens"), ge=1, description="Largest max_tokens a request may ask for."
+    )
+    max_prompt_len: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens; default: context - 1."
+    )
+    default_max_tokens: int = Field(
+        _default(EngineLimits, "default_max_tokens"),
+        ge=1,
+        description="max_tokens of a request that gives none (clamped to "
+        "the room its prompt leaves in the context).",
+    )
+    max_request_id_len: int = Field(
+        _default(EngineLimits, "max_request_id_len"),
+        ge=1,
+        description="Characters of a client-chosen request id.",
+    )
+    max_stop_strings: int = Field(
+        _default(EngineLimits, "max_stop_strings"), ge=0, description="Stop strings per request."
+    )
+    max_stop_len: int = Field(
+        _default(EngineLimits, "max_stop_len"), ge=1, description="Characters of one stop string."
+    )
+    max_stop_token_ids: int = Field(
+        _default(EngineLimits, "max_stop_token_ids"), ge=0, description="Stop token ids per request."
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> AppArgs:
@@ -88,22 +140,50 @@ class AppArgs(BaseModel):
 
         policy = None
         if self.autoscale_min_pools is not None:
-            policy = ScalingPolicy(self.autoscale_min_pools, self.autoscale_max_pools, self.pairs_per_s_per_pool)
-        return ControlConfig(rebalance_every_s=self.rebalance_every_s, slots_per_pool=self.slots_per_pool,
-                             autoscale=policy, metrics_per_layer=self.metrics_per_layer, serve_app=app)
+            policy = ScalingPolicy(
+                self.autoscale_min_pools, self.autoscale_max_pools, self.pairs_per_s_per_pool
+            )
+        return ControlConfig(
+            rebalance_every_s=self.rebalance_every_s,
+            slots_per_pool=self.slots_per_pool,
+            autoscale=policy,
+            metrics_per_layer=self.metrics_per_layer,
+            serve_app=app,
+        )
 
     def pool_config(self) -> PoolConfig:
-        limits = EngineLimits(max_running=self.max_running, max_queue=self.max_queue, max_tokens=self.max_tokens,
-                              max_prompt_len=self.max_prompt_len, default_max_tokens=self.default_max_tokens,
-                              max_request_id_len=self.max_request_id_len, max_stop_strings=self.max_stop_strings,
-                              max_stop_len=self.max_stop_len, max_stop_token_ids=self.max_stop_token_ids)
-        return PoolConfig(self.model or str(demo_checkpoint()), pools=self.pools, replicas=self.replicas,
-                          dtype=self.dtype, limits=limits, address="auto", transport=self.transport,
-                          micro_batches=self.micro_batches)
+        limits = EngineLimits(
+            max_running=self.max_running,
+            max_queue=self.max_queue,
+            max_tokens=self.max_tokens,
+            max_prompt_len=self.max_prompt_len,
+            default_max_tokens=self.default_max_tokens,
+            max_request_id_len=self.max_request_id_len,
+            max_stop_strings=self.max_stop_strings,
+            max_stop_len=self.max_stop_len,
+            max_stop_token_ids=self.max_stop_token_ids,
+        )
+        return PoolConfig(
+            self.model or str(demo_checkpoint()),
+            pools=self.pools,
+            replicas=self.replicas,
+            dtype=self.dtype,
+            limits=limits,
+            address="auto",
+            transport=self.transport,
+            micro_batches=self.micro_batches,
+        )
 
     def server_options(self) -> ServerOptions:
-        return ServerOptions(host=self.host, port=self.port, token=self.token, tls_cert=self.tls_cert,
-                             tls_key=self.tls_key, grace_s=self.grace_s, bind_when_ready=True)
+        return ServerOptions(
+            host=self.host,
+            port=self.port,
+            token=self.token,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            grace_s=self.grace_s,
+            bind_when_ready=True,
+        )
 
 
 def bind_serve_internals_to_node_ip() -> None:
@@ -128,8 +208,9 @@ def bind_serve_internals_to_node_ip() -> None:
     replica.add_port_to_grpc_server = add_port
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 1}, health_check_period_s=5,
-                  graceful_shutdown_timeout_s=60)
+@serve.deployment(
+    num_replicas=1, ray_actor_options={"num_cpus": 1}, health_check_period_s=5, graceful_shutdown_timeout_s=60
+)
 class GatewayDeployment:
     def __init__(self, args: AppArgs) -> None:
         from cluster.gateway_host import attach_backend
@@ -156,8 +237,12 @@ class GatewayDeployment:
     def status(self) -> dict:
         """Readiness through Ray (no TLS names involved): serving, or the start-up error."""
         error = self.server.error
-        return {"serving": self.server.serving, "error": None if error is None else f"{type(error).__name__}: {error}",
-                "gateway": self.server.state.gateway_id, "pid": os.getpid()}
+        return {
+            "serving": self.server.serving,
+            "error": None if error is None else f"{type(error).__name__}: {error}",
+            "gateway": self.server.state.gateway_id,
+            "pid": os.getpid(),
+        }
 
     def drain(self) -> str:
         """Health NOT_SERVING and new calls refused from now on; in-flight calls go on. Returns this
@@ -175,5 +260,6 @@ DRAIN_MARGIN_S = 30.0  # Serve's graceful shutdown outlasts the drain's grace pe
 def build_app(args: dict) -> Application:
     """The application `deploy.yaml` and `yuan-serve up` deploy; raises on invalid arguments."""
     app_args = AppArgs(**args)
-    return GatewayDeployment.options(num_replicas=app_args.gateways,
-                                     graceful_shutdown_timeout_s=app_args.grace_s + DRAIN_MARGIN_S).bind(app_args)
+    return GatewayDeployment.options(
+        num_replicas=app_args.gateways, graceful_shutdown_timeout_s=app_args.grace_s + DRAIN_MARGIN_S
+    ).bind(app_args)

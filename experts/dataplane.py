@@ -48,7 +48,9 @@ from router.dataplane import (
 class DataPlaneServer:
     """Serves `compute` to gateways over a Unix socket and TCP; one thread per connection."""
 
-    def __init__(self, compute: Compute, hidden: int, limits: DataPlaneLimits, tcp_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, compute: Compute, hidden: int, limits: DataPlaneLimits, tcp_host: str = "127.0.0.1"
+    ) -> None:
         self.compute, self.hidden, self.limits = compute, hidden, limits
         self.key = secrets.token_bytes(32)  # handed to gateways through Ray, never on these sockets
         self.uds_path = f"\0yuan-dp-{os.getpid()}-{secrets.token_hex(8)}"  # abstract: no file to remove
@@ -61,7 +63,9 @@ class DataPlaneServer:
         self._closed = False
         self._conns: set[socket.socket] = set()
         for listener, serve in ((self._uds, self._serve_shared), (self._tcp, self._serve_inline)):
-            threading.Thread(target=self._accept, args=(listener, serve), daemon=True, name="dp-accept").start()
+            threading.Thread(
+                target=self._accept, args=(listener, serve), daemon=True, name="dp-accept"
+            ).start()
 
     def address(self) -> dict:
         """Where gateways reach this server and the key they prove themselves with (give it only
@@ -123,7 +127,7 @@ class DataPlaneServer:
                 try:
                     reply = (req.end - req.start, self._answer_shared(req, theirs, batch))
                 except Exception as e:  # report the failure; the connection stays usable
-                    reply = {"error": f"{type(e).__name__}: {e}"[:MESSAGE_MAX // 2]}
+                    reply = {"error": f"{type(e).__name__}: {e}"[: MESSAGE_MAX // 2]}
                 try:
                     conn.send(packer.pack(reply))
                 except OSError:
@@ -209,8 +213,12 @@ class DataPlaneServer:
         pairs = np.arange(n)
         index = np.stack([pairs, pairs, tensor_at(buf, bx, bi, (n,), torch.long).numpy()])  # one row per pair
         check_span(index, 0, n, n, 1, self.limits.num_experts)
-        batch = PairBatch(tensor_at(buf, 0, bx, (n, d), dtype), index, tensor_at(buf, bx + bi, bw, (n,), dtype),
-                          torch.empty(n, d, dtype=dtype))
+        batch = PairBatch(
+            tensor_at(buf, 0, bx, (n, d), dtype),
+            index,
+            tensor_at(buf, bx + bi, bw, (n,), dtype),
+            torch.empty(n, d, dtype=dtype),
+        )
         compute_s = self._compute(head["layer"], batch, 0, n)
         framed.send((n, compute_s), [raw_bytes(batch.out)])
 

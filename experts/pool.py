@@ -29,8 +29,15 @@ def node_id() -> str:
 
 
 class ExpertPool:
-    def __init__(self, model_dir: str, expert_ids: list[int], dtype: str | None = None,
-                 device: str = "cpu", num_threads: int = 1, max_tokens_per_request: int = 16384) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        expert_ids: list[int],
+        dtype: str | None = None,
+        device: str = "cpu",
+        num_threads: int = 1,
+        max_tokens_per_request: int = 16384,
+    ) -> None:
         torch.set_num_threads(num_threads)
         self.model_dir, self.device = model_dir, torch.device(device)
         cfg = YuanConfig.from_file(os.path.join(model_dir, "config.json"))
@@ -59,7 +66,11 @@ class ExpertPool:
             return self.info()
         banks = []
         for layer, old in enumerate(self.banks):
-            bank = ExpertBank(ids, self.cfg.hidden_size, self.cfg.ffn_hidden_size).to(old.w1.dtype).to(self.device)
+            bank = (
+                ExpertBank(ids, self.cfg.hidden_size, self.cfg.ffn_hidden_size)
+                .to(old.w1.dtype)
+                .to(self.device)
+            )
             with torch.no_grad():
                 for j, e in enumerate(ids):
                     src, k = (old, held[e]) if e in held else (fresh[layer], new.index(e))
@@ -75,10 +86,15 @@ class ExpertPool:
         self.table_version = max(self.table_version, version)
 
     def info(self) -> dict:
-        return {"experts": list(self.banks[0].expert_ids) if self.banks else [],
-                "bytes": sum(b.nbytes() for b in self.banks), "pid": os.getpid(),
-                "tensors_read": len(self.tensors_read), "device": str(self.device),
-                "table_version": self.table_version, "node_id": node_id()}
+        return {
+            "experts": list(self.banks[0].expert_ids) if self.banks else [],
+            "bytes": sum(b.nbytes() for b in self.banks),
+            "pid": os.getpid(),
+            "tensors_read": len(self.tensors_read),
+            "device": str(self.device),
+            "table_version": self.table_version,
+            "node_id": node_id(),
+        }
 
     def open_data_plane(self, tcp_host: str = "127.0.0.1") -> dict:
         """Start (once) the data-plane server; returns where gateways reach it and the key they prove

@@ -16,15 +16,27 @@ from gateway.tokenizer import load_tokenizer
 
 def engine_info(engine: Engine, pools: int, replicas: int, version: int, workers: list[list[int]]) -> dict:
     lim = engine.limits
-    return {"config": asdict(engine.model.cfg), "pools": pools, "replicas": replicas,
-            "routing_table_version": version, "workers": workers,
-            "transport": getattr(engine.dispatcher, "transport", "local"),
-            "limits": {"max_prompt_len": lim.max_prompt_len, "max_tokens": lim.max_tokens,
-                       "max_queue": lim.max_queue, "max_running": lim.max_running}}
+    return {
+        "config": asdict(engine.model.cfg),
+        "pools": pools,
+        "replicas": replicas,
+        "routing_table_version": version,
+        "workers": workers,
+        "transport": getattr(engine.dispatcher, "transport", "local"),
+        "limits": {
+            "max_prompt_len": lim.max_prompt_len,
+            "max_tokens": lim.max_tokens,
+            "max_queue": lim.max_queue,
+            "max_running": lim.max_running,
+        },
+    }
 
 
 def local_backend(model_dir: str, limits: EngineLimits = EngineLimits(), dtype: str | None = None) -> Backend:
     engine = local_engine(model_dir, dtype, limits)
     n = engine.model.cfg.num_experts
-    return Backend(engine, load_tokenizer(Path(model_dir), engine.model.cfg),
-                   engine_info(engine, 1, 1, 0, [list(range(n))]))
+    return Backend(
+        engine,
+        load_tokenizer(Path(model_dir), engine.model.cfg),
+        engine_info(engine, 1, 1, 0, [list(range(n))]),
+    )

@@ -124,8 +124,14 @@ class PoolChannel:
             raise DataPlaneError(f"data plane send failed: {e}") from e
         self._batch_name = batch.name
 
-    def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-             rows: torch.Tensor | None = None) -> None:
+    def send(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> None:
         """Send rows `rows` of x (all rows if None), one pair each, with its expert id and weight `[n]`."""
         xs = x if rows is None else x.index_select(0, rows)
         head = {"layer": layer, "t": xs.shape[0], "dtype": DTYPE_NAMES[x.dtype]}
@@ -139,8 +145,9 @@ class PoolChannel:
         """How long the next receives may wait (kept in the kernel: set only when it changes by more
         than a quarter)."""
         if abs(seconds - self.timeout_s) > 0.25 * self.timeout_s:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                 struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+            self.sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+            )
             self.timeout_s = seconds
 
     def recv(self) -> torch.Tensor | None:

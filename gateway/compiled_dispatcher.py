@@ -25,14 +25,21 @@ class CompiledGraphDispatcher:
     def __init__(self, table: RoutingTable, workers: list) -> None:
         self.table, self.workers, self._plan = table, list(workers), DispatchTable(table.replica_lists())
         with InputNode() as inp:
-            outs = [w.compute.bind(inp[0], inp[1], inp[2 + 2 * k], inp[3 + 2 * k]) for k, w in enumerate(self.workers)]
+            outs = [
+                w.compute.bind(inp[0], inp[1], inp[2 + 2 * k], inp[3 + 2 * k])
+                for k, w in enumerate(self.workers)
+            ]
             dag = MultiOutputNode(outs)
         self._graph = dag.experimental_compile()
 
-    def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def experts(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         return self.wait(self.submit(layer, x, expert_ids, weights))
 
-    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, lane: int = 0):
+    def submit(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, lane: int = 0
+    ):
         per_worker = []
         pair_worker = assign_pairs(expert_ids, self._plan)
         for k in range(len(self.workers)):  # every worker gets the whole batch, others' pairs masked

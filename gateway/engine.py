@@ -44,8 +44,9 @@ class EngineLimits:
             if not s:
                 raise InvalidRequest("stop", "stop strings must not be empty")
             if len(s) > self.max_stop_len:
-                raise InvalidRequest("stop", f"a stop string has {len(s)} characters, more than the limit "
-                                             f"{self.max_stop_len}")
+                raise InvalidRequest(
+                    "stop", f"a stop string has {len(s)} characters, more than the limit {self.max_stop_len}"
+                )
 
 
 @dataclass
@@ -78,8 +79,14 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: YuanModel, dispatcher: Dispatcher, limits: EngineLimits = EngineLimits(),
-                 use_cache: bool = True, micro_batches: int = 1) -> None:
+    def __init__(
+        self,
+        model: YuanModel,
+        dispatcher: Dispatcher,
+        limits: EngineLimits = EngineLimits(),
+        use_cache: bool = True,
+        micro_batches: int = 1,
+    ) -> None:
         if micro_batches not in (1, 2):
             raise ValueError(f"micro_batches must be 1 or 2, got {micro_batches}")
         self.model, self.dispatcher, self.use_cache = model, dispatcher, use_cache
@@ -109,13 +116,15 @@ class Engine:
         self.waiting.append(seq)
         return seq
 
-    def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 pending: int = 0) -> SamplingParams:
+    def validate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, pending: int = 0
+    ) -> SamplingParams:
         """The checks of `add`, without queueing; `pending` counts requests about to be added.
         Returns the params with `max_tokens` resolved (`check_request`)."""
         params = check_request(self.model.cfg, self.limits, request_id, prompt_ids, params)
-        if any(s.request_id == request_id for s in self.waiting) or \
-                any(s.request_id == request_id for s in self.running):
+        if any(s.request_id == request_id for s in self.waiting) or any(
+            s.request_id == request_id for s in self.running
+        ):
             raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
         if len(self.waiting) + pending >= self.limits.max_queue:
             raise QueueFull(f"queue is full ({self.limits.max_queue} waiting requests)")
@@ -140,10 +149,15 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.running), "waiting": len(self.waiting), "steps": self.steps,
-                "admitted": self.admitted, "queue_delay_s": self.queue_delay_s,
-                "cache_slots_used": self.cache.active if self.cache else 0,
-                "cache_tokens": sum(s.length for s in self.running)}
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "steps": self.steps,
+            "admitted": self.admitted,
+            "queue_delay_s": self.queue_delay_s,
+            "cache_slots_used": self.cache.active if self.cache else 0,
+            "cache_tokens": sum(s.length for s in self.running),
+        }
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
@@ -208,8 +222,9 @@ class Engine:
         token_ids = torch.tensor([s.tokens[-1] for s in batch])
         positions = torch.tensor([s.length - 1 for s in batch])
         seg_starts = torch.tensor([s.seg_start for s in batch])
-        return self.model.decode(token_ids, positions, seg_starts, self.dispatcher, self.cache,
-                                 self.micro_batches)
+        return self.model.decode(
+            token_ids, positions, seg_starts, self.dispatcher, self.cache, self.micro_batches
+        )
 
     def _append(self, seq: Sequence, token: int) -> None:
         cfg, p = self.model.cfg, seq.params
@@ -238,7 +253,9 @@ class Engine:
             self.running.remove(seq)
 
     # ---- convenience ------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[Sequence]:
         """Run prompts to completion together (continuous batching inside); results in order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         seqs = [self.add(f"gen-{self.steps}-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, plist))]
@@ -247,8 +264,9 @@ class Engine:
         return seqs
 
 
-def check_request(cfg, limits: EngineLimits, request_id: str, prompt_ids: list[int],
-                  params: SamplingParams) -> SamplingParams:
+def check_request(
+    cfg, limits: EngineLimits, request_id: str, prompt_ids: list[int], params: SamplingParams
+) -> SamplingParams:
     """A request's own checks against a model config and the limits (no engine state needed, so a
     client can run them before starting anything). Returns the params with `max_tokens` resolved: an
     unset one is the default, clamped to the room the context leaves; a given one that does not fit
@@ -256,8 +274,10 @@ def check_request(cfg, limits: EngineLimits, request_id: str, prompt_ids: list[i
     lim, max_len = limits, cfg.max_position_embeddings
     max_prompt = lim.max_prompt_len or max_len - 1
     if not isinstance(request_id, str) or len(request_id) > lim.max_request_id_len:
-        raise InvalidRequest("request_id", f"must be a string of at most {lim.max_request_id_len} "
-                                           f"characters, got {len(request_id)}")
+        raise InvalidRequest(
+            "request_id",
+            f"must be a string of at most {lim.max_request_id_len} characters, got {len(request_id)}",
+        )
     if not prompt_ids:
         raise InvalidRequest("prompt", "is empty")
     if len(prompt_ids) > max_prompt:
@@ -270,14 +290,18 @@ def check_request(cfg, limits: EngineLimits, request_id: str, prompt_ids: list[i
         params = replace(params, max_tokens=min(lim.default_max_tokens, lim.max_tokens, room))
     params.validate(cfg.vocab_size, lim.max_tokens, lim.max_stop_token_ids)
     if params.max_tokens > room:
-        raise InvalidRequest("max_tokens", f"{params.max_tokens} does not fit: the prompt has "
-                                           f"{len(prompt_ids)} tokens and the context {max_len}, "
-                                           f"which leaves room for {room}")
+        raise InvalidRequest(
+            "max_tokens",
+            f"{params.max_tokens} does not fit: the prompt has "
+            f"{len(prompt_ids)} tokens and the context {max_len}, "
+            f"which leaves room for {room}",
+        )
     return params
 
 
-def local_engine(model_dir: str, dtype: str | None = None, limits: EngineLimits = EngineLimits(),
-                 use_cache: bool = True) -> Engine:
+def local_engine(
+    model_dir: str, dtype: str | None = None, limits: EngineLimits = EngineLimits(), use_cache: bool = True
+) -> Engine:
     """The in-process reference engine: the whole model, all experts, in this process."""
     from model.checkpoint import load_experts, load_model
     from model.dispatcher import LocalDispatcher

@@ -51,8 +51,14 @@ class ReplyDeadline:
     pair, times the pairs asked, or whole, whichever is larger), never under `floor_s`; `cold_s`
     until `min_samples` round trips are known."""
 
-    def __init__(self, floor_s: float = 0.05, multiple: float = 20.0, cold_s: float = 2.0,
-                 window: int = 256, min_samples: int = 16) -> None:
+    def __init__(
+        self,
+        floor_s: float = 0.05,
+        multiple: float = 20.0,
+        cold_s: float = 2.0,
+        window: int = 256,
+        min_samples: int = 16,
+    ) -> None:
         self.floor_s, self.multiple, self.cold_s, self.min_samples = floor_s, multiple, cold_s, min_samples
         self._whole: deque[float] = deque(maxlen=window)
         self._per_pair: deque[float] = deque(maxlen=window)
@@ -88,8 +94,14 @@ class Pending:
 
 
 class PoolDispatcher:
-    def __init__(self, table: RoutingTable, workers: list, transport: str = "dataplane",
-                 num_layers: int = 1, keys: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        table: RoutingTable,
+        workers: list,
+        transport: str = "dataplane",
+        num_layers: int = 1,
+        keys: list[str] | None = None,
+    ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.transport = transport
@@ -106,7 +118,9 @@ class PoolDispatcher:
         self._deadlines: dict[str, ReplyDeadline] = {}  # per worker key
         self._suspect: dict[int, float] = {}  # worker -> since when (this table)
         self._stale_lanes: set[int] = set()  # lanes whose shared region a suspect worker may still write
-        self._local_pools = False  # some channel reaches its pool through the shared batch (kept after a drop)
+        self._local_pools = (
+            False  # some channel reaches its pool through the shared batch (kept after a drop)
+        )
         self._batches = [SharedBatch() for _ in range(LANES)]  # per lane: the batch pools on this node read
         self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.set_table(table, workers, keys)
@@ -115,12 +129,18 @@ class PoolDispatcher:
         """Switch to a new routing table (call between steps). Connections to workers that stay
         (same key) are kept; new workers get theirs; gone ones are closed."""
         if len(workers) != len(table.workers):
-            raise ValueError(f"routing table v{table.version} has {len(table.workers)} workers, "
-                             f"got {len(workers)} handles")
+            raise ValueError(
+                f"routing table v{table.version} has {len(table.workers)} workers, got {len(workers)} handles"
+            )
         keys = list(keys) if keys is not None else [f"handle-{id(h)}" for h in workers]
         old = {k: w for w, k in enumerate(self.keys)}
-        kept = {(w, lane): self._channels.pop((old[k], lane)) for w, k in enumerate(keys) if k in old
-                for lane in range(LANES) if (old[k], lane) in self._channels}
+        kept = {
+            (w, lane): self._channels.pop((old[k], lane))
+            for w, k in enumerate(keys)
+            if k in old
+            for lane in range(LANES)
+            if (old[k], lane) in self._channels
+        }
         self._close_channels()
         self._channels = kept
         self._local_pools = any(c.shared for c in kept.values())
@@ -159,12 +179,14 @@ class PoolDispatcher:
             d = self._deadlines[self.keys[worker]] = ReplyDeadline()
         return d
 
-    def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
+    def experts(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         return self.wait(self.submit(layer, x, expert_ids, weights))
 
-    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-               lane: int = 0) -> Pending:
+    def submit(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, lane: int = 0
+    ) -> Pending:
         into = None
         if self._local_pools:  # build the plan right in the lane's shared batch
             into = self._batches[lane].reserve(x.shape[0], expert_ids.shape[1], x.shape[1], x.dtype)
@@ -209,7 +231,9 @@ class PoolDispatcher:
                     channel.send_shared(pending.layer, batch, start, end)
                 else:
                     r = pending.plan.request(span)
-                    channel.send(pending.layer, pending.x, r.expert_ids.view(-1), r.weights.view(-1), rows=r.rows)
+                    channel.send(
+                        pending.layer, pending.x, r.expert_ids.view(-1), r.weights.view(-1), rows=r.rows
+                    )
                 return channel
             except DataPlaneError:
                 self._drop(worker)
@@ -223,7 +247,9 @@ class PoolDispatcher:
         if isinstance(handle, PoolChannel):
             deadline = self.deadline(worker)
             try:
-                handle.set_deadline(max(0.001, deadline.seconds(end - start) - (time.perf_counter() - pending.sent_at)))
+                handle.set_deadline(
+                    max(0.001, deadline.seconds(end - start) - (time.perf_counter() - pending.sent_at))
+                )
                 out = handle.recv()
                 deadline.record(time.perf_counter() - pending.sent_at, end - start)
                 self.load.record_request(worker, end - start, handle.last_compute_s)
@@ -258,16 +284,20 @@ class PoolDispatcher:
 
     def _others_hold(self, r: WorkerRequest) -> bool:
         needed = set(r.expert_ids[r.expert_ids >= 0].tolist())
-        return any(needed <= set(held) for w, held in enumerate(self.table.workers)
-                   if w != r.worker and w not in self._suspect)
+        return any(
+            needed <= set(held)
+            for w, held in enumerate(self.table.workers)
+            if w != r.worker and w not in self._suspect
+        )
 
     def _mark_suspect(self, worker: int) -> None:
         """Leave a worker that missed its deadline out of planning while others hold its experts."""
         self._drop(worker)
         self._suspect[worker] = time.monotonic()
         self._stale_lanes = set(range(LANES))
-        self._plan = DispatchTable([[w for w in holders if w not in self._suspect] or holders
-                                    for holders in self._replicas])
+        self._plan = DispatchTable(
+            [[w for w in holders if w not in self._suspect] or holders for holders in self._replicas]
+        )
 
     def _recover(self, r: WorkerRequest, pending: Pending) -> torch.Tensor:
         """The worker is dead or hung: another worker holding all of the request's experts computes
@@ -285,8 +315,10 @@ class PoolDispatcher:
                 except _RAY_FAULTS:
                     continue
             if time.monotonic() > deadline:
-                raise RuntimeError(f"expert pool worker {r.worker} did not come back within "
-                                   f"{self.recovery_timeout_s:.0f}s and no other worker holds experts {sorted(needed)}")
+                raise RuntimeError(
+                    f"expert pool worker {r.worker} did not come back within "
+                    f"{self.recovery_timeout_s:.0f}s and no other worker holds experts {sorted(needed)}"
+                )
             time.sleep(0.2)
             fresh = self._fetch()
             if fresh is not None:
@@ -301,13 +333,18 @@ class PoolDispatcher:
             return None
 
     def _holders(self, needed: set[int], held: tuple, handles: list, skip: int = -1) -> list:
-        return [h for w, (experts, h) in enumerate(zip(held, handles)) if w != skip and needed <= set(experts)
-                and w not in self._suspect]
+        return [
+            h
+            for w, (experts, h) in enumerate(zip(held, handles))
+            if w != skip and needed <= set(experts) and w not in self._suspect
+        ]
 
     def _ray_call(self, r: WorkerRequest, layer: int, x: torch.Tensor, target=None):
         """The request (its rows of x) as a plain Ray actor call, to its worker or to `target`."""
         target = self.workers[r.worker] if target is None else target
-        return target.compute.remote(layer, encode(x.index_select(0, r.rows)), encode(r.expert_ids), encode(r.weights))
+        return target.compute.remote(
+            layer, encode(x.index_select(0, r.rows)), encode(r.expert_ids), encode(r.weights)
+        )
 
     def _drop(self, worker: int) -> None:
         """Stop using a worker's data plane (it failed); Ray calls serve it from now on."""

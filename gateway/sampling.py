@@ -51,7 +51,9 @@ class SamplingParams:
         if self.seed is not None and not (0 <= self.seed < SEED_LIMIT):
             raise InvalidRequest("seed", f"must be in [0, 2^64), got {self.seed!r}")
         if len(self.stop_token_ids) > max_stop_token_ids:
-            raise InvalidRequest("stop_token_ids", f"at most {max_stop_token_ids} ids, got {len(self.stop_token_ids)}")
+            raise InvalidRequest(
+                "stop_token_ids", f"at most {max_stop_token_ids} ids, got {len(self.stop_token_ids)}"
+            )
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise InvalidRequest("stop_token_ids", f"id {t} is outside the vocabulary [0, {vocab_size})")
@@ -70,8 +72,9 @@ class SampleError(RuntimeError):
     """One row could not be sampled; its request fails alone."""
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int | SampleError]:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int | SampleError]:
     """logits `[B, V]` -> one token id per row, or a `SampleError` for a row that failed."""
     out: list[int | SampleError] = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):

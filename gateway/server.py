@@ -7,8 +7,9 @@ switches health to NOT_SERVING and refuses new calls with UNAVAILABLE at once; `
 in-flight calls `grace_s` (counted from the drain's start) to finish, then cancels the rest in the
 engine, so each stream still gets its final message (FINISH_REASON_CANCELLED, with usage) and
 each unary call its partial answer, then closes the server and the backend. The port stays open
-while draining, so health checks see NOT_SERVING and new calls a clear UNAVAILABLE. Why a plain `grpc.aio` server and not Ray
-Serve's gRPC proxy: see docs/GRPC.md (measured: the proxy adds ~7x per unary call here).
+while draining, so health checks see NOT_SERVING and new calls a clear UNAVAILABLE. Why a plain
+`grpc.aio` server and not Ray Serve's gRPC proxy: see docs/GRPC.md (measured: the proxy adds ~7x per
+unary call here).
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
         self.expected = f"Bearer {token}".encode()
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token",
-                                trailing_metadata=(("yuan-gateway", state.gateway_id),))
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong bearer token",
+                trailing_metadata=(("yuan-gateway", state.gateway_id),),
+            )
 
         self._deny = deny
 
@@ -85,8 +89,9 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
             return await continuation(details)
         given = [v for k, v in (details.invocation_metadata or ()) if k == "authorization"]
         value = given[0] if len(given) == 1 else ""
-        if len(given) == 1 and hmac.compare_digest(value.encode() if isinstance(value, str) else value,
-                                                   self.expected):
+        if len(given) == 1 and hmac.compare_digest(
+            value.encode() if isinstance(value, str) else value, self.expected
+        ):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:
@@ -101,7 +106,9 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
 
 
 class GatewayServer:
-    def __init__(self, backend_factory: Callable[[], Backend], options: ServerOptions = ServerOptions()) -> None:
+    def __init__(
+        self, backend_factory: Callable[[], Backend], options: ServerOptions = ServerOptions()
+    ) -> None:
         self.factory, self.options = backend_factory, options
         self.state = ServingState()
         self.port: int | None = None
@@ -124,7 +131,9 @@ class GatewayServer:
         if self.options.bind_when_ready:
             return self.options.port
         if not self._bound.wait(30) or self.port is None:
-            raise RuntimeError(f"gRPC server did not bind {self.options.host}:{self.options.port}: {self.error}")
+            raise RuntimeError(
+                f"gRPC server did not bind {self.options.host}:{self.options.port}: {self.error}"
+            )
         return self.port
 
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -194,10 +203,14 @@ class GatewayServer:
         add_to_server(YuanServingServicer(self.state), server)
         health = self._health = self.state.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection([SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+        reflection.enable_server_reflection(
+            [SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
+        )
         address = f"{opts.host}:{opts.port}"
         if opts.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes())])
+            creds = grpc.ssl_server_credentials(
+                [(Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes())]
+            )
             add_port = lambda: server.add_secure_port(address, creds)  # noqa: E731
         else:
             add_port = lambda: server.add_insecure_port(address)  # noqa: E731

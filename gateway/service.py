@@ -43,7 +43,9 @@ class Gateway:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._faulted: set[str] = set()  # requests a pool fault delayed
 
-    async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def stream(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenEvent]:
         """Submit a request and yield its tokens. Raises `InvalidRequest`/`QueueFull` before any token.
 
         Closing the iterator early (client gone) cancels the request and frees its cache.
@@ -65,7 +67,9 @@ class Gateway:
             if not finished:
                 self.cancel(request_id)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[TokenEvent]:
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> list[TokenEvent]:
         return [event async for event in self.stream(request_id, prompt_ids, params)]
 
     async def switch_table(self, table, workers: list, keys: list[str] | None = None) -> None:
@@ -85,15 +89,21 @@ class Gateway:
             self.cancel(request_id)
 
     def stats(self) -> dict:
-        stats = {**self.engine.stats(), "streams": len(self._streams),
-                 "cache_bytes": self.engine.cache.nbytes() if self.engine.cache else 0}
+        stats = {
+            **self.engine.stats(),
+            "streams": len(self._streams),
+            "cache_bytes": self.engine.cache.nbytes() if self.engine.cache else 0,
+        }
         load = getattr(self.engine.dispatcher, "load", None)
         if load is not None:  # expert pools: where the work went
             # Each pair travels as one row, so the rows sent to a worker are its pairs.
-            stats |= {"tokens_sent": dict(load.worker_pairs), "worker_pairs": dict(load.worker_pairs),
-                      "worker_compute_s": dict(load.worker_compute_s),
-                      "expert_tokens": load.expert_tokens.tolist(),
-                      "routing_table_version": self.engine.dispatcher.table.version}
+            stats |= {
+                "tokens_sent": dict(load.worker_pairs),
+                "worker_pairs": dict(load.worker_pairs),
+                "worker_compute_s": dict(load.worker_compute_s),
+                "expert_tokens": load.expert_tokens.tolist(),
+                "routing_table_version": self.engine.dispatcher.table.version,
+            }
         return stats
 
     def _post(self, op: tuple) -> None:
@@ -139,25 +149,49 @@ class Gateway:
                 try:
                     self.engine.add(request_id, prompt, params)
                 except (InvalidRequest, QueueFull) as e:
-                    self._finish(request_id, TokenEvent(request_id, -1, 0, "error", str(e), time.perf_counter()))
+                    self._finish(
+                        request_id, TokenEvent(request_id, -1, 0, "error", str(e), time.perf_counter())
+                    )
             else:
                 (request_id,) = args
                 seq = self.engine.abort(request_id)
                 if seq is not None:
-                    self._finish(request_id, TokenEvent(request_id, -1, len(seq.output_ids), "cancelled",
-                                                        at=time.perf_counter(), admitted_at=seq.admitted_at))
+                    self._finish(
+                        request_id,
+                        TokenEvent(
+                            request_id,
+                            -1,
+                            len(seq.output_ids),
+                            "cancelled",
+                            at=time.perf_counter(),
+                            admitted_at=seq.admitted_at,
+                        ),
+                    )
 
     def _deliver(self, seq: Sequence) -> None:
         queue = self._streams.get(seq.request_id)
         if queue is None:
             return
         if seq.error is not None:  # this request failed alone; the others go on
-            event = TokenEvent(seq.request_id, -1, len(seq.output_ids), "error", seq.error,
-                               time.perf_counter(), seq.admitted_at)
+            event = TokenEvent(
+                seq.request_id,
+                -1,
+                len(seq.output_ids),
+                "error",
+                seq.error,
+                time.perf_counter(),
+                seq.admitted_at,
+            )
         else:
-            event = TokenEvent(seq.request_id, seq.output_ids[-1], len(seq.output_ids) - 1, seq.finish_reason,
-                               at=time.perf_counter(), admitted_at=seq.admitted_at,
-                               fault=seq.request_id in self._faulted)
+            event = TokenEvent(
+                seq.request_id,
+                seq.output_ids[-1],
+                len(seq.output_ids) - 1,
+                seq.finish_reason,
+                at=time.perf_counter(),
+                admitted_at=seq.admitted_at,
+                fault=seq.request_id in self._faulted,
+            )
         if seq.finished:
             self._finish(seq.request_id, event)
         else:
@@ -172,8 +206,18 @@ class Gateway:
     def _fail_running(self, message: str) -> None:
         for seq in list(self.engine.running):
             self.engine.abort(seq.request_id)
-            self._finish(seq.request_id, TokenEvent(seq.request_id, -1, len(seq.output_ids), "error", message,
-                                                    time.perf_counter(), seq.admitted_at))
+            self._finish(
+                seq.request_id,
+                TokenEvent(
+                    seq.request_id,
+                    -1,
+                    len(seq.output_ids),
+                    "error",
+                    message,
+                    time.perf_counter(),
+                    seq.admitted_at,
+                ),
+            )
 
     def close(self) -> None:
         if self._runner is not None:

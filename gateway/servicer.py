@@ -32,8 +32,12 @@ from gateway.tokenizer import Tokenizer
 from protos import serving_pb2 as pb
 from protos import serving_pb2_grpc as pb_grpc
 
-FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eod": pb.FINISH_REASON_EOD,
-          "cancelled": pb.FINISH_REASON_CANCELLED}
+FINISH = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop": pb.FINISH_REASON_STOP,
+    "eod": pb.FINISH_REASON_EOD,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+}
 SERVICE = pb.DESCRIPTOR.services_by_name["YuanServing"]
 
 
@@ -107,6 +111,7 @@ def _parser(cls):
             return cls.FromString(data)
         except DecodeError as e:  # garbage bytes, invalid UTF-8 in a string field, a truncated message
             return Malformed(cls.DESCRIPTOR.full_name, str(e))
+
     return parse
 
 
@@ -114,10 +119,16 @@ def add_to_server(servicer: YuanServingServicer, server) -> None:
     """Register `yuan.serving.v1.YuanServing` as the generated code does, with forgiving parsers."""
     handlers = {}
     for method in SERVICE.methods:
-        kind = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = kind(getattr(servicer, method.name),
-                                     request_deserializer=_parser(getattr(pb, method.input_type.name)),
-                                     response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
@@ -136,19 +147,24 @@ def _reject_unknown_fields(msg) -> None:
         raise InvalidRequest("request", f"unknown field number(s) {numbers} for {msg.DESCRIPTOR.full_name}")
 
 
-def to_params(req: pb.GenerateRequest, tokenizer: Tokenizer,
-              limits: EngineLimits) -> tuple[list[int], SamplingParams, list[str]]:
+def to_params(
+    req: pb.GenerateRequest, tokenizer: Tokenizer, limits: EngineLimits
+) -> tuple[list[int], SamplingParams, list[str]]:
     """Prompt ids, sampling params and stop strings of a request; raises `InvalidRequest`. Sizes are
     checked before anything is built from them (the engine checks the rest)."""
     check_request(req)
     if req.text and req.token_ids:
         raise InvalidRequest("prompt", "give only one of text and token_ids")
     if len(req.request_id) > limits.max_request_id_len:
-        raise InvalidRequest("request_id", f"has {len(req.request_id)} characters, more than the limit "
-                                           f"{limits.max_request_id_len}")
+        raise InvalidRequest(
+            "request_id",
+            f"has {len(req.request_id)} characters, more than the limit {limits.max_request_id_len}",
+        )
     limits.check_stop_strings(list(req.stop))
     if len(req.stop_token_ids) > limits.max_stop_token_ids:
-        raise InvalidRequest("stop_token_ids", f"at most {limits.max_stop_token_ids} ids, got {len(req.stop_token_ids)}")
+        raise InvalidRequest(
+            "stop_token_ids", f"at most {limits.max_stop_token_ids} ids, got {len(req.stop_token_ids)}"
+        )
     prompt = list(req.token_ids) if req.token_ids else tokenizer.encode(req.text)
     params = SamplingParams(
         max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
@@ -176,7 +192,9 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         code, message = status_for(exc)
         await context.abort(code, message, trailing_metadata=self._trailer())
 
-    async def _run(self, req: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def _run(
+        self, req: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """The request's stream messages; raises before the first one if the request is refused."""
         arrived = time.perf_counter()
         gateway = self.state.ready()
@@ -225,9 +243,14 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
                     ids.append(msg.token_id)
                 chunks.append(msg.text)
                 final = msg
-            return pb.GenerateResponse(request_id=final.request_id, token_ids=ids, text="".join(chunks),
-                                       finish_reason=final.finish_reason, usage=final.usage,
-                                       timings=final.timings)
+            return pb.GenerateResponse(
+                request_id=final.request_id,
+                token_ids=ids,
+                text="".join(chunks),
+                finish_reason=final.finish_reason,
+                usage=final.usage,
+                timings=final.timings,
+            )
         except (InvalidRequest, QueueFull, Unavailable, RequestFailed) as e:
             await self._abort(context, e)
         finally:
@@ -267,11 +290,17 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         if table is not None and table.version != info["routing_table_version"]:  # moved since start-up
             pools, replicas = len(table.workers), max(len(r) for r in table.replica_lists())
         return pb.ModelInfoResponse(
-            config_json=json.dumps(info["config"]), num_experts=info["config"]["num_experts"],
-            top_k=info["config"]["top_k"], pools=pools, replicas=replicas,
+            config_json=json.dumps(info["config"]),
+            num_experts=info["config"]["num_experts"],
+            top_k=info["config"]["top_k"],
+            pools=pools,
+            replicas=replicas,
             routing_table_version=table.version if table else info["routing_table_version"],
             workers=[pb.Worker(worker=i, experts=e) for i, e in enumerate(workers)],
-            limits_json=json.dumps(info["limits"]), gateway=self.state.gateway_id, gateways=self._gateways(gateway))
+            limits_json=json.dumps(info["limits"]),
+            gateway=self.state.gateway_id,
+            gateways=self._gateways(gateway),
+        )
 
     async def Stats(self, request, context):
         context.set_trailing_metadata(self._trailer())
@@ -282,26 +311,46 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
             await self._abort(context, e)
         s = gateway.stats()
         expert_tokens = s.get("expert_tokens", [])
-        return pb.StatsResponse(running=s["running"], waiting=s["waiting"],
-                                cache_slots_used=s["cache_slots_used"], cache_tokens=s["cache_tokens"],
-                                cache_bytes=s["cache_bytes"], steps=s["steps"],
-                                tokens_sent=s.get("tokens_sent", {}), worker_pairs=s.get("worker_pairs", {}),
-                                num_layers=len(expert_tokens), num_experts=len(expert_tokens[0]) if expert_tokens else 0,
-                                expert_tokens=[n for row in expert_tokens for n in row],
-                                routing_table_version=s.get("routing_table_version", 0),
-                                worker_compute_s=s.get("worker_compute_s", {}), admitted=s["admitted"],
-                                queue_delay_s=s["queue_delay_s"], gateway=self.state.gateway_id,
-                                gateways=(gws := self._gateways(gateway)),
-                                running_total=sum(g.running for g in gws), waiting_total=sum(g.waiting for g in gws))
+        return pb.StatsResponse(
+            running=s["running"],
+            waiting=s["waiting"],
+            cache_slots_used=s["cache_slots_used"],
+            cache_tokens=s["cache_tokens"],
+            cache_bytes=s["cache_bytes"],
+            steps=s["steps"],
+            tokens_sent=s.get("tokens_sent", {}),
+            worker_pairs=s.get("worker_pairs", {}),
+            num_layers=len(expert_tokens),
+            num_experts=len(expert_tokens[0]) if expert_tokens else 0,
+            expert_tokens=[n for row in expert_tokens for n in row],
+            routing_table_version=s.get("routing_table_version", 0),
+            worker_compute_s=s.get("worker_compute_s", {}),
+            admitted=s["admitted"],
+            queue_delay_s=s["queue_delay_s"],
+            gateway=self.state.gateway_id,
+            gateways=(gws := self._gateways(gateway)),
+            running_total=sum(g.running for g in gws),
+            waiting_total=sum(g.waiting for g in gws),
+        )
 
     def _gateways(self, gateway: Gateway) -> list[pb.GatewayInfo]:
         """Every live gateway as the controller last reported them, this one with its live numbers."""
-        me = {"version": getattr(getattr(gateway.engine.dispatcher, "table", None), "version", 0),
-              **gateway.engine.stats()}
+        me = {
+            "version": getattr(getattr(gateway.engine.dispatcher, "table", None), "version", 0),
+            **gateway.engine.stats(),
+        }
         rows = {**self.state.cluster, self.state.gateway_id: me}
-        return [pb.GatewayInfo(gateway=g, routing_table_version=r.get("version", 0), running=r.get("running", 0),
-                               waiting=r.get("waiting", 0), steps=r.get("steps", 0), admitted=r.get("admitted", 0))
-                for g, r in sorted(rows.items())]
+        return [
+            pb.GatewayInfo(
+                gateway=g,
+                routing_table_version=r.get("version", 0),
+                running=r.get("running", 0),
+                waiting=r.get("waiting", 0),
+                steps=r.get("steps", 0),
+                admitted=r.get("admitted", 0),
+            )
+            for g, r in sorted(rows.items())
+        ]
 
 
 def _timings(arrived: float, first: TokenEvent | None, last: TokenEvent | None, count: int) -> pb.Timings:
@@ -309,5 +358,8 @@ def _timings(arrived: float, first: TokenEvent | None, last: TokenEvent | None, 
         return pb.Timings()
     admitted = first.admitted_at or arrived
     per_token = (last.at - first.at) / (count - 1) if count > 1 else 0.0
-    return pb.Timings(queue_ms=max(0.0, admitted - arrived) * 1e3, ttft_ms=(first.at - arrived) * 1e3,
-                      per_token_ms=per_token * 1e3)
+    return pb.Timings(
+        queue_ms=max(0.0, admitted - arrived) * 1e3,
+        ttft_ms=(first.at - arrived) * 1e3,
+        per_token_ms=per_token * 1e3,
+    )

@@ -29,14 +29,14 @@ class TextStream:
                 text = text[:at]
                 break
         end = len(text) if self.stopped else self._safe_end(text)
-        delta = text[self.sent:end] if end > self.sent else ""
+        delta = text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return delta
 
     def flush(self) -> str:
         """The held-back text, once generation has ended without a stop string."""
         text = self.tokenizer.decode(self.ids, skip_special=True)
-        delta, self.sent = text[self.sent:], len(text)
+        delta, self.sent = text[self.sent :], len(text)
         return delta
 
     def _safe_end(self, text: str) -> int:
@@ -45,7 +45,7 @@ class TextStream:
             end -= 1
         for s in self.stop:  # hold back a suffix that is a prefix of a stop string
             for k in range(min(len(s) - 1, end - self.sent), 0, -1):
-                if text[end - k:end] == s[:k]:
+                if text[end - k : end] == s[:k]:
                     end -= k
                     break
         return end

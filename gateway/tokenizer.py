@@ -15,10 +15,23 @@ from typing import Protocol
 from model.config import YuanConfig
 
 # Added as special tokens by the official inference scripts (order sets the ids of new pieces).
-YUAN_ADDED_SPECIALS = ["<sep>", "<pad>", "<mask>", "<predict>", "<FIM_SUFFIX>", "<FIM_PREFIX>",
-                       "<FIM_MIDDLE>", "<commit_before>", "<commit_msg>", "<commit_after>",
-                       "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>",
-                       "<empty_output>"]
+YUAN_ADDED_SPECIALS = [
+    "<sep>",
+    "<pad>",
+    "<mask>",
+    "<predict>",
+    "<FIM_SUFFIX>",
+    "<FIM_PREFIX>",
+    "<FIM_MIDDLE>",
+    "<commit_before>",
+    "<commit_msg>",
+    "<commit_after>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<empty_output>",
+]
 
 
 class Tokenizer(Protocol):
@@ -97,8 +110,10 @@ class ByteTokenizer:
         self.eod_id = cfg.eod_token_id
         specials = {"<eod>": cfg.eod_token_id, "<sep>": cfg.sep_token_id}
         if min(specials.values()) < 256:
-            raise ValueError("byte tokenizer needs special ids >= 256; this checkpoint needs its "
-                             "tokenizer.model beside config.json")
+            raise ValueError(
+                "byte tokenizer needs special ids >= 256; this checkpoint needs its "
+                "tokenizer.model beside config.json"
+            )
         self.splitter = _SpecialSplitter(specials)
 
     def encode(self, text: str) -> list[int]:

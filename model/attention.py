@@ -39,9 +39,17 @@ class LFAttention(nn.Module):
         v = self.v_proj(h).view(-1, H, D)
         return q, k, v
 
-    def forward_prefill(self, h: torch.Tensor, seq_lens: list[int], seq_starts: torch.Tensor,
-                        segments: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        cache: LayerCache | None, slots: list[int] | None) -> torch.Tensor:
+    def forward_prefill(
+        self,
+        h: torch.Tensor,
+        seq_lens: list[int],
+        seq_starts: torch.Tensor,
+        segments: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None,
+        slots: list[int] | None,
+    ) -> torch.Tensor:
         """h `[T, d]`: whole prompts packed, each from position 0. Writes K/V/LF into `slots`."""
         f = self.lf.forward_prefill(h, seq_starts)
         q, k, v = self._qkv(h, f, cos, sin)
@@ -52,15 +60,24 @@ class LFAttention(nn.Module):
             seg = segments[rows]
             causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
             mask = causal & (seg[:, None] == seg[None, :])  # [n, n]
-            out[rows] = _attend(q[rows].transpose(0, 1), k[rows].transpose(0, 1),
-                                v[rows].transpose(0, 1), mask).transpose(0, 1)
+            out[rows] = _attend(
+                q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1), mask
+            ).transpose(0, 1)
             if cache is not None:
                 cache.write_prompt(slots[i], k[rows], v[rows], h[rows])
             start += n
         return self.o_proj(out.reshape(h.shape[0], -1))
 
-    def forward_decode(self, h: torch.Tensor, positions: torch.Tensor, seg_starts: torch.Tensor,
-                       cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache, slots: slice) -> torch.Tensor:
+    def forward_decode(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        seg_starts: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache,
+        slots: slice,
+    ) -> torch.Tensor:
         """h `[B, d]`: one new token for each cache slot in the range `slots`, in slot order."""
         B = h.shape[0]
         f = self.lf.forward_decode(h, cache.lf[slots])

@@ -14,8 +14,9 @@ import torch
 class LayerCache:
     """One layer's slabs: k, v `[S, H, C, D]` (after rotary), lf `[S, 2, d]` = `[h[t-2], h[t-1]]`."""
 
-    def __init__(self, slots: int, heads: int, capacity: int, head_dim: int, hidden: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, slots: int, heads: int, capacity: int, head_dim: int, hidden: int, dtype: torch.dtype
+    ) -> None:
         self.k = torch.zeros(slots, heads, capacity, head_dim, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.lf = torch.zeros(slots, 2, hidden, dtype=dtype)
@@ -28,8 +29,9 @@ class LayerCache:
         self.lf[slot, 0] = h[n - 2] if n >= 2 else 0
         self.lf[slot, 1] = h[n - 1]
 
-    def write_decode(self, slots: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     h: torch.Tensor) -> None:
+    def write_decode(
+        self, slots: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor
+    ) -> None:
         """One new token for each slot of the range `slots`: k, v `[B, H, D]`, h `[B, d]`."""
         rows = torch.arange(slots.start, slots.stop)
         self.k[rows, :, positions] = k
@@ -58,12 +60,23 @@ class LayerCache:
 class KVCache:
     """All layers' slabs plus the dense slot allocator."""
 
-    def __init__(self, num_layers: int, heads: int, head_dim: int, hidden: int, dtype: torch.dtype,
-                 max_slots: int, max_len: int, initial_slots: int = 4, initial_len: int = 64) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        heads: int,
+        head_dim: int,
+        hidden: int,
+        dtype: torch.dtype,
+        max_slots: int,
+        max_len: int,
+        initial_slots: int = 4,
+        initial_len: int = 64,
+    ) -> None:
         self.max_slots, self.max_len = max_slots, max_len
         self.slots, self.capacity = min(initial_slots, max_slots), min(initial_len, max_len)
-        self.layers = [LayerCache(self.slots, heads, self.capacity, head_dim, hidden, dtype)
-                       for _ in range(num_layers)]
+        self.layers = [
+            LayerCache(self.slots, heads, self.capacity, head_dim, hidden, dtype) for _ in range(num_layers)
+        ]
         self.active = 0
 
     def allocate(self) -> int:

@@ -39,10 +39,13 @@ def hf_tensor_shapes(cfg: YuanConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         shapes |= {
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
             **{p + f"self_attn.{x}_proj.weight": (d, d) for x in "qkvo"},
-            p + "self_attn.lf_gate.conv1.weight": (half, d, 2, 1), p + "self_attn.lf_gate.conv1.bias": (half,),
-            p + "self_attn.lf_gate.conv2.weight": (d, half, 2, 1), p + "self_attn.lf_gate.conv2.bias": (d,),
+            p + "self_attn.lf_gate.conv1.weight": (half, d, 2, 1),
+            p + "self_attn.lf_gate.conv1.bias": (half,),
+            p + "self_attn.lf_gate.conv2.weight": (d, half, 2, 1),
+            p + "self_attn.lf_gate.conv2.bias": (d,),
             p + "self_attn.lf_gate.output_layernorm.weight": (d,),
         }
         if cfg.router_type == "attention":
@@ -64,22 +67,33 @@ def expert_tensor_name(layer: int, expert: int, which: str) -> str:
 
 def expert_tensor_names(cfg: YuanConfig, expert_ids: list[int]) -> list[str]:
     """Every tensor of these experts, in every layer: what a pool holding them reads."""
-    return [expert_tensor_name(i, e, w) for i in range(cfg.num_layers) for e in expert_ids for w in ("w1", "w2")]
+    return [
+        expert_tensor_name(i, e, w) for i in range(cfg.num_layers) for e in expert_ids for w in ("w1", "w2")
+    ]
 
 
 # Our parameter name (regex over `YuanModel.state_dict()`) -> HF name template.
-_RULES: list[tuple[re.Pattern[str], str]] = [(re.compile(a), b) for a, b in [
-    (r"embed\.weight", "model.embed_tokens.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"layers\.(\d+)\.input_norm\.weight", "model.layers.{0}.input_layernorm.weight"),
-    (r"layers\.(\d+)\.post_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
-    (r"layers\.(\d+)\.attn\.([qkvo])_proj\.weight", "model.layers.{0}.self_attn.{1}_proj.weight"),
-    (r"layers\.(\d+)\.attn\.lf\.conv([12])_(weight|bias)", "model.layers.{0}.self_attn.lf_gate.conv{1}.{2}"),
-    (r"layers\.(\d+)\.attn\.lf\.norm\.weight", "model.layers.{0}.self_attn.lf_gate.output_layernorm.weight"),
-    (r"layers\.(\d+)\.router\.(query|key|value)\.weight", "model.layers.{0}.mlp.gate.{1}.weight"),
-    (r"layers\.(\d+)\.router\.gate\.weight", "model.layers.{0}.mlp.gate.weight"),
-]]
+_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(a), b)
+    for a, b in [
+        (r"embed\.weight", "model.embed_tokens.weight"),
+        (r"norm\.weight", "model.norm.weight"),
+        (r"lm_head\.weight", "lm_head.weight"),
+        (r"layers\.(\d+)\.input_norm\.weight", "model.layers.{0}.input_layernorm.weight"),
+        (r"layers\.(\d+)\.post_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
+        (r"layers\.(\d+)\.attn\.([qkvo])_proj\.weight", "model.layers.{0}.self_attn.{1}_proj.weight"),
+        (
+            r"layers\.(\d+)\.attn\.lf\.conv([12])_(weight|bias)",
+            "model.layers.{0}.self_attn.lf_gate.conv{1}.{2}",
+        ),
+        (
+            r"layers\.(\d+)\.attn\.lf\.norm\.weight",
+            "model.layers.{0}.self_attn.lf_gate.output_layernorm.weight",
+        ),
+        (r"layers\.(\d+)\.router\.(query|key|value)\.weight", "model.layers.{0}.mlp.gate.{1}.weight"),
+        (r"layers\.(\d+)\.router\.gate\.weight", "model.layers.{0}.mlp.gate.weight"),
+    ]
+]
 
 
 def hf_name(ours: str) -> str:
@@ -122,8 +136,10 @@ class CheckpointReader:
         for single in ("model.safetensors", "pytorch_model.bin"):
             if (d / single).exists():
                 return {name: single for name in self._file_names(single)}
-        raise CheckpointError(f"{d}: no model.safetensors, model.safetensors.index.json, "
-                              "pytorch_model.bin or pytorch_model.bin.index.json")
+        raise CheckpointError(
+            f"{d}: no model.safetensors, model.safetensors.index.json, "
+            "pytorch_model.bin or pytorch_model.bin.index.json"
+        )
 
     def _file_names(self, file: str) -> list[str]:
         return list(self._open(file).keys())
@@ -147,8 +163,9 @@ class CheckpointReader:
         """Read exactly these tensors, opening only the files that hold them."""
         missing = [n for n in names if n not in self._where]
         if missing:
-            raise CheckpointError(f"{self.dir}: tensor {missing[0]!r} is missing "
-                                  f"({len(missing)} missing in all)")
+            raise CheckpointError(
+                f"{self.dir}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)"
+            )
         by_file: dict[str, list[str]] = defaultdict(list)
         for n in names:
             by_file[self._where[n]].append(n)
@@ -179,8 +196,9 @@ class _BinFile:
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], where: Path) -> None:
     if tuple(tensor.shape) != tuple(expected):
-        raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                              f"expected {tuple(expected)}")
+        raise CheckpointError(
+            f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}"
+        )
 
 
 def load_weights(model: nn.Module, reader: CheckpointReader) -> set[str]:
@@ -197,7 +215,12 @@ def load_weights(model: nn.Module, reader: CheckpointReader) -> set[str]:
 
 def load_expert_banks(banks: list[nn.Module], reader: CheckpointReader) -> set[str]:
     """Fill per-layer `ExpertBank`s (each with its `expert_ids`); returns the HF names loaded."""
-    names = [expert_tensor_name(i, e, w) for i, bank in enumerate(banks) for e in bank.expert_ids for w in ("w1", "w2")]
+    names = [
+        expert_tensor_name(i, e, w)
+        for i, bank in enumerate(banks)
+        for e in bank.expert_ids
+        for w in ("w1", "w2")
+    ]
     tensors = reader.read(names)
     for i, bank in enumerate(banks):
         for j, e in enumerate(bank.expert_ids):
@@ -211,8 +234,13 @@ def load_expert_banks(banks: list[nn.Module], reader: CheckpointReader) -> set[s
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def save_state_dict(state: dict[str, torch.Tensor], out: str | Path, cfg: YuanConfig,
-                    fmt: str = "safetensors", max_shard_bytes: int | None = None) -> None:
+def save_state_dict(
+    state: dict[str, torch.Tensor],
+    out: str | Path,
+    cfg: YuanConfig,
+    fmt: str = "safetensors",
+    max_shard_bytes: int | None = None,
+) -> None:
     """Write `config.json` plus one file or shards with an index, as HF `save_pretrained` does."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,13 +265,16 @@ def save_state_dict(state: dict[str, torch.Tensor], out: str | Path, cfg: YuanCo
         else:
             torch.save(shard, out / file)
     if n > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {name: file for file, shard in zip(files, shards) for name in shard},
+        }
         (out / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def random_state_dict(cfg: YuanConfig, seed: int, router_skew: float = 0.0,
-                      printable_head: bool = False) -> dict[str, torch.Tensor]:
+def random_state_dict(
+    cfg: YuanConfig, seed: int, router_skew: float = 0.0, printable_head: bool = False
+) -> dict[str, torch.Tensor]:
     """Random weights in the HF layout, scaled so routing decisions are clear (not round-off ties).
 
     Residual dimension 0 carries a constant that attention and experts never write (as in the
@@ -264,10 +295,10 @@ def random_state_dict(cfg: YuanConfig, seed: int, router_skew: float = 0.0,
             # Soft expert-attention (q, k) and strong values: the widest routing gaps measured
             # for random weights (a random Attention Router still has ~1% near-ties).
             gain = 10.0 if name.endswith(("value.weight", "gate.weight")) else 2.0
-            t = torch.randn(shape, generator=g) * (gain / d ** 0.5)
+            t = torch.randn(shape, generator=g) * (gain / d**0.5)
         else:
             fan_in = shape[1] * (shape[2] if len(shape) == 4 else 1)
-            t = torch.randn(shape, generator=g) / fan_in ** 0.5
+            t = torch.randn(shape, generator=g) / fan_in**0.5
         state[name] = t
     state["model.embed_tokens.weight"][:, 0] = 1.0
     for name, t in state.items():  # attention and experts never write the constant dimension
@@ -288,7 +319,7 @@ def random_state_dict(cfg: YuanConfig, seed: int, router_skew: float = 0.0,
         # hotness: Zipf-like over the first quarter of the expert ids, the same in every layer
         # (popular experts stay popular), so contiguous pools see the skew too.
         h = 1.0 / torch.arange(1, N + 1, dtype=torch.float32) * router_skew
-        h[max(1, N // 4):] = 0.0
+        h[max(1, N // 4) :] = 0.0
         magnet = 0
         for i in range(cfg.num_layers):
             if f"model.layers.{i}.mlp.gate.query.weight" in state:
@@ -314,21 +345,31 @@ def load_model(directory: str | Path, dtype: str | None = None) -> tuple[YuanMod
 
 def load_experts(reader: CheckpointReader, cfg: YuanConfig, expert_ids: list[int]) -> list[ExpertBank]:
     """One `ExpertBank` per layer holding `expert_ids`, read from the checkpoint and nothing else."""
-    banks = [ExpertBank(expert_ids, cfg.hidden_size, cfg.ffn_hidden_size).to(DTYPES[cfg.torch_dtype])
-             for _ in range(cfg.num_layers)]
+    banks = [
+        ExpertBank(expert_ids, cfg.hidden_size, cfg.ffn_hidden_size).to(DTYPES[cfg.torch_dtype])
+        for _ in range(cfg.num_layers)
+    ]
     load_expert_banks(banks, reader)
     return [b.eval().requires_grad_(False) for b in banks]
 
 
-def write_random_checkpoint(cfg: YuanConfig, out: str | Path, seed: int, router_skew: float = 0.0,
-                            fmt: str = "safetensors", max_shard_bytes: int | None = None,
-                            printable_head: bool = False) -> Path:
+def write_random_checkpoint(
+    cfg: YuanConfig,
+    out: str | Path,
+    seed: int,
+    router_skew: float = 0.0,
+    fmt: str = "safetensors",
+    max_shard_bytes: int | None = None,
+    printable_head: bool = False,
+) -> Path:
     """A random-weight checkpoint in the real HF layout, written atomically (tmp dir + rename)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_state_dict(random_state_dict(cfg, seed, router_skew, printable_head), tmp, cfg, fmt, max_shard_bytes)
+        save_state_dict(
+            random_state_dict(cfg, seed, router_skew, printable_head), tmp, cfg, fmt, max_shard_bytes
+        )
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -43,32 +43,48 @@ class YuanConfig:
     torch_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_experts", "top_k",
-                    "ffn_hidden_size", "max_position_embeddings")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_experts",
+            "top_k",
+            "ffn_hidden_size",
+            "max_position_embeddings",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"config field 'hidden_size' ({self.hidden_size}) must be divisible by "
-                              f"'num_attention_heads' ({self.num_heads})")
+            raise ConfigError(
+                f"config field 'hidden_size' ({self.hidden_size}) must be divisible by "
+                f"'num_attention_heads' ({self.num_heads})"
+            )
         if self.hidden_size % 2:
-            raise ConfigError(f"config field 'hidden_size' ({self.hidden_size}) must be even "
-                              "(the localized filter halves it)")
+            raise ConfigError(
+                f"config field 'hidden_size' ({self.hidden_size}) must be even "
+                "(the localized filter halves it)"
+            )
         if self.top_k > self.num_experts:
-            raise ConfigError(f"config field 'moe_top_k' ({self.top_k}) exceeds 'moe_num_experts' "
-                              f"({self.num_experts})")
+            raise ConfigError(
+                f"config field 'moe_top_k' ({self.top_k}) exceeds 'moe_num_experts' ({self.num_experts})"
+            )
         for name in ("eod_token_id", "sep_token_id", "pad_token_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
-                raise ConfigError(f"config field {name!r} ({value}) is outside the vocabulary "
-                                  f"[0, {self.vocab_size})")
+                raise ConfigError(
+                    f"config field {name!r} ({value}) is outside the vocabulary [0, {self.vocab_size})"
+                )
         if self.router_type not in ("attention", "classical"):
-            raise ConfigError(f"config field 'router_type' must be 'attention' or 'classical', "
-                              f"got {self.router_type!r}")
+            raise ConfigError(
+                f"config field 'router_type' must be 'attention' or 'classical', got {self.router_type!r}"
+            )
         if self.torch_dtype not in DTYPES:
-            raise ConfigError(f"config field 'torch_dtype' must be one of {', '.join(DTYPES)}, "
-                              f"got {self.torch_dtype!r}")
+            raise ConfigError(
+                f"config field 'torch_dtype' must be one of {', '.join(DTYPES)}, got {self.torch_dtype!r}"
+            )
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"config field 'rms_norm_eps' must be > 0, got {self.rms_norm_eps!r}")
 
@@ -82,10 +98,18 @@ class YuanConfig:
         """Flatten an HF Yuan config (with `moe_config`) into a `YuanConfig`."""
         unknown = sorted(set(raw) - _HF_TOP_LEVEL - _HF_IGNORED)
         if unknown:
-            raise ConfigError(f"unknown config field {unknown[0]!r} (all unknown: {unknown}); "
-                              "it may change the math, so it is refused rather than ignored")
-        for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
-                     "max_position_embeddings", "moe_config"):
+            raise ConfigError(
+                f"unknown config field {unknown[0]!r} (all unknown: {unknown}); "
+                "it may change the math, so it is refused rather than ignored"
+            )
+        for name in (
+            "hidden_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "vocab_size",
+            "max_position_embeddings",
+            "moe_config",
+        ):
             if name not in raw:
                 raise ConfigError(f"config field {name!r} is missing")
         moe = raw["moe_config"]
@@ -98,16 +122,19 @@ class YuanConfig:
             if name not in moe:
                 raise ConfigError(f"config field 'moe_config.{name}' is missing")
         if moe.get("gated_linear_unit", True) is not True:
-            raise ConfigError("config field 'moe_config.gated_linear_unit' must be true "
-                              "(Yuan2-M32 experts are SwiGLU)")
+            raise ConfigError(
+                "config field 'moe_config.gated_linear_unit' must be true (Yuan2-M32 experts are SwiGLU)"
+            )
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config field 'hidden_act' must be 'silu', got {raw['hidden_act']!r}")
         if raw.get("use_shareqk", False):
             raise ConfigError("config field 'use_shareqk' = true is not supported (Yuan2-M32 uses false)")
         proj = raw.get("attention_projection_size")
         if proj is not None and proj != raw["hidden_size"]:
-            raise ConfigError(f"config field 'attention_projection_size' ({proj}) must equal "
-                              f"'hidden_size' ({raw['hidden_size']})")
+            raise ConfigError(
+                f"config field 'attention_projection_size' ({proj}) must equal "
+                f"'hidden_size' ({raw['hidden_size']})"
+            )
         eod = raw.get("eod_token", raw.get("eod_token_id", 77185))
         return cls(
             vocab_size=raw["vocab_size"],
@@ -132,25 +159,40 @@ class YuanConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The HF `config.json` layout that the official code (and `from_hf_dict`) reads."""
         moe: dict[str, Any] = {
-            "moe_num_experts": self.num_experts, "moe_top_k": self.top_k,
-            "ffn_hidden_size": self.ffn_hidden_size, "norm_topk_prob": self.norm_topk_prob,
+            "moe_num_experts": self.num_experts,
+            "moe_top_k": self.top_k,
+            "ffn_hidden_size": self.ffn_hidden_size,
+            "norm_topk_prob": self.norm_topk_prob,
             "gated_linear_unit": True,
         }
         if self.router_type != "attention":
             moe["router_type"] = self.router_type
         return {
-            "architectures": ["YuanForCausalLM"], "model_type": "yuan",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.ffn_hidden_size, "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads, "hidden_act": "silu",
+            "architectures": ["YuanForCausalLM"],
+            "model_type": "yuan",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "hidden_act": "silu",
             "max_position_embeddings": self.max_position_embeddings,
-            "model_max_length": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
-            "use_cache": True, "tie_word_embeddings": self.tie_word_embeddings,
-            "pad_token_id": self.pad_token_id, "bos_token_id": self.eod_token_id,
-            "eos_token_id": self.eod_token_id, "eod_token": self.eod_token_id,
-            "sep_token": self.sep_token_id, "causal_mask": True, "use_flash_attention": False,
-            "reset_attention_mask": self.reset_attention_mask, "reset_position_ids": True,
-            "use_loss_mask": False, "output_router_logits": False, "moe_config": moe,
+            "model_max_length": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "use_cache": True,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.eod_token_id,
+            "eos_token_id": self.eod_token_id,
+            "eod_token": self.eod_token_id,
+            "sep_token": self.sep_token_id,
+            "causal_mask": True,
+            "use_flash_attention": False,
+            "reset_attention_mask": self.reset_attention_mask,
+            "reset_position_ids": True,
+            "use_loss_mask": False,
+            "output_router_logits": False,
+            "moe_config": moe,
             "torch_dtype": self.torch_dtype,
         }
 
@@ -177,34 +219,99 @@ class YuanConfig:
 # Fields of the HF file that we map, and fields that never change inference math (SPEC: "do not
 # change inference math", kernel choices, training-only switches, HF bookkeeping).
 _HF_TOP_LEVEL = {
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
-    "rms_norm_eps", "tie_word_embeddings", "reset_attention_mask", "eod_token", "eod_token_id",
-    "sep_token", "sep_token_id", "pad_token_id", "moe_config", "torch_dtype", "hidden_act",
-    "attention_projection_size", "use_shareqk",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "reset_attention_mask",
+    "eod_token",
+    "eod_token_id",
+    "sep_token",
+    "sep_token_id",
+    "pad_token_id",
+    "moe_config",
+    "torch_dtype",
+    "hidden_act",
+    "attention_projection_size",
+    "use_shareqk",
 }
 _HF_IGNORED = {
-    "architectures", "model_type", "auto_map", "transformers_version", "_name_or_path",
-    "intermediate_size", "initializer_range", "use_cache", "bos_token_id", "eos_token_id",
-    "mask_token_id", "model_max_length", "causal_mask", "use_flash_attention", "reset_position_ids",
-    "use_loss_mask", "output_router_logits", "dropout", "attention_dropout", "hidden_dropout",
-    "tokenizer_class", "use_lf_gate",
+    "architectures",
+    "model_type",
+    "auto_map",
+    "transformers_version",
+    "_name_or_path",
+    "intermediate_size",
+    "initializer_range",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "mask_token_id",
+    "model_max_length",
+    "causal_mask",
+    "use_flash_attention",
+    "reset_position_ids",
+    "use_loss_mask",
+    "output_router_logits",
+    "dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "tokenizer_class",
+    "use_lf_gate",
 }
-_HF_MOE_FIELDS = {"moe_num_experts", "moe_top_k", "ffn_hidden_size", "norm_topk_prob",
-                  "gated_linear_unit", "router_type"}
+_HF_MOE_FIELDS = {
+    "moe_num_experts",
+    "moe_top_k",
+    "ffn_hidden_size",
+    "norm_topk_prob",
+    "gated_linear_unit",
+    "router_type",
+}
 
 PRESETS: dict[str, YuanConfig] = {
     # The released Yuan2-M32-hf sizes (SPEC table).
-    "m32": YuanConfig(vocab_size=135040, hidden_size=2048, num_layers=24, num_heads=16,
-                      num_experts=32, top_k=2, ffn_hidden_size=8192, max_position_embeddings=16384,
-                      torch_dtype="bfloat16"),
+    "m32": YuanConfig(
+        vocab_size=135040,
+        hidden_size=2048,
+        num_layers=24,
+        num_heads=16,
+        num_experts=32,
+        top_k=2,
+        ffn_hidden_size=8192,
+        max_position_embeddings=16384,
+        torch_dtype="bfloat16",
+    ),
     # Fixture-sized; byte tokenizer ids 0..255, specials right after them.
-    "tiny": YuanConfig(vocab_size=320, hidden_size=64, num_layers=3, num_heads=4, num_experts=32,
-                       top_k=2, ffn_hidden_size=48, max_position_embeddings=1024,
-                       eod_token_id=256, sep_token_id=258, pad_token_id=256),
+    "tiny": YuanConfig(
+        vocab_size=320,
+        hidden_size=64,
+        num_layers=3,
+        num_heads=4,
+        num_experts=32,
+        top_k=2,
+        ffn_hidden_size=48,
+        max_position_embeddings=1024,
+        eod_token_id=256,
+        sep_token_id=258,
+        pad_token_id=256,
+    ),
     # Compute-bound on a CPU: expert math dominates a step, as on the real model.
-    "small": YuanConfig(vocab_size=1024, hidden_size=512, num_layers=4, num_heads=8, num_experts=32,
-                        top_k=2, ffn_hidden_size=512, max_position_embeddings=2048,
-                        eod_token_id=256, sep_token_id=258, pad_token_id=256),
+    "small": YuanConfig(
+        vocab_size=1024,
+        hidden_size=512,
+        num_layers=4,
+        num_heads=8,
+        num_experts=32,
+        top_k=2,
+        ffn_hidden_size=512,
+        max_position_embeddings=2048,
+        eod_token_id=256,
+        sep_token_id=258,
+        pad_token_id=256,
+    ),
 }
 
 

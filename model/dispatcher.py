@@ -17,13 +17,15 @@ from model.experts import ExpertBank
 
 
 class Dispatcher(Protocol):
-    def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
+    def experts(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """x `[T, d]`, expert_ids `[T, A]`, weights `[T, A]` -> weighted expert sum `[T, d]`."""
         ...
 
-    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-               lane: int = 0) -> object:
+    def submit(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, lane: int = 0
+    ) -> object:
         """Start the expert step; returns a handle for `wait`."""
         ...
 
@@ -38,12 +40,14 @@ class LocalDispatcher:
     def __init__(self, banks: list[ExpertBank]) -> None:
         self.banks = banks
 
-    def experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
+    def experts(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         return self.banks[layer](x, expert_ids, weights)
 
-    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-               lane: int = 0) -> torch.Tensor:
+    def submit(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, lane: int = 0
+    ) -> torch.Tensor:
         return self.experts(layer, x, expert_ids, weights)  # nothing to overlap with in-process
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:

@@ -41,8 +41,15 @@ class ExpertBank(nn.Module):
         self.pair_outputs(x, pairs // A, flat[pairs], weights.reshape(-1)[pairs], slots, pairs)
         return sum_slots(slots.view(T, A, -1))
 
-    def pair_outputs(self, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
-                     weights: torch.Tensor, out: torch.Tensor, slots: torch.Tensor) -> None:
+    def pair_outputs(
+        self,
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        out: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
         """out[slots[i]] = weights[i] * expert `expert_ids[i]`(x[rows[i]]) for each pair i. Expert
         pools answer the data plane with this, writing straight into the gateway's shared outputs."""
         local = self.local_index[expert_ids]  # ids are in [0, experts): the data plane checked them

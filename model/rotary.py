@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def rotary_tables(head_dim: int, num_positions: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    head_dim: int, num_positions: int, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, float32 `[num_positions, head_dim]` (row = position)."""
     inv_freq = (1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)).bfloat16()
     pos = torch.arange(num_positions, dtype=torch.float32).bfloat16()

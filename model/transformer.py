@@ -55,8 +55,15 @@ class YuanModel(nn.Module):
 
     def new_cache(self, max_slots: int, max_len: int) -> KVCache:
         cfg = self.cfg
-        return KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.hidden_size,
-                       self.embed.weight.dtype, max_slots, max_len)
+        return KVCache(
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.head_dim,
+            cfg.hidden_size,
+            self.embed.weight.dtype,
+            max_slots,
+            max_len,
+        )
 
     def segments(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Segment id per position: the number of `<eod>` strictly before it (SPEC step 6)."""
@@ -66,8 +73,13 @@ class YuanModel(nn.Module):
         return torch.cumsum(eod, 0) - eod
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[torch.Tensor], dispatcher: Dispatcher,
-                cache: KVCache | None = None, slots: list[int] | None = None) -> torch.Tensor:
+    def prefill(
+        self,
+        prompts: list[torch.Tensor],
+        dispatcher: Dispatcher,
+        cache: KVCache | None = None,
+        slots: list[int] | None = None,
+    ) -> torch.Tensor:
         """Run whole prompts (1-D id tensors) packed together; logits at each last position `[B, V]`.
 
         With a cache, each prompt's K/V and LF state are written into its slot.
@@ -82,14 +94,22 @@ class YuanModel(nn.Module):
         x = self.embed(token_ids)
         for i, layer in enumerate(self.layers):
             h = layer.input_norm(x)
-            x = x + layer.attn.forward_prefill(h, seq_lens, seq_starts, segments, cos, sin,
-                                               None if cache is None else cache.layers[i], slots)
+            x = x + layer.attn.forward_prefill(
+                h, seq_lens, seq_starts, segments, cos, sin, None if cache is None else cache.layers[i], slots
+            )
             x = layer.moe(i, x, dispatcher)
         return self.lm_head(self.norm(x[ends - 1]))
 
     @torch.inference_mode()
-    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, seg_starts: torch.Tensor,
-               dispatcher: Dispatcher, cache: KVCache, micro_batches: int = 1) -> torch.Tensor:
+    def decode(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seg_starts: torch.Tensor,
+        dispatcher: Dispatcher,
+        cache: KVCache,
+        micro_batches: int = 1,
+    ) -> torch.Tensor:
         """One new token per active slot (slot order): ids, positions and segment starts `[B]`.
 
         With `micro_batches=2` the batch is cut into two halves (two slot ranges) run ping-pong:
@@ -108,8 +128,9 @@ class YuanModel(nn.Module):
                 if pending[m] is not None:  # this half's experts of the previous layer
                     xs[m] = xs[m] + dispatcher.wait(pending[m])
                 h = layer.input_norm(xs[m])
-                xs[m] = xs[m] + layer.attn.forward_decode(h, positions[p], seg_starts[p], cos[p], sin[p],
-                                                          cache.layers[i], p)
+                xs[m] = xs[m] + layer.attn.forward_decode(
+                    h, positions[p], seg_starts[p], cos[p], sin[p], cache.layers[i], p
+                )
                 pending[m] = layer.submit_moe(i, xs[m], dispatcher, lane=m)
         xs = [x + dispatcher.wait(pm) for x, pm in zip(xs, pending)]
         return self.lm_head(self.norm(torch.cat(xs)))

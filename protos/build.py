@@ -15,8 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
-    args = ["protoc", f"-I{ROOT}", f"--python_out={ROOT}", f"--pyi_out={ROOT}", f"--grpc_python_out={ROOT}",
-            str(ROOT / "protos" / "serving.proto")]
+    args = [
+        "protoc",
+        f"-I{ROOT}",
+        f"--python_out={ROOT}",
+        f"--pyi_out={ROOT}",
+        f"--grpc_python_out={ROOT}",
+        str(ROOT / "protos" / "serving.proto"),
+    ]
     return protoc.main(args)
 
 

@@ -180,7 +180,7 @@ class Framed:
         end = LEN.size + size
         while len(self.buf) < end:
             self.buf += self._recv(max(4096, end - len(self.buf)))
-        head, self.buf = msgpack.unpackb(self.buf[LEN.size:end]), self.buf[end:]
+        head, self.buf = msgpack.unpackb(self.buf[LEN.size : end]), self.buf[end:]
         return head
 
     def idle(self) -> None:
@@ -252,8 +252,11 @@ class Region:
         if not _swept:
             sweep_dead_regions()
             _swept = True
-        self.shm = shared_memory.SharedMemory(name=f"yuan-{os.getpid()}-{secrets.token_hex(6)}", create=True,
-                                              size=max(1 << 16, 1 << (nbytes - 1).bit_length()))
+        self.shm = shared_memory.SharedMemory(
+            name=f"yuan-{os.getpid()}-{secrets.token_hex(6)}",
+            create=True,
+            size=max(1 << 16, 1 << (nbytes - 1).bit_length()),
+        )
         _live_regions.add(self)
 
     def close(self) -> None:
@@ -315,8 +318,12 @@ def batch_layout(t: int, a: int, d: int, dtype: torch.dtype) -> tuple[int, ...]:
 def batch_views(buf: memoryview, t: int, a: int, d: int, dtype: torch.dtype) -> PairBatch:
     """x, plan index, plan weights and output slots of a shared batch, as views of `buf`."""
     (bx, bi, bw, bo), k = batch_layout(t, a, d, dtype), t * a
-    return PairBatch(tensor_at(buf, 0, bx, (t, d), dtype), tensor_at(buf, bx, bi, (3, k), torch.long).numpy(),
-                     tensor_at(buf, bx + bi, bw, (k,), dtype), tensor_at(buf, bx + bi + bw, bo, (k, d), dtype))
+    return PairBatch(
+        tensor_at(buf, 0, bx, (t, d), dtype),
+        tensor_at(buf, bx, bi, (3, k), torch.long).numpy(),
+        tensor_at(buf, bx + bi, bw, (k,), dtype),
+        tensor_at(buf, bx + bi + bw, bo, (k, d), dtype),
+    )
 
 
 def raw_bytes(t: torch.Tensor) -> memoryview:
@@ -324,7 +331,9 @@ def raw_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 
 
-def tensor_at(buf: memoryview, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def tensor_at(
+    buf: memoryview, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).view(shape)
@@ -335,7 +344,10 @@ def check_span(index: np.ndarray, start: int, end: int, tokens: int, top_k: int,
     model (numpy and torch would wrap a -1 around to a real entry): two numpy calls."""
     if end > start:
         span = index[:, start:end]
-        (row_lo, slot_lo, id_lo), (row_hi, slot_hi, id_hi) = span.min(axis=1).tolist(), span.max(axis=1).tolist()
+        (row_lo, slot_lo, id_lo), (row_hi, slot_hi, id_hi) = (
+            span.min(axis=1).tolist(),
+            span.max(axis=1).tolist(),
+        )
         if min(row_lo, slot_lo) < 0 or row_hi >= tokens or slot_hi >= tokens * top_k:
             raise ValueError(f"plan: rows or slots of pairs [{start}, {end}) are outside the batch")
         if id_lo < 0 or id_hi >= num_experts:

@@ -36,10 +36,14 @@ class LoadTracker:
             return
         E, (L, _) = self.num_experts, self._expert_tokens.shape
         ids = torch.cat([e for _, e in self._routed])  # [N, A]
-        layers = torch.repeat_interleave(torch.tensor([layer for layer, _ in self._routed]),
-                                         torch.tensor([e.shape[0] for _, e in self._routed]))
+        layers = torch.repeat_interleave(
+            torch.tensor([layer for layer, _ in self._routed]),
+            torch.tensor([e.shape[0] for _, e in self._routed]),
+        )
         self._routed.clear()
-        self._expert_tokens += torch.bincount((layers[:, None] * E + ids).reshape(-1), minlength=L * E).view(L, E)
+        self._expert_tokens += torch.bincount((layers[:, None] * E + ids).reshape(-1), minlength=L * E).view(
+            L, E
+        )
         if ids.shape[1] >= 2:
             lo, hi = torch.minimum(ids[:, 0], ids[:, 1]), torch.maximum(ids[:, 0], ids[:, 1])
             self._pair_tokens += torch.bincount(lo * E + hi, minlength=E * E).view(E, E)
@@ -77,9 +81,12 @@ class LoadTracker:
             self.worker_compute_s[w] = self.worker_compute_s.get(w, 0.0) + t
 
     def snapshot(self) -> dict:
-        return {"expert_tokens": self.expert_tokens, "pair_tokens": self.pair_tokens,
-                "worker_pairs": dict(self.worker_pairs),
-                "worker_compute_s": dict(self.worker_compute_s)}
+        return {
+            "expert_tokens": self.expert_tokens,
+            "pair_tokens": self.pair_tokens,
+            "worker_pairs": dict(self.worker_pairs),
+            "worker_compute_s": dict(self.worker_compute_s),
+        }
 
 
 def max_over_mean(values: list[float]) -> float:
@@ -95,8 +102,11 @@ def worker_balance(worker_pairs: dict[int, int], workers: int) -> float:
 
 def window(before: dict, after: dict) -> dict:
     """What happened between two snapshots."""
-    return {"expert_tokens": after["expert_tokens"] - before["expert_tokens"],
-            "pair_tokens": after["pair_tokens"] - before["pair_tokens"],
-            "worker_pairs": {w: n - before["worker_pairs"].get(w, 0) for w, n in after["worker_pairs"].items()},
-            "worker_compute_s": {w: s - before["worker_compute_s"].get(w, 0.0)
-                                 for w, s in after["worker_compute_s"].items()}}
+    return {
+        "expert_tokens": after["expert_tokens"] - before["expert_tokens"],
+        "pair_tokens": after["pair_tokens"] - before["pair_tokens"],
+        "worker_pairs": {w: n - before["worker_pairs"].get(w, 0) for w, n in after["worker_pairs"].items()},
+        "worker_compute_s": {
+            w: s - before["worker_compute_s"].get(w, 0.0) for w, s in after["worker_compute_s"].items()
+        },
+    }

@@ -1,7 +1,7 @@
 """Dispatch planning: which worker computes each routed (token, expert) pair, and the way back.
 
-Pure functions on tensors, no Ray. `assign_pairs` gives every pair one worker holding its expert. An expert with
-several replicas has its pairs split among them by load (pairs in flight plus this batch's other
+Pure functions on tensors, no Ray. `assign_pairs` gives every pair one worker holding its expert. An
+expert with several replicas has its pairs split among them by load (pairs in flight plus this batch's other
 assignments, water-filled so replicas end level), never round-robin. `plan_dispatch` then sorts the
 pairs by worker (a stable counting sort, in C: `router/_pairsort.c` says why) into a
 `DispatchPlan`, so each worker's request is a contiguous span of it and pools on the gateway's node
@@ -43,10 +43,13 @@ class DispatchTable:
         self.num_workers = max(w for r in replicas for w in r) + 1
 
 
-def assign_pairs(expert_ids: torch.Tensor, table: DispatchTable,
-                 outstanding: dict[int, int] | None = None) -> torch.Tensor:
+def assign_pairs(
+    expert_ids: torch.Tensor, table: DispatchTable, outstanding: dict[int, int] | None = None
+) -> torch.Tensor:
     """The worker of each pair `[T, A]`; `outstanding` is pairs already in flight per worker."""
-    return torch.from_numpy(_assign(expert_ids.reshape(-1).numpy(), table, outstanding)).view(expert_ids.shape)
+    return torch.from_numpy(_assign(expert_ids.reshape(-1).numpy(), table, outstanding)).view(
+        expert_ids.shape
+    )
 
 
 def _assign(flat_ids: np.ndarray, table: DispatchTable, outstanding: dict[int, int] | None) -> np.ndarray:
@@ -68,7 +71,7 @@ def _assign(flat_ids: np.ndarray, table: DispatchTable, outstanding: dict[int, i
                 continue
             reps = table.replicas[e]
             share = _water_fill([load[r] for r in reps], int(counts[e]))
-            pair_worker[by_expert[starts[e]:starts[e + 1]]] = np.repeat(reps, share)
+            pair_worker[by_expert[starts[e] : starts[e + 1]]] = np.repeat(reps, share)
             for r, n in zip(reps, share):
                 load[r] += n
     return pair_worker
@@ -98,18 +101,32 @@ class DispatchPlan:
         return [self.request(span) for span in self.spans]
 
 
-def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, table: DispatchTable,
-                  outstanding: dict[int, int] | None = None,
-                  into: tuple[np.ndarray, torch.Tensor] | None = None) -> DispatchPlan:
+def plan_dispatch(
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    table: DispatchTable,
+    outstanding: dict[int, int] | None = None,
+    into: tuple[np.ndarray, torch.Tensor] | None = None,
+) -> DispatchPlan:
     """Split a batch's routed pairs among workers; `outstanding` is pairs already in flight per worker.
     The plan's index `[3, K]` and weights `[K]` are built in `into` when given (a shared batch's, so
     they need no second copy), else in new arrays."""
     A = expert_ids.shape[1]
     flat = expert_ids.numpy().ravel()
-    index, plan_weights = into if into is not None else (np.empty((3, flat.size), dtype=np.int64),
-                                                          torch.empty(flat.size, dtype=weights.dtype))
-    sizes = sort_pairs(_assign(flat, table, outstanding), flat, bits(weights).ravel(), A, table.num_workers,
-                       index, bits(plan_weights))
+    index, plan_weights = (
+        into
+        if into is not None
+        else (np.empty((3, flat.size), dtype=np.int64), torch.empty(flat.size, dtype=weights.dtype))
+    )
+    sizes = sort_pairs(
+        _assign(flat, table, outstanding),
+        flat,
+        bits(weights).ravel(),
+        A,
+        table.num_workers,
+        index,
+        bits(plan_weights),
+    )
     spans, start = [], 0
     for w, n in enumerate(sizes):
         if n:

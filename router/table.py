@@ -34,7 +34,6 @@ class RoutingTable:
         return [self.replicas(e) for e in range(self.num_experts)]
 
 
-
 def plan_pools(num_experts: int, pools: int, replicas: int = 1, version: int = 1) -> RoutingTable:
     """Contiguous blocks of experts onto `pools` pools, each pool on `replicas` workers.
 

@@ -20,8 +20,10 @@ torch.set_num_threads(1)
 
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
-        pytest.skip(f"{what} not found at {path} (it lives in ../shared beside the repo; "
-                    "set YUAN_SHARED to point elsewhere)")
+        pytest.skip(
+            f"{what} not found at {path} (it lives in ../shared beside the repo; "
+            "set YUAN_SHARED to point elsewhere)"
+        )
     return path
 
 

@@ -56,7 +56,9 @@ def _ip(hex_ip: str, width: int) -> str:
     raw = bytes.fromhex(hex_ip)
     if width == 8:
         return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))  # /proc prints each 32-bit word host-order
+    words = b"".join(
+        raw[i : i + 4][::-1] for i in range(0, 16, 4)
+    )  # /proc prints each 32-bit word host-order
     return socket.inet_ntop(socket.AF_INET6, words)
 
 

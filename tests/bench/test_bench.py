@@ -10,8 +10,16 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_bench_runs_side_by_side_and_reports_sane_numbers(ray_cluster, tmp_path):
-    out = run(["tiny"], pools=[1], concurrency=[1, 3], prompt_len=4, max_tokens=5, dispatch_pools=2,
-              dispatch_iters=20, skew=4.0)
+    out = run(
+        ["tiny"],
+        pools=[1],
+        concurrency=[1, 3],
+        prompt_len=4,
+        max_tokens=5,
+        dispatch_pools=2,
+        dispatch_iters=20,
+        skew=4.0,
+    )
     res = out["results"]["tiny"]
     assert set(res) == {"in-process", "1 pools", "1 pools+overlap"}
     for by_c in res.values():

@@ -13,14 +13,27 @@ CLI = [sys.executable, "-m", "cli.main"]
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
 
 
 def test_generate_json_matches_golden(fixture_dir, golden):
     case = golden["cases"][3]
-    out = run("generate", "--engine", "local", "--model", str(fixture_dir), "--token-ids",
-              ",".join(map(str, case["prompt_ids"])), "--max-tokens", "16", "--temperature", "0", "--json")
+    out = run(
+        "generate",
+        "--engine",
+        "local",
+        "--model",
+        str(fixture_dir),
+        "--token-ids",
+        ",".join(map(str, case["prompt_ids"])),
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["token_ids"] == case["generated_ids"]
@@ -33,8 +46,22 @@ def test_init_checkpoint_then_generate_text(tmp_path):
     out = run("init-checkpoint", "--preset", "tiny", "--out", str(ckpt), "--seed", "3")
     assert out.returncode == 0, out.stderr
     assert (ckpt / "config.json").exists() and (ckpt / "model.safetensors").exists()
-    args = ["generate", "--engine", "local", "--model", str(ckpt), "--prompt", "Hello", "--max-tokens", "8",
-            "--temperature", "0.8", "--seed", "11", "--json"]
+    args = [
+        "generate",
+        "--engine",
+        "local",
+        "--model",
+        str(ckpt),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "11",
+        "--json",
+    ]
     first, second = run(*args), run(*args)
     assert first.returncode == 0, first.stderr
     a, b = json.loads(first.stdout), json.loads(second.stdout)
@@ -50,7 +77,9 @@ def test_default_model_is_created_once(tmp_path):
 
 
 def test_bad_input_is_a_clear_error_not_a_traceback(fixture_dir, tmp_path):
-    out = run("generate", "--engine", "local", "--model", str(fixture_dir), "--token-ids", "1,99999", "--json")
+    out = run(
+        "generate", "--engine", "local", "--model", str(fixture_dir), "--token-ids", "1,99999", "--json"
+    )
     assert out.returncode == 2 and "token_ids" in out.stderr and "Traceback" not in out.stderr
     out = run("generate", "--engine", "local", "--model", str(tmp_path), "--prompt", "x")
     assert out.returncode == 2 and "config.json" in out.stderr and "Traceback" not in out.stderr
@@ -80,8 +109,18 @@ def test_init_checkpoint_sharded_formats_load(tmp_path, fmt):
 def test_generate_ray_engine_json_contract(fixture_dir, golden):
     case = golden["cases"][3]
     ids = ",".join(map(str, case["prompt_ids"]))
-    out = run("generate", "--model", str(fixture_dir), "--token-ids", ids, "--max-tokens", "16",
-              "--pools", "2", "--json")  # --engine ray is the default
+    out = run(
+        "generate",
+        "--model",
+        str(fixture_dir),
+        "--token-ids",
+        ids,
+        "--max-tokens",
+        "16",
+        "--pools",
+        "2",
+        "--json",
+    )  # --engine ray is the default
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["token_ids"] == case["generated_ids"] and result["finish_reason"] == "length"

@@ -22,16 +22,20 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_pools_follow_load_up_and_down_without_failed_requests(cluster_app, fixture_dir, golden):
     long = golden["cases"][5]["prompt_ids"]
-    prompts = [c["prompt_ids"] for c in golden["cases"]] + [long[i * 11: i * 11 + 4 + i] for i in range(9)]
+    prompts = [c["prompt_ids"] for c in golden["cases"]] + [long[i * 11 : i * 11 + 4 + i] for i in range(9)]
     n = 24
     ref = local_engine(str(fixture_dir))
-    expected = [ref.generate([p], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids for p in prompts]
+    expected = [
+        ref.generate([p], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids for p in prompts
+    ]
     policy = ScalingPolicy(min_workers=1, max_workers=3, pairs_per_s_per_worker=1.0, up_after=1, down_after=2)
-    app = cluster_app(ControlConfig(probe_every_s=0.1, autoscale=policy, autoscale_every_s=0.3, slots_per_pool=16),
-                      pools=1)
+    app = cluster_app(
+        ControlConfig(probe_every_s=0.1, autoscale=policy, autoscale_every_s=0.3, slots_per_pool=16), pools=1
+    )
     gw = Gateway(app.attach().engine)
     controller = app.controller
     try:
+
         async def generate(tag: str):
             params = SamplingParams(max_tokens=n, ignore_eod=True)
             runs = await asyncio.gather(*(gw.generate(f"{tag}{i}", p, params) for i, p in enumerate(prompts)))
@@ -41,7 +45,9 @@ def test_pools_follow_load_up_and_down_without_failed_requests(cluster_app, fixt
             return len((await controller.status.remote())["workers"])
 
         async def main():
-            reports = asyncio.ensure_future(report_loop(gw, ServingState(), controller, "test-gateway", every_s=0.1))
+            reports = asyncio.ensure_future(
+                report_loop(gw, ServingState(), controller, "test-gateway", every_s=0.1)
+            )
             sizes = []
             while len(sizes) < 200 and (not sizes or max(sizes) < 3):  # load until the controller scaled up
                 load = asyncio.ensure_future(generate(f"up{len(sizes)}"))

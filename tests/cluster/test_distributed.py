@@ -21,7 +21,9 @@ GREEDY16 = SamplingParams(max_tokens=16, ignore_eod=True)
 
 
 @pytest.mark.parametrize("pools, replicas", [(1, 1), (2, 1), (4, 1), (8, 1), (4, 2)])
-def test_tokens_equal_golden_and_pools_hold_only_their_share(cluster_app, fixture_dir, golden, pools, replicas):
+def test_tokens_equal_golden_and_pools_hold_only_their_share(
+    cluster_app, fixture_dir, golden, pools, replicas
+):
     app = cluster_app(pools=pools, replicas=replicas)
     engine = app.attach().engine
     seqs = engine.generate([c["prompt_ids"] for c in golden["cases"]], GREEDY16)
@@ -38,8 +40,12 @@ def test_tokens_equal_golden_and_pools_hold_only_their_share(cluster_app, fixtur
         assert info["bytes"] == len(experts) * cfg.num_layers * per_expert_layer
         assert info["tensors_read"] == 2 * cfg.num_layers * len(experts)
     non_expert = sum(_numel(s) for n, s in shapes.items() if ".experts." not in n)
-    assert sum(p.numel() for p in engine.model.parameters()) == non_expert, "the gateway holds no expert weights"
-    assert set(dispatcher.load.worker_pairs) == set(range(pools * replicas)), "every worker (each replica) works"
+    assert sum(p.numel() for p in engine.model.parameters()) == non_expert, (
+        "the gateway holds no expert weights"
+    )
+    assert set(dispatcher.load.worker_pairs) == set(range(pools * replicas)), (
+        "every worker (each replica) works"
+    )
 
 
 def _numel(shape) -> int:
@@ -52,7 +58,7 @@ def _numel(shape) -> int:
 def _prompts(golden: dict) -> list[list[int]]:
     """16 prompts of different lengths: the golden ones and pieces of the long one."""
     long = golden["cases"][5]["prompt_ids"]
-    pieces = [long[i * 13: i * 13 + n] for i, n in enumerate([4, 9, 17, 25, 40, 5, 60, 12, 80])]
+    pieces = [long[i * 13 : i * 13 + n] for i, n in enumerate([4, 9, 17, 25, 40, 5, 60, 12, 80])]
     return [c["prompt_ids"] for c in golden["cases"]] + pieces
 
 
@@ -60,8 +66,10 @@ def test_staggered_streams_get_the_tokens_they_get_alone(cluster_app, fixture_di
     prompts = _prompts(golden)
     lengths = [4 + (i * 5) % 13 for i in range(16)]
     ref = local_engine(str(fixture_dir))
-    alone = [ref.generate([p], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids
-             for p, n in zip(prompts, lengths)]
+    alone = [
+        ref.generate([p], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids
+        for p, n in zip(prompts, lengths)
+    ]
     gw = Gateway(cluster_app(pools=4).attach().engine)
 
     async def one(i: int) -> list[int]:
@@ -105,14 +113,17 @@ def test_two_gateways_share_the_same_pools(cluster_app, golden):
         assert [s.output_ids for s in seqs] == [c["generated_ids"] for c in cases]
 
 
-@pytest.mark.parametrize("transport, micro_batches", [("ray", 1), ("dataplane", 1), ("ray", 2), ("dataplane", 2)])
+@pytest.mark.parametrize(
+    "transport, micro_batches", [("ray", 1), ("dataplane", 1), ("ray", 2), ("dataplane", 2)]
+)
 def test_each_transport_is_token_exact(pool_set, fixture_dir, golden, transport, micro_batches):
     ps = pool_set(pools=2)
     model, _ = load_model(str(fixture_dir))
     disp = PoolDispatcher(ps.table, ps.handles, transport, model.cfg.num_layers)
     try:
-        seqs = Engine(model, disp, micro_batches=micro_batches).generate([c["prompt_ids"] for c in golden["cases"]],
-                                                                         GREEDY16)
+        seqs = Engine(model, disp, micro_batches=micro_batches).generate(
+            [c["prompt_ids"] for c in golden["cases"]], GREEDY16
+        )
         assert [s.output_ids for s in seqs] == [c["generated_ids"] for c in golden["cases"]]
         assert disp.fallbacks == 0
     finally:

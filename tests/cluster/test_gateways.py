@@ -38,8 +38,13 @@ def served(ray_cluster, fixture_dir):
 
     port = free_port()
     serve.start(proxy_location="Disabled")
-    serve.run(build_app({"model": str(fixture_dir), "pools": 4, "replicas": 2, "gateways": 2, "port": port,
-                         "grace_s": 1}), name=APP, route_prefix=None)
+    serve.run(
+        build_app(
+            {"model": str(fixture_dir), "pools": 4, "replicas": 2, "gateways": 2, "port": port, "grace_s": 1}
+        ),
+        name=APP,
+        route_prefix=None,
+    )
     controller = ray.get_actor(controller_name(APP), namespace=NAMESPACE)
     deadline = time.monotonic() + 120
     while len(ray.get(controller.status.remote())["gateways"]) < 2:
@@ -69,7 +74,9 @@ def test_golden_requests_on_separate_connections_are_exact_and_both_gateways_ser
         try:
             with connection(target) as ch:
                 res, call = pb_grpc.YuanServingStub(ch).Generate.with_call(
-                    pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True), timeout=120)
+                    pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True),
+                    timeout=120,
+                )
             got = list(res.token_ids)
         except grpc.RpcError as e:
             got, call = f"{e.code()}: {e.details()}", e
@@ -92,7 +99,9 @@ def test_golden_requests_on_separate_connections_are_exact_and_both_gateways_ser
         info = pb_grpc.YuanServingStub(ch).ModelInfo(pb.ModelInfoRequest())
         stats = pb_grpc.YuanServingStub(ch).Stats(pb.StatsRequest())
     assert {g.gateway for g in info.gateways} == seen and info.gateway in seen
-    assert {g.gateway for g in stats.gateways} == seen and sum(g.admitted for g in stats.gateways) >= len(results)
+    assert {g.gateway for g in stats.gateways} == seen and sum(g.admitted for g in stats.gateways) >= len(
+        results
+    )
 
 
 def gateway_pids(count: int) -> dict[str, int]:
@@ -129,9 +138,12 @@ def test_a_killed_gateway_ends_only_its_streams_and_comes_back_without_touching_
     long = pb.GenerateRequest(token_ids=[5, 6, 7], max_tokens=400, ignore_eod=True)
     doomed = [pb_grpc.YuanServingStub(channels[victim]).GenerateStream(long, timeout=120) for _ in range(4)]
     case = golden["cases"][3]
-    exact = [pb_grpc.YuanServingStub(channels[survivor]).GenerateStream(
-        pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True), timeout=120)
-        for _ in range(4)]
+    exact = [
+        pb_grpc.YuanServingStub(channels[survivor]).GenerateStream(
+            pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True), timeout=120
+        )
+        for _ in range(4)
+    ]
     for stream in doomed:
         next(stream)
     firsts = [next(s) for s in exact]
@@ -155,7 +167,8 @@ def test_a_killed_gateway_ends_only_its_streams_and_comes_back_without_touching_
     for _ in range(64):  # the new gateway serves
         with connection(target) as ch:
             res, call = pb_grpc.YuanServingStub(ch).Generate.with_call(
-                pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True), timeout=120)
+                pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True), timeout=120
+            )
         assert list(res.token_ids) == case["generated_ids"]
         if served_by(call) == new:
             break
@@ -163,8 +176,9 @@ def test_a_killed_gateway_ends_only_its_streams_and_comes_back_without_touching_
         raise AssertionError("no connection reached the new gateway")
     for ch in channels.values():
         ch.close()
-    assert {w["name"]: w["pid"] for w in ray.get(controller.status.remote())["workers"]} == pools_before, \
+    assert {w["name"]: w["pid"] for w in ray.get(controller.status.remote())["workers"]} == pools_before, (
         "no pool process was restarted"
+    )
 
 
 def test_rebalance_and_resize_while_two_gateways_serve_fail_nothing(served, golden):
@@ -178,8 +192,10 @@ def test_rebalance_and_resize_while_two_gateways_serve_fail_nothing(served, gold
             while not stop.is_set():
                 case = cases[i % len(cases)]
                 try:
-                    res = stub.Generate(pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16,
-                                                           ignore_eod=True), timeout=120)
+                    res = stub.Generate(
+                        pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True),
+                        timeout=120,
+                    )
                     if list(res.token_ids) != case["generated_ids"]:
                         failures.append(f"client {i}: tokens differ")
                 except grpc.RpcError as e:
@@ -203,4 +219,6 @@ def test_rebalance_and_resize_while_two_gateways_serve_fail_nothing(served, gold
     assert not failures, failures[:5]
     assert done[0] >= 16
     assert moved["version"] > v0 and len(grown["workers"]) == 10 and len(shrunk["workers"]) == 8
-    assert all(g["version"] == shrunk["version"] for g in ray.get(controller.status.remote())["gateways"].values())
+    assert all(
+        g["version"] == shrunk["version"] for g in ray.get(controller.status.remote())["gateways"].values()
+    )

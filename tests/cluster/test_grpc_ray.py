@@ -40,9 +40,9 @@ def server(ray_cluster, fixture_dir):
 @pytest.fixture(scope="module")
 def reference(fixture_dir):
     engine = local_engine(str(fixture_dir))
-    return lambda prompt, n: engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids
-
-
+    return lambda prompt, n: (
+        engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids
+    )
 
 
 def test_unary_and_stream_equal_golden(server, golden):
@@ -64,8 +64,9 @@ def test_32_concurrent_streams_all_finish_right(server, golden):
             stub = pb_grpc.YuanServingStub(ch)
 
             async def one(i, case):
-                req = pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True,
-                                         request_id=f"c32-{i}")
+                req = pb.GenerateRequest(
+                    token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True, request_id=f"c32-{i}"
+                )
                 return [m.token_id async for m in stub.GenerateStream(req, timeout=120)]
 
             return await asyncio.gather(*(one(i, c) for i, c in enumerate(cases)))
@@ -80,15 +81,19 @@ def test_cancel_mid_stream_frees_state_and_others_continue(server, golden, refer
     with grpc.insecure_channel(server) as ch:
         stub = pb_grpc.YuanServingStub(ch)
         before = settled(stub)
-        streams = [stub.GenerateStream(pb.GenerateRequest(token_ids=p, max_tokens=n, ignore_eod=True), timeout=120)
-                   for p in prompts]
+        streams = [
+            stub.GenerateStream(pb.GenerateRequest(token_ids=p, max_tokens=n, ignore_eod=True), timeout=120)
+            for p in prompts
+        ]
         got = [[next(s).token_id for _ in range(3)] for s in streams]
         streams[1].cancel()
         deadline = time.monotonic() + 5
         while stub.Stats(pb.StatsRequest()).cache_slots_used != 3 and time.monotonic() < deadline:
             time.sleep(0.01)
         during = stub.Stats(pb.StatsRequest())
-        assert during.cache_slots_used == 3 and during.running == 3, "the cancelled stream's slot is freed at once"
+        assert during.cache_slots_used == 3 and during.running == 3, (
+            "the cancelled stream's slot is freed at once"
+        )
         for i in (0, 2, 3):
             got[i] += [m.token_id for m in streams[i]]
             assert got[i] == reference(prompts[i], n), f"stream {i} harmed by the cancellation"
@@ -101,7 +106,9 @@ def test_deadline_cancels_the_request_in_the_engine(server):
     with grpc.insecure_channel(server) as ch:
         stub = pb_grpc.YuanServingStub(ch)
         with pytest.raises(grpc.RpcError) as err:
-            stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], max_tokens=900, ignore_eod=True), timeout=0.5)
+            stub.Generate(
+                pb.GenerateRequest(token_ids=[1, 2, 3], max_tokens=900, ignore_eod=True), timeout=0.5
+            )
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         stats = settled(stub)
         assert stats.running == 0 and stats.cache_slots_used == 0
@@ -115,14 +122,20 @@ def test_stats_cli_plots_one_cell_per_layer_and_expert(server, golden, tmp_path)
 
     with grpc.insecure_channel(server) as ch:
         case = golden["cases"][3]
-        pb_grpc.YuanServingStub(ch).Generate(pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=4), timeout=60)
+        pb_grpc.YuanServingStub(ch).Generate(
+            pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=4), timeout=60
+        )
     stats = fetch(server)
     assert stats.num_layers == 3 and stats.num_experts == 32
     assert len(stats.expert_tokens) == 3 * 32 and sum(stats.expert_tokens) > 0
     assert set(stats.worker_pairs) == {0, 1, 2, 3} and stats.routing_table_version == 1
     png = tmp_path / "load.png"
-    out = subprocess.run([sys.executable, "-m", "cli.main", "stats", "--target", server, "--plot", str(png)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "cli.main", "stats", "--target", server, "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "max/mean" in out.stdout
     assert f"gateway {stats.gateway}:" in out.stdout and "all 1 gateways: running" in out.stdout
@@ -147,7 +160,9 @@ def test_the_controller_rebalances_from_served_load(ray_cluster, fixture_dir, go
             info = stub.ModelInfo(pb.ModelInfoRequest())
             assert info.routing_table_version >= 2, "ModelInfo shows the live routing table"
             assert info.pools == 4 and info.replicas >= 2
-            assert any(len([w for w in info.workers if e in w.experts]) > 1 for e in range(32)), "hot experts replicated"
+            assert any(len([w for w in info.workers if e in w.experts]) > 1 for e in range(32)), (
+                "hot experts replicated"
+            )
     finally:
         srv.stop(grace_s=0)
         stop_controller("grpc-rebalance")

@@ -22,7 +22,7 @@ def test_skewed_load_is_balanced_within_ten_percent(seed):
     rng = random.Random(seed)
     load = [1000.0 / (rank + 1) ** 1.2 + rng.random() for rank in range(32)]  # Zipf-like
     rng.shuffle(load)
-    baseline = [sum(load[w * 8:(w + 1) * 8]) for w in range(4)]  # contiguous blocks, no replicas
+    baseline = [sum(load[w * 8 : (w + 1) * 8]) for w in range(4)]  # contiguous blocks, no replicas
     table = balanced_placement(load, num_workers=4, slots_per_worker=12, version=2)
     per = worker_loads(table, load)
     mean = sum(per) / 4
@@ -36,8 +36,13 @@ def test_skewed_load_is_balanced_within_ten_percent(seed):
 
 def test_pairs_chosen_together_share_a_pool_when_balance_allows():
     load = [10.0] * 8
-    table = balanced_placement(load, num_workers=2, slots_per_worker=4, version=1,
-                               pairs={(0, 5): 100.0, (1, 6): 100.0, (2, 7): 100.0, (3, 4): 100.0})
+    table = balanced_placement(
+        load,
+        num_workers=2,
+        slots_per_worker=4,
+        version=1,
+        pairs={(0, 5): 100.0, (1, 6): 100.0, (2, 7): 100.0, (3, 4): 100.0},
+    )
     for a, b in [(0, 5), (1, 6), (2, 7), (3, 4)]:
         assert table.replicas(a) == table.replicas(b), f"experts {a} and {b} should share a pool"
     assert sorted(len(w) for w in table.workers) == [4, 4]

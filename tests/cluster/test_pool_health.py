@@ -29,7 +29,7 @@ FAST = ControlConfig(probe_every_s=0.2, probe_timeout_s=0.5, replace_after_s=600
 
 def prompts_of(golden: dict, n: int) -> list[list[int]]:
     long = golden["cases"][5]["prompt_ids"]
-    pieces = [long[i * 3: i * 3 + 3 + i % 7] for i in range(n)]
+    pieces = [long[i * 3 : i * 3 + 3 + i % 7] for i in range(n)]
     return ([c["prompt_ids"] for c in golden["cases"]] + pieces)[:n]
 
 
@@ -63,6 +63,7 @@ def test_a_hung_pool_with_a_replica_stalls_no_step_past_its_deadline(cluster_app
     victim = ray.get(disp.workers[0].info.remote())
     stopped_at: list[float] = []
     try:
+
         async def main():
             reports = asyncio.ensure_future(report_loop(gw, ServingState(), app.controller, "g", every_s=0.1))
             params = SamplingParams(max_tokens=n, ignore_eod=True)
@@ -79,17 +80,23 @@ def test_a_hung_pool_with_a_replica_stalls_no_step_past_its_deadline(cluster_app
         assert [[e.token_id for e in r if e.token_id >= 0] for r in results] == expected
         times = sorted({e.at for r in results for e in r})
         gaps = [b - a for a, b in zip(times, times[1:]) if b > stopped_at[0]]
-        print(f"longest step after SIGSTOP: {max(gaps):.3f}s; deadline then "
-              f"{disp.deadline(0).seconds(8):.3f}s; timeouts {disp.timeouts}")
+        print(
+            f"longest step after SIGSTOP: {max(gaps):.3f}s; deadline then "
+            f"{disp.deadline(0).seconds(8):.3f}s; timeouts {disp.timeouts}"
+        )
         assert disp.timeouts >= 1, "the stopped pool missed its deadline"
         assert max(gaps) < 3.0, f"a step stalled {max(gaps):.2f}s (not bounded by the reply deadline)"
-        wait_for("the controller to mark the pool unhealthy",
-                 lambda: not worker_status(app, victim_name(app, victim["pid"]))["healthy"])
+        wait_for(
+            "the controller to mark the pool unhealthy",
+            lambda: not worker_status(app, victim_name(app, victim["pid"]))["healthy"],
+        )
     finally:
         os.kill(victim["pid"], signal.SIGCONT)
         gw.close()
-    wait_for("the pool to be healthy again after SIGCONT", lambda: worker_status(app, victim_name(app, victim["pid"]))
-             ["healthy"])
+    wait_for(
+        "the pool to be healthy again after SIGCONT",
+        lambda: worker_status(app, victim_name(app, victim["pid"]))["healthy"],
+    )
 
 
 def victim_name(app, pid: int) -> str:
@@ -131,12 +138,18 @@ def test_a_killed_pool_comes_back_with_its_data_plane_and_no_request_fails(clust
     listeners = len(listening(pids))
     victim = before[0]
     try:
+
         async def main():
-            reports = [asyncio.ensure_future(report_loop(gw, ServingState(), app.controller, f"g{i}", every_s=0.1))
-                       for i, gw in enumerate(gateways)]
+            reports = [
+                asyncio.ensure_future(report_loop(gw, ServingState(), app.controller, f"g{i}", every_s=0.1))
+                for i, gw in enumerate(gateways)
+            ]
             params = SamplingParams(max_tokens=n, ignore_eod=True)
-            runs = [asyncio.ensure_future(gw.generate(f"k{i}", p, params)) for gw in gateways
-                    for i, p in enumerate(prompts)]
+            runs = [
+                asyncio.ensure_future(gw.generate(f"k{i}", p, params))
+                for gw in gateways
+                for i, p in enumerate(prompts)
+            ]
             while gateways[0].engine.steps < 8:
                 await asyncio.sleep(0.002)
             os.kill(victim["pid"], signal.SIGKILL)
@@ -144,8 +157,9 @@ def test_a_killed_pool_comes_back_with_its_data_plane_and_no_request_fails(clust
             deadline = time.monotonic() + 60  # every gateway takes the table with the restarted pool
             while time.monotonic() < deadline:
                 status = await app.controller.status.remote()
-                if all(gw.engine.dispatcher.table.version == status["version"] for gw in gateways) and \
-                        all(w["pid"] != victim["pid"] for w in status["workers"]):
+                if all(gw.engine.dispatcher.table.version == status["version"] for gw in gateways) and all(
+                    w["pid"] != victim["pid"] for w in status["workers"]
+                ):
                     break
                 await asyncio.sleep(0.1)
             for r in reports:
@@ -171,14 +185,17 @@ def test_a_killed_controller_costs_no_pool_and_comes_back(cluster_app, fixture_d
     cases = golden["cases"][:4]
     before = worker_status(app)
     try:
+
         async def main():
             reports = asyncio.ensure_future(report_loop(gw, ServingState(), app.controller, "g", every_s=0.1))
             params = SamplingParams(max_tokens=16, ignore_eod=True)
             await asyncio.sleep(0.3)
-            pid = (await app.controller.pid.remote())
+            pid = await app.controller.pid.remote()
             os.kill(pid, signal.SIGKILL)
             t_kill = time.monotonic()
-            served = await asyncio.gather(*[gw.generate(f"c{i}", c["prompt_ids"], params) for i, c in enumerate(cases)])
+            served = await asyncio.gather(
+                *[gw.generate(f"c{i}", c["prompt_ids"], params) for i, c in enumerate(cases)]
+            )
             deadline = time.monotonic() + 60  # Ray restarts it; it adopts the pools
             while time.monotonic() < deadline:
                 try:
@@ -191,14 +208,20 @@ def test_a_killed_controller_costs_no_pool_and_comes_back(cluster_app, fixture_d
             print(f"controller back with the pools adopted {time.monotonic() - t_kill:.1f}s after SIGKILL")
             assert await app.controller.pid.remote() != pid
             moved = await app.controller.rebalance.remote()
-            again = await asyncio.gather(*[gw.generate(f"d{i}", c["prompt_ids"], params) for i, c in enumerate(cases)])
+            again = await asyncio.gather(
+                *[gw.generate(f"d{i}", c["prompt_ids"], params) for i, c in enumerate(cases)]
+            )
             reports.cancel()
             return served, status, moved, again
 
         served, status, moved, again = asyncio.run(main())
         for run in (served, again):
-            assert [[e.token_id for e in r if e.token_id >= 0] for r in run] == [c["generated_ids"] for c in cases]
-        assert [w["pid"] for w in status["workers"]] == [w["pid"] for w in before["workers"]], "no pool restarted"
+            assert [[e.token_id for e in r if e.token_id >= 0] for r in run] == [
+                c["generated_ids"] for c in cases
+            ]
+        assert [w["pid"] for w in status["workers"]] == [w["pid"] for w in before["workers"]], (
+            "no pool restarted"
+        )
         assert moved["version"] == status["version"] + 1 == gw.engine.dispatcher.table.version
     finally:
         gw.close()

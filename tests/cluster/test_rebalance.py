@@ -47,6 +47,7 @@ def test_rebalancing_a_skewed_load_brings_pools_within_ten_percent(cluster_app, 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (12,), generator=g).tolist() for _ in range(16)]
     try:
+
         async def main():
             reports = reporting(gw, controller)
             start, since = disp.load.snapshot(), await controller.load_snapshot.remote()
@@ -66,7 +67,9 @@ def test_rebalancing_a_skewed_load_brings_pools_within_ten_percent(cluster_app, 
         assert balanced <= 1.10, f"after rebalancing max/mean is {balanced:.2f} (baseline {base:.2f})"
         assert status["version"] == 2 and disp.table.version == 2
         infos = ray.get([w.info.remote() for w in disp.workers])
-        assert [i["experts"] for i in infos] == [list(e) for e in disp.table.workers], "pools shrank to the new table"
+        assert [i["experts"] for i in infos] == [list(e) for e in disp.table.workers], (
+            "pools shrank to the new table"
+        )
     finally:
         gw.close()
 
@@ -74,12 +77,15 @@ def test_rebalancing_a_skewed_load_brings_pools_within_ten_percent(cluster_app, 
 def test_rebalance_in_the_middle_of_16_generations_changes_no_token(cluster_app, fixture_dir, golden):
     ref = local_engine(str(fixture_dir))
     long = golden["cases"][5]["prompt_ids"]
-    prompts = [c["prompt_ids"] for c in golden["cases"]] + [long[i * 7: i * 7 + 5 + i] for i in range(9)]
+    prompts = [c["prompt_ids"] for c in golden["cases"]] + [long[i * 7 : i * 7 + 5 + i] for i in range(9)]
     n = 300  # long enough that generations are still running when the new table lands
-    expected = [ref.generate([p], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids for p in prompts]
+    expected = [
+        ref.generate([p], SamplingParams(max_tokens=n, ignore_eod=True))[0].output_ids for p in prompts
+    ]
     app = cluster_app(ControlConfig(slots_per_pool=10), pools=4)
     gw = Gateway(app.attach().engine)
     try:
+
         async def main():
             reports = reporting(gw, app.controller)
             task = asyncio.ensure_future(generate_all(gw, prompts, n, "r"))

@@ -42,8 +42,11 @@ def test_serve_runs_deploy_yaml_app(ray_cluster, fixture_dir, golden):
 
     serve.start(proxy_location="Disabled")
     try:
-        serve.run(build_app({**deploy_args(), "model": str(fixture_dir), "port": 0, "pools": 2}),
-                  name="yuan", route_prefix=None)
+        serve.run(
+            build_app({**deploy_args(), "model": str(fixture_dir), "port": 0, "pools": 2}),
+            name="yuan",
+            route_prefix=None,
+        )
         port = serve.get_app_handle("yuan").address.remote().result()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             from cli.client import wait_serving
@@ -53,7 +56,8 @@ def test_serve_runs_deploy_yaml_app(ray_cluster, fixture_dir, golden):
             assert status == health_pb2.HealthCheckResponse.SERVING
             case = golden["cases"][4]
             res = pb_grpc.YuanServingStub(ch).Generate(
-                pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True), timeout=60)
+                pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True), timeout=60
+            )
             assert list(res.token_ids) == case["generated_ids"]
     finally:
         serve.delete("yuan")

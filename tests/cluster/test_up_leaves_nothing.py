@@ -52,14 +52,23 @@ def self_signed(directory: Path, host: str) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                          serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return directory / "cert.pem", directory / "key.pem"
 
 
@@ -69,11 +78,36 @@ def test_up_listens_on_loopback_only_drains_and_leaves_nothing_behind(fixture_di
     tmp, shm = tempfile.gettempdir(), "/dev/shm"
     before_tmp, before_shm = entries(tmp), entries(shm)
     port = free_port()
-    cmd = [sys.executable, "-u", "-m", "cli.main", "up", "--model", str(fixture_dir), "--pools", "2",
-           "--port", str(port), "--grace-s", "3", "--tls-cert", str(cert), "--tls-key", str(key),
-           "--token", "t0ken", "--max-tokens", "1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    cmd = [
+        sys.executable,
+        "-u",
+        "-m",
+        "cli.main",
+        "up",
+        "--model",
+        str(fixture_dir),
+        "--pools",
+        "2",
+        "--port",
+        str(port),
+        "--grace-s",
+        "3",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--token",
+        "t0ken",
+        "--max-tokens",
+        "1000",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     seen: set[int] = set()
     interrupted = False
     try:
@@ -84,20 +118,32 @@ def test_up_listens_on_loopback_only_drains_and_leaves_nothing_behind(fixture_di
             if "serving on" in line or time.monotonic() > deadline:
                 break
         assert any("serving on" in line for line in lines), "".join(lines[-40:])
-        channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(cert.read_bytes()),
-                                      options=[("grpc.ssl_target_name_override", "gateway.yuan.internal")])
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{port}",
+            grpc.ssl_channel_credentials(cert.read_bytes()),
+            options=[("grpc.ssl_target_name_override", "gateway.yuan.internal")],
+        )
         stub, auth = pb_grpc.YuanServingStub(channel), [("authorization", "Bearer t0ken")]
         case = golden["cases"][0]
-        res = stub.Generate(pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True),
-                            metadata=auth, timeout=60)
+        res = stub.Generate(
+            pb.GenerateRequest(token_ids=case["prompt_ids"], max_tokens=16, ignore_eod=True),
+            metadata=auth,
+            timeout=60,
+        )
         assert list(res.token_ids) == case["generated_ids"]
         seen = descendants(proc.pid)
         assert len(seen) > 5, "up, Ray's GCS, raylet, workers, pools and the gateway"
-        wide = [(pid, addr, Path(f"/proc/{pid}/cmdline").read_bytes()[:80]) for pid, addr in listening(seen)
-                if not loopback(addr)]
+        wide = [
+            (pid, addr, Path(f"/proc/{pid}/cmdline").read_bytes()[:80])
+            for pid, addr in listening(seen)
+            if not loopback(addr)
+        ]
         assert not wide, wide
-        long = stub.GenerateStream(pb.GenerateRequest(token_ids=[5, 6, 7], max_tokens=1000, ignore_eod=True),
-                                   metadata=auth, timeout=120)
+        long = stub.GenerateStream(
+            pb.GenerateRequest(token_ids=[5, 6, 7], max_tokens=1000, ignore_eod=True),
+            metadata=auth,
+            timeout=120,
+        )
         first = next(long)
         rest: list = []
         reader = threading.Thread(target=lambda: rest.extend(long))

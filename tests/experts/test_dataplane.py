@@ -61,8 +61,9 @@ def answer(channel: PoolChannel, batch: SharedBatch, sent: WorkerRequest) -> tor
     return batch.outputs[sent.slots] if channel.shared else got
 
 
-def assert_round_trip_exact(pool, channel: PoolChannel, batch: SharedBatch, layer: int, x, ids, w,
-                            skip: int = 0) -> None:
+def assert_round_trip_exact(
+    pool, channel: PoolChannel, batch: SharedBatch, layer: int, x, ids, w, skip: int = 0
+) -> None:
     """One request through `channel`: its outputs equal the pool's own bank on the same pairs, bitwise."""
     r = ask(channel, batch, layer, x, ids, w, skip)
     got = answer(channel, batch, r)
@@ -169,14 +170,16 @@ def test_oversized_and_negative_shared_header_fields_are_refused_naming_the_fiel
     key = bytes.fromhex(address["key"])
     batch = SharedBatch()
     batch.reserve(4, 2, 64, torch.float32)
-    bad = {"tokens": SharedRequest(0, 1 << 20, 2, 0, 8, "float32", batch.name),
-           "layer": SharedRequest(-1, 4, 2, 0, 8, "float32", batch.name),
-           "layer ": SharedRequest(3, 4, 2, 0, 8, "float32", batch.name),  # the fixture has 3 layers
-           "top_k": SharedRequest(0, 4, 64, 0, 8, "float32", batch.name),
-           "end": SharedRequest(0, 4, 2, 0, 9, "float32", batch.name),
-           "start": SharedRequest(0, 4, 2, -1, 8, "float32", batch.name),
-           "dtype": SharedRequest(0, 4, 2, 0, 8, "int8", batch.name),
-           "region": SharedRequest(0, 4, 2, 0, 8, "float32", "../../etc/passwd")}
+    bad = {
+        "tokens": SharedRequest(0, 1 << 20, 2, 0, 8, "float32", batch.name),
+        "layer": SharedRequest(-1, 4, 2, 0, 8, "float32", batch.name),
+        "layer ": SharedRequest(3, 4, 2, 0, 8, "float32", batch.name),  # the fixture has 3 layers
+        "top_k": SharedRequest(0, 4, 64, 0, 8, "float32", batch.name),
+        "end": SharedRequest(0, 4, 2, 0, 9, "float32", batch.name),
+        "start": SharedRequest(0, 4, 2, -1, 8, "float32", batch.name),
+        "dtype": SharedRequest(0, 4, 2, 0, 8, "int8", batch.name),
+        "region": SharedRequest(0, 4, 2, 0, 8, "float32", "../../etc/passwd"),
+    }
     try:
         for field, req in bad.items():
             sock = raw_connection(address, True, key)
@@ -222,8 +225,9 @@ def test_an_oversized_inline_header_is_refused_without_reading_a_payload(pool):
 
 
 def test_silent_connections_and_missing_payloads_are_dropped_after_the_deadline(pool):
-    limits = DataPlaneLimits(num_layers=3, num_experts=32, max_tokens=64, top_k=2,
-                             handshake_timeout_s=0.3, payload_timeout_s=0.3)
+    limits = DataPlaneLimits(
+        num_layers=3, num_experts=32, max_tokens=64, top_k=2, handshake_timeout_s=0.3, payload_timeout_s=0.3
+    )
     server = DataPlaneServer(pool.compute_pairs, 64, limits)
     try:
         address = server.address()

@@ -33,8 +33,10 @@ def test_staggered_arrivals_get_the_tokens_they_get_alone(ref, golden):
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(ref, golden):
-    params = [SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=100 + i, ignore_eod=True)
-              for i in range(4)]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=100 + i, ignore_eod=True)
+        for i in range(4)
+    ]
     prompts = [c["prompt_ids"] for c in golden["cases"][:4]]
     alone = [fresh(ref).generate([p], sp)[0].output_ids for p, sp in zip(prompts, params)]
     together = [s.output_ids for s in fresh(ref).generate(prompts, params)]
@@ -45,30 +47,37 @@ def test_seeded_sampling_is_the_same_alone_and_batched(ref, golden):
 def test_stop_token_and_max_tokens_and_eod(ref, golden):
     case = golden["cases"][3]
     gen = case["generated_ids"]
-    seq = fresh(ref).generate([case["prompt_ids"]], SamplingParams(max_tokens=16, stop_token_ids=(gen[4],)))[0]
+    seq = fresh(ref).generate([case["prompt_ids"]], SamplingParams(max_tokens=16, stop_token_ids=(gen[4],)))[
+        0
+    ]
     assert seq.output_ids == gen[:5] and seq.finish_reason == "stop"
     seq = fresh(ref).generate([case["prompt_ids"]], SamplingParams(max_tokens=3))[0]
     assert seq.output_ids == gen[:3] and seq.finish_reason == "length"
     eod = ref.model.cfg.eod_token_id
     eng = fresh(ref)
-    seq = eng.generate([case["prompt_ids"]], SamplingParams(max_tokens=16, temperature=50.0, top_k=0,
-                                                            seed=3, stop_token_ids=()))[0]
+    seq = eng.generate(
+        [case["prompt_ids"]],
+        SamplingParams(max_tokens=16, temperature=50.0, top_k=0, seed=3, stop_token_ids=()),
+    )[0]
     assert seq.finish_reason in ("length", "eod")
     assert (seq.finish_reason == "eod") == (eod in seq.output_ids)
 
 
-@pytest.mark.parametrize("prompt, params, field", [
-    ([], SamplingParams(), "prompt"),
-    ([1, 5000], SamplingParams(), "token_ids"),
-    ([1], SamplingParams(max_tokens=0), "max_tokens"),
-    ([1], SamplingParams(max_tokens=10**6), "max_tokens"),
-    ([1], SamplingParams(temperature=-1.0), "temperature"),
-    ([1], SamplingParams(temperature=float("nan")), "temperature"),
-    ([1], SamplingParams(top_k=-2), "top_k"),
-    ([1], SamplingParams(top_p=0.0), "top_p"),
-    ([1], SamplingParams(stop_token_ids=(99999,)), "stop_token_ids"),
-    ([1] * 2000, SamplingParams(), "prompt"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ([], SamplingParams(), "prompt"),
+        ([1, 5000], SamplingParams(), "token_ids"),
+        ([1], SamplingParams(max_tokens=0), "max_tokens"),
+        ([1], SamplingParams(max_tokens=10**6), "max_tokens"),
+        ([1], SamplingParams(temperature=-1.0), "temperature"),
+        ([1], SamplingParams(temperature=float("nan")), "temperature"),
+        ([1], SamplingParams(top_k=-2), "top_k"),
+        ([1], SamplingParams(top_p=0.0), "top_p"),
+        ([1], SamplingParams(stop_token_ids=(99999,)), "stop_token_ids"),
+        ([1] * 2000, SamplingParams(), "prompt"),
+    ],
+)
 def test_bad_requests_fail_alone_naming_the_field(ref, golden, prompt, params, field):
     eng = fresh(ref)
     good = eng.add("good", golden["cases"][2]["prompt_ids"], SamplingParams(max_tokens=16, ignore_eod=True))

@@ -71,12 +71,15 @@ def test_unary_and_stream_match_golden(srv, golden):
 def test_stop_strings_and_text(srv, fixture_dir):
     tokens = srv.stub.Tokenize(pb.TokenizeRequest(text="ab")).token_ids
     assert list(tokens) == [97, 98]
-    free = srv.stub.Generate(pb.GenerateRequest(text="hello", max_tokens=12, temperature=1.0, seed=5, ignore_eod=True))
+    free = srv.stub.Generate(
+        pb.GenerateRequest(text="hello", max_tokens=12, temperature=1.0, seed=5, ignore_eod=True)
+    )
     text = free.text
     assert len(text) >= 3, "need some text to cut"
     stop = text[1:3]
-    cut = srv.stub.Generate(pb.GenerateRequest(text="hello", max_tokens=12, temperature=1.0, seed=5,
-                                               ignore_eod=True, stop=[stop]))
+    cut = srv.stub.Generate(
+        pb.GenerateRequest(text="hello", max_tokens=12, temperature=1.0, seed=5, ignore_eod=True, stop=[stop])
+    )
     assert cut.finish_reason == pb.FINISH_REASON_STOP
     assert cut.text == text[: text.index(stop)] and stop not in cut.text
 
@@ -85,8 +88,6 @@ def test_model_info_and_stats(srv):
     info = srv.stub.ModelInfo(pb.ModelInfoRequest())
     assert info.num_experts == 32 and info.top_k == 2 and len(info.workers) == 1
     assert settled(srv.stub).cache_slots_used == 0
-
-
 
 
 def test_reflection_lists_the_service(srv):
@@ -120,7 +121,9 @@ def test_health_goes_not_serving_to_serving_and_unavailable_until_ready(fixture_
 def test_drain_says_not_serving_refuses_new_and_lets_in_flight_finish(fixture_dir, golden):
     running = Running(lambda: local_backend(str(fixture_dir)), grace_s=30)
     running.server.wait_ready(60)
-    long = running.stub.GenerateStream(pb.GenerateRequest(token_ids=[5, 6, 7], max_tokens=600, ignore_eod=True))
+    long = running.stub.GenerateStream(
+        pb.GenerateRequest(token_ids=[5, 6, 7], max_tokens=600, ignore_eod=True)
+    )
     first = next(long)
     stopper = threading.Thread(target=running.server.stop)
     stopper.start()
@@ -185,25 +188,40 @@ def test_tls(fixture_dir, tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                         serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
-    server = GatewayServer(lambda: local_backend(str(fixture_dir)),
-                           ServerOptions(port=0, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    server = GatewayServer(
+        lambda: local_backend(str(fixture_dir)),
+        ServerOptions(port=0, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")),
+    )
     port = server.start()
     try:
         server.wait_ready(60)
         creds = grpc.ssl_channel_credentials((tmp_path / "cert.pem").read_bytes())
         with grpc.secure_channel(f"localhost:{port}", creds) as ch:
-            res = pb_grpc.YuanServingStub(ch).Generate(pb.GenerateRequest(token_ids=[1, 2], max_tokens=2), timeout=10)
+            res = pb_grpc.YuanServingStub(ch).Generate(
+                pb.GenerateRequest(token_ids=[1, 2], max_tokens=2), timeout=10
+            )
             assert len(res.token_ids) == 2
         with grpc.insecure_channel(f"localhost:{port}") as ch:
-            code, _ = code_of(lambda: pb_grpc.YuanServingStub(ch).Generate(pb.GenerateRequest(token_ids=[1]), timeout=5))
+            code, _ = code_of(
+                lambda: pb_grpc.YuanServingStub(ch).Generate(pb.GenerateRequest(token_ids=[1]), timeout=5)
+            )
             assert code == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(grace_s=0)
@@ -226,7 +244,9 @@ def test_drain_is_immediate_and_the_grace_period_ends_streams_with_their_final_m
     for first, stream in zip(firsts, streams):
         msgs = [first] + list(stream)  # no RpcError: the stream ends with its final message
         assert msgs[-1].finish_reason == pb.FINISH_REASON_CANCELLED
-        assert 1 < len(msgs) < 1000 and msgs[-1].usage.completion_tokens == len(msgs) - 1 + msgs[-1].HasField("token_id")
+        assert 1 < len(msgs) < 1000 and msgs[-1].usage.completion_tokens == len(msgs) - 1 + msgs[-1].HasField(
+            "token_id"
+        )
     res = unary.result(timeout=30)
     assert res.finish_reason == pb.FINISH_REASON_CANCELLED and 0 < len(res.token_ids) < 1000
     stopper.join(30)

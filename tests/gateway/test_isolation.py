@@ -21,8 +21,9 @@ from protos import serving_pb2_grpc as pb_grpc
 
 @pytest.fixture(scope="module")
 def stub(fixture_dir):
-    server = GatewayServer(lambda: local_backend(str(fixture_dir), EngineLimits(max_tokens=64)),
-                           ServerOptions(port=0))
+    server = GatewayServer(
+        lambda: local_backend(str(fixture_dir), EngineLimits(max_tokens=64)), ServerOptions(port=0)
+    )
     port = server.start()
     server.wait_ready(60)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -39,8 +40,12 @@ def test_poison_pill_temperature_is_greedy_and_hurts_nobody(stub, golden):
     cases = golden["cases"][:6]
     streams = [stub.GenerateStream(golden_request(c), timeout=60) for c in cases]
     firsts = [next(s) for s in streams]  # all six are running
-    pill = stub.Generate(pb.GenerateRequest(token_ids=cases[0]["prompt_ids"], max_tokens=16, ignore_eod=True,
-                                            temperature=1e-40), timeout=60)
+    pill = stub.Generate(
+        pb.GenerateRequest(
+            token_ids=cases[0]["prompt_ids"], max_tokens=16, ignore_eod=True, temperature=1e-40
+        ),
+        timeout=60,
+    )
     assert list(pill.token_ids) == cases[0]["generated_ids"], "a temperature below the floor is greedy"
     for case, first, rest in zip(cases, firsts, streams):
         ids = [first.token_id] + [m.token_id for m in rest]
@@ -49,12 +54,28 @@ def test_poison_pill_temperature_is_greedy_and_hurts_nobody(stub, golden):
 
 def random_params(rng: random.Random) -> dict:
     """Anything validation accepts, extremes included."""
-    return {"temperature": rng.choice([0.0, 1e-45, 1e-38, GREEDY_BELOW * 0.99, GREEDY_BELOW, 1e-3, 0.7, 1.0, 50.0,
-                                       1e30, 3.4e38, 10 ** rng.uniform(-30, 30)]),
-            "top_k": rng.choice([0, 1, 2, 7, 319, 320, 10_000, 2**31 - 1]),
-            "top_p": rng.choice([1e-30, 1e-7, 0.01, 0.5, 0.999999, 1.0, rng.random() or 1.0]),
-            "seed": rng.choice([0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, rng.getrandbits(64)]),
-            "max_tokens": rng.randint(1, 24)}
+    return {
+        "temperature": rng.choice(
+            [
+                0.0,
+                1e-45,
+                1e-38,
+                GREEDY_BELOW * 0.99,
+                GREEDY_BELOW,
+                1e-3,
+                0.7,
+                1.0,
+                50.0,
+                1e30,
+                3.4e38,
+                10 ** rng.uniform(-30, 30),
+            ]
+        ),
+        "top_k": rng.choice([0, 1, 2, 7, 319, 320, 10_000, 2**31 - 1]),
+        "top_p": rng.choice([1e-30, 1e-7, 0.01, 0.5, 0.999999, 1.0, rng.random() or 1.0]),
+        "seed": rng.choice([0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, rng.getrandbits(64)]),
+        "max_tokens": rng.randint(1, 24),
+    }
 
 
 def test_random_parameters_beside_golden_greedy_streams(stub, golden):
@@ -67,8 +88,14 @@ def test_random_parameters_beside_golden_greedy_streams(stub, golden):
         except grpc.RpcError as e:
             results[i] = e
 
-    reqs = [pb.GenerateRequest(token_ids=[rng.randrange(320) for _ in range(rng.randint(1, 12))], ignore_eod=True,
-                               **random_params(rng)) for _ in range(48)]
+    reqs = [
+        pb.GenerateRequest(
+            token_ids=[rng.randrange(320) for _ in range(rng.randint(1, 12))],
+            ignore_eod=True,
+            **random_params(rng),
+        )
+        for _ in range(48)
+    ]
     threads = [threading.Thread(target=run, args=(i, r)) for i, r in enumerate(reqs)]
     golden_streams = [stub.GenerateStream(golden_request(c), timeout=120) for c in golden["cases"][:2]]
     for t in threads:
@@ -87,8 +114,11 @@ def test_sample_floor_and_a_row_that_cannot_be_sampled():
     logits = torch.tensor([[0.0, 3.0, 1.0], [float("nan")] * 3, [2.0, 0.0, -1.0]])
     hot = SamplingParams(temperature=1e-40, seed=1)
     warm = SamplingParams(temperature=1.0, seed=1)
-    out = sample(logits, [hot, warm, SamplingParams(temperature=3e38, seed=2)],
-                 [hot.generator(), warm.generator(), torch.Generator().manual_seed(2)])
+    out = sample(
+        logits,
+        [hot, warm, SamplingParams(temperature=3e38, seed=2)],
+        [hot.generator(), warm.generator(), torch.Generator().manual_seed(2)],
+    )
     assert out[0] == 1  # greedy below the floor
     assert isinstance(out[1], SampleError)  # only this row fails
     assert out[2] in (0, 1, 2)

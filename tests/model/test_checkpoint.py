@@ -9,8 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import (CheckpointError, CheckpointReader, expert_tensor_names, hf_tensor_shapes,
-                              load_experts, load_model, load_weights, save_state_dict)
+from model.checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    expert_tensor_names,
+    hf_tensor_shapes,
+    load_experts,
+    load_model,
+    load_weights,
+    save_state_dict,
+)
 from model.config import ConfigError, YuanConfig, preset
 from model.dispatcher import LocalDispatcher
 from model.transformer import YuanModel
@@ -25,7 +33,9 @@ def _logits(model_dir) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def fixture_state(fixture_dir):
-    return load_file(str(fixture_dir / "model.safetensors")), YuanConfig.from_file(fixture_dir / "config.json")
+    return load_file(str(fixture_dir / "model.safetensors")), YuanConfig.from_file(
+        fixture_dir / "config.json"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
@@ -61,6 +71,7 @@ def test_load_weights_reports_every_non_expert_tensor(fixture_dir):
 def test_tied_embeddings_load_without_lm_head(tmp_path):
     cfg = preset("tiny").with_(tie_word_embeddings=True)
     from model.checkpoint import random_state_dict
+
     state = random_state_dict(cfg, seed=1)
     assert "lm_head.weight" not in state
     save_state_dict(state, tmp_path, cfg)
@@ -111,15 +122,20 @@ def test_empty_directory_and_missing_config(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"num_attention_heads": 5}, "hidden_size"),
-    ({"rope_scaling": {"type": "linear"}}, "rope_scaling"),
-    ({"moe_config": {"moe_num_experts": 32, "moe_top_k": 40, "ffn_hidden_size": 48}}, "moe_top_k"),
-    ({"moe_config": {"moe_num_experts": 32, "moe_top_k": 2, "ffn_hidden_size": 48, "shared": 1}},
-     "moe_config.shared"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"eod_token": 5000}, "eod_token_id"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"num_attention_heads": 5}, "hidden_size"),
+        ({"rope_scaling": {"type": "linear"}}, "rope_scaling"),
+        ({"moe_config": {"moe_num_experts": 32, "moe_top_k": 40, "ffn_hidden_size": 48}}, "moe_top_k"),
+        (
+            {"moe_config": {"moe_num_experts": 32, "moe_top_k": 2, "ffn_hidden_size": 48, "shared": 1}},
+            "moe_config.shared",
+        ),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"eod_token": 5000}, "eod_token_id"),
+    ],
+)
 def test_bad_config_names_the_field(fixture_dir, change, field):
     raw = json.loads((fixture_dir / "config.json").read_text()) | change
     with pytest.raises(ConfigError, match=field):

@@ -59,8 +59,15 @@ def test_cached_logits_and_routing_equal_golden(engine, golden, golden_tensors):
             tokens.append(tok)
             pos = len(tokens) - 1
             eods = [j for j in range(pos) if tokens[j] == eod]
-            rows.append(model.decode(torch.tensor([tok]), torch.tensor([pos]),
-                                     torch.tensor([eods[-1] + 1 if eods else 0]), rec, cache))
+            rows.append(
+                model.decode(
+                    torch.tensor([tok]),
+                    torch.tensor([pos]),
+                    torch.tensor([eods[-1] + 1 if eods else 0]),
+                    rec,
+                    cache,
+                )
+            )
         err = (torch.cat(rows) - golden_tensors[f"case{i}.logits"]).abs().max().item()
         assert err <= LOGIT_TOL, f"case {i}: max |logit - golden| = {err}"
         prefill = torch.stack(rec.calls[:layers])  # [layers, prompt_len, 2]
@@ -102,7 +109,8 @@ def test_micro_batch_overlap_keeps_tokens(engine, golden):
 
 
 def test_bfloat16_runs_and_stays_close_to_float32(fixture_dir, golden, golden_tensors):
-    """bf16 is for GPUs; the fixture is float32-only, so compare loosely: first logits near, first token equal."""
+    """bf16 is for GPUs; the fixture is float32-only, so compare loosely: first logits near, first token
+    equal."""
     from gateway.engine import local_engine
 
     bf16 = local_engine(str(fixture_dir), dtype="bfloat16")
@@ -122,7 +130,9 @@ def test_classical_router_checkpoint_loads_and_serves(tmp_path):
     from model.checkpoint import write_random_checkpoint
     from model.config import YuanConfig, preset
 
-    ckpt = write_random_checkpoint(preset("tiny").with_(router_type="classical"), tmp_path / "classical", seed=1)
+    ckpt = write_random_checkpoint(
+        preset("tiny").with_(router_type="classical"), tmp_path / "classical", seed=1
+    )
     cfg = YuanConfig.from_file(ckpt / "config.json")
     assert cfg.router_type == "classical"
     engine = local_engine(str(ckpt))

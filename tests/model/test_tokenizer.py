@@ -25,12 +25,15 @@ def test_matches_the_official_hf_loading(yuan, tokenizer_dir):
     assert yuan.eod_id == 77185
 
 
-@pytest.mark.parametrize("text", [
-    "Hello, world! How are you today?",
-    "你好，世界！今天天气怎么样？",
-    "line one\nline two\n\nthree",
-    "mixed 中文 and English\n换行",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello, world! How are you today?",
+        "你好，世界！今天天气怎么样？",
+        "line one\nline two\n\nthree",
+        "mixed 中文 and English\n换行",
+    ],
+)
 def test_round_trips_text(yuan, text):
     ids = yuan.encode(text)
     assert yuan.decode(ids) == text

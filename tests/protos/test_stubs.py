@@ -14,12 +14,21 @@ GENERATED = ["serving_pb2.py", "serving_pb2.pyi", "serving_pb2_grpc.py"]
 def test_stubs_are_regenerated_not_edited(tmp_path):
     (tmp_path / "protos").mkdir()
     shutil.copy(REPO / "protos" / "serving.proto", tmp_path / "protos")
-    rc = protoc.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
-                      f"--grpc_python_out={tmp_path}", str(tmp_path / "protos" / "serving.proto")])
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{tmp_path}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            str(tmp_path / "protos" / "serving.proto"),
+        ]
+    )
     assert rc == 0
     for name in GENERATED:
         assert (tmp_path / "protos" / name).read_text() == (REPO / "protos" / name).read_text(), (
-            f"protos/{name} differs from the generated one: run `python -m protos.build`")
+            f"protos/{name} differs from the generated one: run `python -m protos.build`"
+        )
 
 
 def test_every_rpc_and_field_is_documented():

@@ -31,8 +31,9 @@ def test_each_pair_goes_to_exactly_one_holder():
     plan = plan_dispatch(ids, w, DispatchTable(table.replica_lists()))
     seen = []
     for r in plan.requests():
-        for row, slot, e, weight in zip(r.rows.tolist(), r.slots.tolist(), r.expert_ids[:, 0].tolist(),
-                                        r.weights[:, 0].tolist()):
+        for row, slot, e, weight in zip(
+            r.rows.tolist(), r.slots.tolist(), r.expert_ids[:, 0].tolist(), r.weights[:, 0].tolist()
+        ):
             assert e in table.workers[r.worker]
             a = ids[row].tolist().index(e)
             assert slot == row * 2 + a, "each pair's output goes to its (token, a) slot"
@@ -46,7 +47,9 @@ def test_each_pair_goes_to_exactly_one_holder():
 def test_replica_choice_follows_load_not_turns():
     table = plan_pools(32, pools=1, replicas=2)
     ids = torch.tensor([[0, 1]] * 6 + [[2, 3]] * 2)
-    reqs = plan_dispatch(ids, torch.ones(8, 2), DispatchTable(table.replica_lists()), outstanding={0: 100}).requests()
+    reqs = plan_dispatch(
+        ids, torch.ones(8, 2), DispatchTable(table.replica_lists()), outstanding={0: 100}
+    ).requests()
     assert {r.worker for r in reqs} == {1}, "worker 0 is busy: everything goes to worker 1"
     reqs = plan_dispatch(ids, torch.ones(8, 2), DispatchTable(table.replica_lists())).requests()
     tokens = {r.worker: int((r.expert_ids >= 0).sum()) for r in reqs}

@@ -28,15 +28,28 @@ def main(fixture_dir: str) -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        backend = attach_backend("two-nodes", PoolConfig(fixture_dir, pools=2, pool_resources={"pool_node": 1}))
+        backend = attach_backend(
+            "two-nodes", PoolConfig(fixture_dir, pools=2, pool_resources={"pool_node": 1})
+        )
         engine = backend.engine
-        seqs = engine.generate([c["prompt_ids"] for c in golden["cases"]], SamplingParams(max_tokens=16, ignore_eod=True))
+        seqs = engine.generate(
+            [c["prompt_ids"] for c in golden["cases"]], SamplingParams(max_tokens=16, ignore_eod=True)
+        )
         disp = engine.dispatcher
         pool_nodes = {ray.get(w.info.remote())["node_id"] for w in disp.workers}
-        print(json.dumps({"tokens": [s.output_ids for s in seqs], "expected": [c["generated_ids"] for c in golden["cases"]],
-                          "channels": sorted({"shared" if c.shared else "tcp" for c in disp._channels.values()}),
-                          "fallbacks": disp.fallbacks, "gateway_node": ray.get_runtime_context().get_node_id(),
-                          "pool_nodes": sorted(pool_nodes)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "tokens": [s.output_ids for s in seqs],
+                    "expected": [c["generated_ids"] for c in golden["cases"]],
+                    "channels": sorted({"shared" if c.shared else "tcp" for c in disp._channels.values()}),
+                    "fallbacks": disp.fallbacks,
+                    "gateway_node": ray.get_runtime_context().get_node_id(),
+                    "pool_nodes": sorted(pool_nodes),
+                }
+            ),
+            flush=True,
+        )
         backend.close()
         stop_controller("two-nodes")
     finally:
