@@ -54,7 +54,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from model.config import YuanConfig, preset
 
     cfg = YuanConfig.from_file(Path(args.model) / "config.json") if args.model else preset(args.preset)
-    plan = capacity_plan(cfg, args.gpus, args.gpu_mem, args.hbm_tbs, args.link_gbs, args.batch, args.context)
+    plan = capacity_plan(
+        cfg,
+        args.gpus,
+        args.gpu_mem,
+        args.hbm_tbs,
+        args.link_gbs,
+        args.batch,
+        args.context,
+        gateways=args.gateways,
+    )
     if args.json:
         print(json.dumps(plan))
         return
@@ -75,13 +84,22 @@ def cmd_plan(args: argparse.Namespace) -> None:
         f"({plan['bytes_moved_per_token'] / 2**20:.2f} MiB per token over all layers)"
     )
     print(
-        f"  decode bound, memory       {plan['tokens_per_s_bound_memory']:10.0f} tokens/s per gateway "
+        f"  pool set bound, memory     {plan['tokens_per_s_bound_memory']:10.0f} tokens/s, all gateways "
         f"(batch {args.batch}, {plan['experts_touched_per_layer']:.1f} experts touched per layer, "
         f"{args.hbm_tbs:g} TB/s)"
     )
     print(
         f"  decode bound, link         {plan['tokens_per_s_bound_link']:10.0f} tokens/s per gateway "
         f"({args.link_gbs:g} GB/s)"
+    )
+    print(
+        f"  gateway bound              {plan['tokens_per_s_bound_gateway']:10.0f} tokens/s per gateway "
+        f"(its weights and its batch's KV each step); {plan['gateways_per_pool_set']:.1f} gateways "
+        f"saturate one pool set"
+    )
+    print(
+        f"  {args.gateways} gateway(s), aggregate  {plan['tokens_per_s_bound_aggregate']:10.0f} tokens/s; "
+        f"{plan['link_bytes_per_s_per_pool'] / gb:.2f} GB/s on each pool GPU's link"
     )
 
 
@@ -217,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--link-gbs", type=float, default=50.0, help="gateway <-> pool link, GB/s")
     s.add_argument("--batch", type=int, default=64, help="tokens per decode step per gateway")
     s.add_argument("--context", type=int, default=4096)
+    s.add_argument("--gateways", type=int, default=1, help="gateways sharing the pool set")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 

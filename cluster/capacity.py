@@ -5,6 +5,13 @@ Assumes one expert pool per GPU holding an equal block of experts of every layer
 weights and KV/LF cache live on its own device, and decode steps of `batch` tokens per gateway.
 Bounds are upper bounds: memory bandwidth (each step reads the weights of every expert it touches
 once) and link bandwidth (each token's two expert inputs go out and come back every layer).
+
+With `gateways` G sharing one pool set (attention instances against expert instances, as
+MegaScale-Infer and Step-3 run them): each gateway's decode step reads its own weights and the KV of
+its batch (the gateway bound); the pools serve each gateway's batch as its own request, reading the
+experts it touches, so the pool set's bound is shared by all G. G gateways reach
+min(G x gateway bound, pool-set bound); `gateways_per_pool_set` is where the two meet, and each
+pool GPU's link then carries that many tokens' expert traffic divided among the GPUs.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ def capacity_plan(
     batch: int = 64,
     context: int = 4096,
     bytes_per_param: int = 2,
+    gateways: int = 1,
 ) -> dict:
     if gpus < 1 or gpu_mem_gb <= 0:
         raise ValueError("gpus must be >= 1 and gpu_mem_gb > 0")
@@ -43,6 +51,10 @@ def capacity_plan(
     step_read_bytes = touched / gpus * expert_layer_bytes * L  # per GPU, all layers
     step_s = step_read_bytes / (hbm_tbs * 1e12)
     moved_per_token = 2 * cfg.top_k * d * bytes_per_param * L  # out and back, every layer
+    pool_bound = batch / step_s if step_s else float("inf")  # the pool set, shared by all gateways
+    gateway_step_s = (gateway_bytes + batch * (context * kv_per_token + lf_per_sequence)) / (hbm_tbs * 1e12)
+    gateway_bound = batch / gateway_step_s
+    aggregate = min(gateways * gateway_bound, pool_bound)
     return {
         "gpus": gpus,
         "experts_per_pool": experts_per_pool,
@@ -57,8 +69,13 @@ def capacity_plan(
         "bytes_moved_per_layer_per_token": moved_per_token // L,
         "bytes_moved_per_token": moved_per_token,
         "experts_touched_per_layer": touched,
-        "tokens_per_s_bound_memory": batch / step_s if step_s else float("inf"),
+        "tokens_per_s_bound_memory": pool_bound,
         "tokens_per_s_bound_link": link_gbs * 1e9 / moved_per_token,
+        "gateways": gateways,
+        "tokens_per_s_bound_gateway": gateway_bound,
+        "gateways_per_pool_set": pool_bound / gateway_bound,
+        "tokens_per_s_bound_aggregate": aggregate,
+        "link_bytes_per_s_per_pool": aggregate * moved_per_token / gpus,
         "assumptions": {
             "hbm_tbs": hbm_tbs,
             "link_gbs": link_gbs,
