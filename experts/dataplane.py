@@ -152,8 +152,11 @@ class DataPlaneServer:
             except (DataPlaneError, OSError):  # the payload did not arrive in time, or the peer left
                 return
             except Exception as e:  # report the failure; the connection stays usable
-                framed.send({"error": f"{type(e).__name__}: {e}"})
-            framed.idle()
+                send_quietly(conn, frame(msgpack.packb({"error": f"{type(e).__name__}: {e}"})))
+            try:
+                framed.idle()
+            except OSError:  # closed under us (the server is closing)
+                return
 
     # ---- header bounds (checked before any allocation) ----
     def _bounded(self, field: str, value, low: int, high: int) -> int:
