@@ -61,6 +61,7 @@ class Sequence:
     seg_start: int = 0  # first position of the segment the next fed token belongs to
     finish_reason: str | None = None  # "length" | "stop" | "eod" | "cancelled" | "error"
     error: str | None = None  # why an accepted request failed (finish_reason "error")
+    logprobs: list = field(default_factory=list)  # per output token, with params.logprobs: (logprob, top)
     generator: torch.Generator | None = None
     admitted_at: float | None = None  # perf_counter() when it got a slot (for queue time)
     arrived_at: float = field(default_factory=time.perf_counter)
@@ -177,10 +178,14 @@ class Engine:
                 self._fail(seq, f"forward failed: {type(e).__name__}: {e}")
             return batch
         self.steps += 1
-        for seq, token in zip(batch, sample(logits, [s.params for s in batch], [s.generator for s in batch])):
+        for i, (seq, token) in enumerate(
+            zip(batch, sample(logits, [s.params for s in batch], [s.generator for s in batch]))
+        ):
             if isinstance(token, SampleError):
                 self._fail(seq, str(token))
             else:
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(token_logprobs(logits[i], token, seq.params.logprobs))
                 self._append(seq, token)
                 if seq.finished:
                     self._release(seq)
@@ -262,6 +267,14 @@ class Engine:
         while any(not s.finished for s in seqs):
             self.step()
         return seqs
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, dict[int, float]]:
+    """The model's log-probability of `token` (before temperature, as vLLM reports it) and the k
+    most likely tokens' `{id: logprob}`."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = lp.topk(k) if k else None
+    return float(lp[token]), ({} if top is None else dict(zip(top.indices.tolist(), top.values.tolist())))
 
 
 def check_request(

@@ -20,10 +20,20 @@ class RequestFailed(RuntimeError):
     """An accepted request failed inside the engine (INTERNAL / HTTP 500); the others go on."""
 
 
-def make_params(limits: EngineLimits, *, max_tokens: int | None = None, temperature: float = 0.0,
-                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] = (),
-                stop_token_ids: list[int] = (), ignore_eod: bool = False, request_id: str = "",
-                logprobs: int = 0) -> SamplingParams:
+def make_params(
+    limits: EngineLimits,
+    *,
+    max_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] = (),
+    stop_token_ids: list[int] = (),
+    ignore_eod: bool = False,
+    request_id: str = "",
+    logprobs: int = 0,
+) -> SamplingParams:
     """Sampling params from a request's fields; sizes are checked here, before anything is built
     from them (the engine checks the values: `Engine.validate`). Raises `InvalidRequest`."""
     if len(request_id) > limits.max_request_id_len:
@@ -32,9 +42,19 @@ def make_params(limits: EngineLimits, *, max_tokens: int | None = None, temperat
         )
     limits.check_stop_strings(list(stop))
     if len(stop_token_ids) > limits.max_stop_token_ids:
-        raise InvalidRequest("stop_token_ids", f"at most {limits.max_stop_token_ids} ids, got {len(stop_token_ids)}")
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          stop_token_ids=tuple(stop_token_ids), ignore_eod=ignore_eod, logprobs=logprobs)
+        raise InvalidRequest(
+            "stop_token_ids", f"at most {limits.max_stop_token_ids} ids, got {len(stop_token_ids)}"
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_token_ids=tuple(stop_token_ids),
+        ignore_eod=ignore_eod,
+        logprobs=logprobs,
+    )
 
 
 @dataclass
@@ -53,8 +73,14 @@ class Delta:
     last: TokenEvent | None = None
 
 
-async def deltas(gateway: Gateway, tokenizer: Tokenizer, request_id: str, prompt: list[int],
-                 params: SamplingParams, stop: list[str]) -> AsyncIterator[Delta]:
+async def deltas(
+    gateway: Gateway,
+    tokenizer: Tokenizer,
+    request_id: str,
+    prompt: list[int],
+    params: SamplingParams,
+    stop: list[str],
+) -> AsyncIterator[Delta]:
     """Submit the request and yield its deltas; raises `InvalidRequest`/`QueueFull` before the first,
     `RequestFailed` if the engine fails it. Closing early cancels the request and frees its cache."""
     text = TextStream(tokenizer, stop)
@@ -70,8 +96,17 @@ async def deltas(gateway: Gateway, tokenizer: Tokenizer, request_id: str, prompt
             reason = "stop" if text.stopped else event.finish_reason
             if reason is not None and not text.stopped:
                 piece += text.flush()
-            yield Delta(event.index, token, piece, reason, event.logprob, event.top_logprobs, event.fault,
-                        first if reason else None, last if reason else None)
+            yield Delta(
+                event.index,
+                token,
+                piece,
+                reason,
+                event.logprob,
+                event.top_logprobs,
+                event.fault,
+                first if reason else None,
+                last if reason else None,
+            )
             if reason is not None:
                 return
     finally:

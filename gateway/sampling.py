@@ -20,6 +20,7 @@ from gateway.errors import InvalidRequest
 
 GREEDY_BELOW = 1e-5  # temperatures in (0, GREEDY_BELOW) mean greedy: softmax at 1e-5 is one-hot already
 SEED_LIMIT = 2**64  # seeds are uint64 in the API
+MAX_LOGPROBS = 5  # as OpenAI's completions API
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eod: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the top k
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +52,12 @@ class SamplingParams:
             raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not (0 <= self.seed < SEED_LIMIT):
             raise InvalidRequest("seed", f"must be in [0, 2^64), got {self.seed!r}")
+        if self.logprobs is not None and not (
+            isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise InvalidRequest(
+                "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
         if len(self.stop_token_ids) > max_stop_token_ids:
             raise InvalidRequest(
                 "stop_token_ids", f"at most {max_stop_token_ids} ids, got {len(self.stop_token_ids)}"

@@ -227,7 +227,7 @@ class GatewayServer:
             gateway = Gateway(self.backend.engine)
             self.state.tokenizer, self.state.info = self.backend.tokenizer, self.backend.info
             self.state.gateway_id = self.backend.gateway_id or self.state.gateway_id
-            self.state.gateway = gateway
+            self.state.gateway = self.state.metrics.gateway = gateway
             if opts.bind_when_ready:
                 self.port = add_port()
                 await server.start()

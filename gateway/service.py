@@ -31,6 +31,8 @@ class TokenEvent:
     at: float = 0.0  # perf_counter() when the token was ready
     admitted_at: float | None = None  # perf_counter() when the request got its batch slot
     fault: bool = False  # a pool fault delayed this request (so far)
+    logprob: float | None = None  # with params.logprobs: this token's log-probability
+    top_logprobs: dict[int, float] | None = None  # and the most likely tokens'
 
 
 class Gateway:
@@ -192,6 +194,8 @@ class Gateway:
                 admitted_at=seq.admitted_at,
                 fault=seq.request_id in self._faulted,
             )
+            if seq.logprobs:
+                event.logprob, event.top_logprobs = seq.logprobs[-1]
         if seq.finished:
             self._finish(seq.request_id, event)
         else:

@@ -24,10 +24,11 @@ from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
 from gateway.engine import EngineLimits
+from gateway.metrics import ServingMetrics
 from gateway.errors import InvalidRequest, QueueFull
 from gateway.sampling import SamplingParams
 from gateway.service import Gateway, TokenEvent
-from gateway.text import TextStream
+from gateway.requests import RequestFailed, deltas, make_params
 from gateway.tokenizer import Tokenizer
 from protos import serving_pb2 as pb
 from protos import serving_pb2_grpc as pb_grpc
@@ -72,6 +73,7 @@ class ServingState:
     available: bool = True  # False while some expert has no live holder (health NOT_SERVING)
     cluster: dict = field(default_factory=dict)  # every live gateway's stats, as the controller last said
     health: object = None  # the health servicer, set by the server
+    metrics: ServingMetrics = field(default_factory=ServingMetrics)
 
     async def set_available(self, available: bool) -> None:
         """Health SERVING when up, not draining and every expert has a live holder; else NOT_SERVING."""
@@ -91,10 +93,6 @@ class ServingState:
         if self.gateway is None:
             raise Unavailable("server is starting: model and expert pools are loading")
         return self.gateway
-
-
-class RequestFailed(RuntimeError):
-    """An accepted request failed inside the engine (maps to INTERNAL); the others go on."""
 
 
 @dataclass(frozen=True)
@@ -150,31 +148,24 @@ def _reject_unknown_fields(msg) -> None:
 def to_params(
     req: pb.GenerateRequest, tokenizer: Tokenizer, limits: EngineLimits
 ) -> tuple[list[int], SamplingParams, list[str]]:
-    """Prompt ids, sampling params and stop strings of a request; raises `InvalidRequest`. Sizes are
-    checked before anything is built from them (the engine checks the rest)."""
+    """Prompt ids, sampling params and stop strings of a request; raises `InvalidRequest`. The checks
+    are the ones every front end shares (`gateway.requests.make_params`, then the engine's)."""
     check_request(req)
     if req.text and req.token_ids:
         raise InvalidRequest("prompt", "give only one of text and token_ids")
-    if len(req.request_id) > limits.max_request_id_len:
-        raise InvalidRequest(
-            "request_id",
-            f"has {len(req.request_id)} characters, more than the limit {limits.max_request_id_len}",
-        )
-    limits.check_stop_strings(list(req.stop))
-    if len(req.stop_token_ids) > limits.max_stop_token_ids:
-        raise InvalidRequest(
-            "stop_token_ids", f"at most {limits.max_stop_token_ids} ids, got {len(req.stop_token_ids)}"
-        )
-    prompt = list(req.token_ids) if req.token_ids else tokenizer.encode(req.text)
-    params = SamplingParams(
+    params = make_params(
+        limits,
         max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
         temperature=req.temperature if req.HasField("temperature") else 0.0,
         top_k=req.top_k if req.HasField("top_k") else 0,
         top_p=req.top_p if req.HasField("top_p") else 1.0,
         seed=req.seed if req.HasField("seed") else None,
-        stop_token_ids=tuple(req.stop_token_ids),
+        stop=list(req.stop),
+        stop_token_ids=list(req.stop_token_ids),
         ignore_eod=req.ignore_eod,
+        request_id=req.request_id,
     )
+    prompt = list(req.token_ids) if req.token_ids else tokenizer.encode(req.text)
     return prompt, params, list(req.stop)
 
 
@@ -200,36 +191,20 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         gateway = self.state.ready()
         prompt, params, stop = to_params(req, self.state.tokenizer, gateway.engine.limits)
         rid = req.request_id or uuid.uuid4().hex
-        text = TextStream(self.state.tokenizer, stop)
-        first: TokenEvent | None = None
-        last: TokenEvent | None = None
         count = 0
-        stream = gateway.stream(rid, prompt, params)
-        try:
-            async for event in stream:
-                if event.error:
-                    raise RequestFailed(event.error)
-                if event.fault:  # say so at the end: a pool fault delayed this response
-                    context.set_trailing_metadata(self._trailer(fault=True))
-                first = first or event
-                last = event
-                msg = pb.GenerateStreamResponse(request_id=rid, index=event.index)
-                if event.token_id >= 0:
-                    count += 1
-                    msg.token_id = event.token_id
-                    msg.text = text.push(event.token_id)
-                reason = "stop" if text.stopped else event.finish_reason
-                if reason is not None:
-                    if not text.stopped:
-                        msg.text += text.flush()
-                    msg.finish_reason = FINISH[reason]
-                    msg.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt), completion_tokens=count))
-                    msg.timings.CopyFrom(_timings(arrived, first, last, count))
-                    yield msg
-                    return
-                yield msg
-        finally:
-            await stream.aclose()  # cancels the request in the engine if it is still running
+        async for d in deltas(gateway, self.state.tokenizer, rid, prompt, params, stop):
+            if d.fault:  # say so at the end: a pool fault delayed this response
+                context.set_trailing_metadata(self._trailer(fault=True))
+            msg = pb.GenerateStreamResponse(request_id=rid, index=d.index, text=d.text)
+            if d.token_id is not None:
+                count += 1
+                msg.token_id = d.token_id
+            if d.finish_reason is not None:
+                msg.finish_reason = FINISH[d.finish_reason]
+                msg.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt), completion_tokens=count))
+                msg.timings.CopyFrom(_timings(arrived, d.first, d.last, count))
+                self.state.metrics.finished(arrived, d.first, d.last, len(prompt), count, d.finish_reason)
+            yield msg
 
     async def Generate(self, request, context):
         context.set_trailing_metadata(self._trailer())
