@@ -21,7 +21,7 @@ import ray
 
 from cluster.controller import ControlConfig, controller_name, start_controller
 from cluster.pools import NAMESPACE, PoolConfig
-from gateway.backends import engine_info
+from gateway.backends import checkpoint_info, engine_info
 from gateway.engine import Engine
 from gateway.pool_dispatcher import PoolDispatcher
 from gateway.server import Backend
@@ -72,7 +72,7 @@ def attach_backend(
     info = engine_info(
         engine, pools.pools, pools.replicas, reply["table"].version, [list(w) for w in reply["table"].workers]
     )
-    info["app"] = app
+    info |= {"app": app} | checkpoint_info(pools.model_dir)
 
     async def control_loop(gateway: Gateway, state: ServingState) -> None:
         state.cluster = reply["gateways"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from gateway.chat import load_chat_template
 from gateway.engine import Engine, EngineLimits, local_engine
 from gateway.server import Backend
 from gateway.tokenizer import load_tokenizer
@@ -35,8 +36,10 @@ def engine_info(engine: Engine, pools: int, replicas: int, version: int, workers
 def local_backend(model_dir: str, limits: EngineLimits = EngineLimits(), dtype: str | None = None) -> Backend:
     engine = local_engine(model_dir, dtype, limits)
     n = engine.model.cfg.num_experts
-    return Backend(
-        engine,
-        load_tokenizer(Path(model_dir), engine.model.cfg),
-        engine_info(engine, 1, 1, 0, [list(range(n))]),
-    )
+    info = engine_info(engine, 1, 1, 0, [list(range(n))]) | checkpoint_info(model_dir)
+    return Backend(engine, load_tokenizer(Path(model_dir), engine.model.cfg), info)
+
+
+def checkpoint_info(model_dir: str) -> dict:
+    """What the front ends need of the checkpoint: the model's name and its chat template."""
+    return {"model": Path(model_dir).name, "chat_template": load_chat_template(model_dir)}

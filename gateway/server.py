@@ -49,6 +49,8 @@ class ServerOptions:
     # Bind only once the backend is up. Gateways sharing a port (SO_REUSEPORT) need this: a replica
     # still loading would otherwise take its share of new connections and refuse them all.
     bind_when_ready: bool = False
+    http_port: int = 0  # the OpenAI-compatible HTTP API and /metrics on this port of `host`; 0: off
+    served_model_name: str | None = None  # the `model` HTTP clients name; default: the checkpoint's folder
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -112,6 +114,8 @@ class GatewayServer:
         self.factory, self.options = backend_factory, options
         self.state = ServingState()
         self.port: int | None = None
+        self.http_port: int | None = None
+        self._http_task: asyncio.Task | None = None
         self.backend: Backend | None = None
         self.error: BaseException | None = None
         self._bound = threading.Event()
@@ -166,6 +170,31 @@ class GatewayServer:
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join()
 
+    async def _start_http(self):
+        """The OpenAI-compatible API (`gateway/openai_http.py`) on `http_port`, in this event loop. Its
+        socket has SO_REUSEPORT, as grpc's has, so gateways on one node share the HTTP port too."""
+        import socket
+
+        import uvicorn
+
+        from gateway.openai_http import OpenAIFront
+
+        opts = self.options
+        front = OpenAIFront(self.state, opts.token, opts.served_model_name)
+        sock = socket.socket(socket.AF_INET6 if ":" in opts.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((opts.host, opts.http_port))
+        sock.listen(128)
+        sock.setblocking(False)
+        self.http_port = sock.getsockname()[1]
+        tls = {"ssl_certfile": opts.tls_cert, "ssl_keyfile": opts.tls_key} if opts.tls_cert else {}
+        http = uvicorn.Server(
+            uvicorn.Config(front.app, log_level="warning", access_log=False, lifespan="off", **tls)
+        )
+        self._http_task = asyncio.ensure_future(http.serve(sockets=[sock]))
+        return http
+
     async def _begin_drain(self) -> None:
         if self._drain_started is None:
             self._drain_started = asyncio.get_running_loop().time()
@@ -217,11 +246,13 @@ class GatewayServer:
         for name in ("", SERVICE):
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         loop = asyncio.get_running_loop()
+        control = http = None
         if not opts.bind_when_ready:
             self.port = add_port()
             await server.start()
+            if opts.http_port:
+                http = await self._start_http()
             self._bound.set()
-        control = None
         try:
             self.backend = await loop.run_in_executor(None, self.factory)
             gateway = Gateway(self.backend.engine)
@@ -231,6 +262,8 @@ class GatewayServer:
             if opts.bind_when_ready:
                 self.port = add_port()
                 await server.start()
+                if opts.http_port:
+                    http = await self._start_http()
                 self._bound.set()
             if self.backend.control is not None:
                 control = asyncio.ensure_future(self.backend.control(gateway, self.state))
@@ -256,6 +289,9 @@ class GatewayServer:
             while self.state.inflight and loop.time() < cancel_deadline:
                 await asyncio.sleep(0.02)
         await server.stop(0.5)  # let final statuses go out
+        if http is not None:
+            http.should_exit = True
+            await asyncio.wait([self._http_task], timeout=5)
         if self.state.gateway is not None:
             self.state.gateway.close()
         if self.backend is not None:

@@ -52,10 +52,7 @@ class Gateway:
 
         Closing the iterator early (client gone) cancels the request and frees its cache.
         """
-        if request_id in self._streams:
-            raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
-        pending = sum(1 for op in self._inbox if op[0] == "add")
-        params = self.engine.validate(request_id, prompt_ids, params, pending)
+        params = self.check(request_id, prompt_ids, params)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._streams[request_id] = queue
         self._post(("add", (request_id, list(prompt_ids), params)))
@@ -68,6 +65,14 @@ class Gateway:
         finally:
             if not finished:
                 self.cancel(request_id)
+
+    def check(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """What `stream` checks before it accepts a request (a front end that must answer before the
+        first token, as an HTTP stream does, asks first); raises `InvalidRequest`/`QueueFull`."""
+        if request_id in self._streams:
+            raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
+        pending = sum(1 for op in self._inbox if op[0] == "add")
+        return self.engine.validate(request_id, prompt_ids, params, pending)
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
