@@ -63,6 +63,15 @@ class AppArgs(BaseModel):
     )
     host: str = Field(_default(ServerOptions, "host"), description="gRPC bind address; loopback by default.")
     port: int = Field(_default(ServerOptions, "port"), ge=0, le=65535, description="gRPC port.")
+    http_port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="OpenAI-compatible HTTP API and /metrics on this port of host; 0: off.",
+    )
+    served_model_name: str | None = Field(
+        None, description="The model name HTTP clients give; empty: the checkpoint folder's name."
+    )
     token: str | None = Field(None, description="Bearer token required on every call except health.")
     tls_cert: str | None = Field(None, description="PEM certificate path (with tls_key) for TLS.")
     tls_key: str | None = Field(None, description="PEM private key path (with tls_cert).")
@@ -183,6 +192,8 @@ class AppArgs(BaseModel):
             tls_key=self.tls_key,
             grace_s=self.grace_s,
             bind_when_ready=True,
+            http_port=self.http_port,
+            served_model_name=self.served_model_name,
         )
 
 

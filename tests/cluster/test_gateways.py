@@ -40,7 +40,15 @@ def served(ray_cluster, fixture_dir):
     serve.start(proxy_location="Disabled")
     serve.run(
         build_app(
-            {"model": str(fixture_dir), "pools": 4, "replicas": 2, "gateways": 2, "port": port, "grace_s": 1}
+            {
+                "model": str(fixture_dir),
+                "pools": 4,
+                "replicas": 2,
+                "gateways": 2,
+                "port": port,
+                "grace_s": 1,
+                "http_port": 0,
+            }
         ),
         name=APP,
         route_prefix=None,

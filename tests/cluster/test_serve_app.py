@@ -43,7 +43,7 @@ def test_serve_runs_deploy_yaml_app(ray_cluster, fixture_dir, golden):
     serve.start(proxy_location="Disabled")
     try:
         serve.run(
-            build_app({**deploy_args(), "model": str(fixture_dir), "port": 0, "pools": 2}),
+            build_app({**deploy_args(), "model": str(fixture_dir), "port": 0, "http_port": 0, "pools": 2}),
             name="yuan",
             route_prefix=None,
         )

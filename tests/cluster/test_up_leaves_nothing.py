@@ -20,6 +20,7 @@ import datetime
 import threading
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -77,7 +78,7 @@ def test_up_listens_on_loopback_only_drains_and_leaves_nothing_behind(fixture_di
     cert, key = self_signed(tmp_path, "gateway.yuan.internal")  # not localhost, not 127.0.0.1
     tmp, shm = tempfile.gettempdir(), "/dev/shm"
     before_tmp, before_shm = entries(tmp), entries(shm)
-    port = free_port()
+    port, http_port = free_port(), free_port()
     cmd = [
         sys.executable,
         "-u",
@@ -100,6 +101,8 @@ def test_up_listens_on_loopback_only_drains_and_leaves_nothing_behind(fixture_di
         "t0ken",
         "--max-tokens",
         "1000",
+        "--http-port",
+        str(http_port),
     ]
     proc = subprocess.Popen(
         cmd,
@@ -131,6 +134,14 @@ def test_up_listens_on_loopback_only_drains_and_leaves_nothing_behind(fixture_di
             timeout=60,
         )
         assert list(res.token_ids) == case["generated_ids"]
+        # The OpenAI-compatible API on its own port, TLS too (the name check is the gRPC part's).
+        models = httpx.get(
+            f"https://127.0.0.1:{http_port}/v1/models",
+            headers={"Authorization": "Bearer t0ken"},
+            verify=False,
+            timeout=30,
+        )
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == fixture_dir.name
         seen = descendants(proc.pid)
         assert len(seen) > 5, "up, Ray's GCS, raylet, workers, pools and the gateway"
         wide = [
