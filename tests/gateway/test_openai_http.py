@@ -263,3 +263,24 @@ def _scrape(server) -> dict[str, float]:
         for line in text.splitlines()
         if line and not line.startswith("#")
     }
+
+
+def test_the_grafana_dashboard_shows_the_served_metrics(server):
+    """Every metric family the dashboard queries is one /metrics serves."""
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[2] / "docs" / "grafana-yuan-serve.json").read_text()
+    )
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queried = {
+        re.sub(r"_(total|bucket)$", "", m) for e in exprs for m in re.findall(r"yuan_serve:[a-z0-9_]+", e)
+    }
+    text = httpx.get(server.base + "/metrics").text
+    served = {
+        re.sub(r"_total$", "", line.split()[2])
+        for line in text.splitlines()
+        if line.startswith("# TYPE yuan_serve:")
+    }
+    assert len(queried) >= 9 and queried <= served, queried - served
