@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 
 import grpc
 import pytest
+from procnet import free_port
 import ray
 
 from cluster.controller import controller_name, stop_controller
@@ -24,12 +24,6 @@ from protos import serving_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 APP = "gateways-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from procnet import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_generate_joins_an_existing_cluster_by_address(fixture_dir, golden):

@@ -3,12 +3,12 @@ lifecycle, health, reflection, status codes, limits, auth and TLS."""
 
 from __future__ import annotations
 
-import datetime
 import threading
 import time
 
 import grpc
 import pytest
+from procnet import self_signed
 from conftest import settled_stats as settled
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -179,40 +179,16 @@ def test_bearer_token_is_required_except_for_health(fixture_dir):
 
 
 def test_tls(fixture_dir, tmp_path):
-    crypto = pytest.importorskip("cryptography")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    pytest.importorskip("cryptography")
+    cert, key = self_signed(tmp_path, "localhost")
     server = GatewayServer(
         lambda: local_backend(str(fixture_dir)),
-        ServerOptions(port=0, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")),
+        ServerOptions(port=0, tls_cert=str(cert), tls_key=str(key)),
     )
     port = server.start()
     try:
         server.wait_ready(60)
-        creds = grpc.ssl_channel_credentials((tmp_path / "cert.pem").read_bytes())
+        creds = grpc.ssl_channel_credentials(cert.read_bytes())
         with grpc.secure_channel(f"localhost:{port}", creds) as ch:
             res = pb_grpc.YuanServingStub(ch).Generate(
                 pb.GenerateRequest(token_ids=[1, 2], max_tokens=2), timeout=10
@@ -225,7 +201,6 @@ def test_tls(fixture_dir, tmp_path):
             assert code == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(grace_s=0)
-    assert crypto is not None
 
 
 def test_drain_is_immediate_and_the_grace_period_ends_streams_with_their_final_message(fixture_dir):

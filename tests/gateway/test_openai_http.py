@@ -5,12 +5,12 @@ mid-stream, and the metrics a scrape finds."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import httpx
 import openai
 import pytest
+from procnet import free_port
 from conftest import settled_stats
 
 from gateway.backends import local_backend
@@ -20,12 +20,6 @@ from protos import serving_pb2_grpc as pb_grpc
 
 TOKEN = "t0ken"
 MODEL = "yuan2-m32-tiny-a"  # the fixture checkpoint's folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
