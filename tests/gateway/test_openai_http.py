@@ -278,3 +278,19 @@ def test_the_grafana_dashboard_shows_the_served_metrics(server):
         if line.startswith("# TYPE yuan_serve:")
     }
     assert len(queried) >= 9 and queried <= served, queried - served
+
+
+def test_draining_is_503_on_health_and_new_requests(fixture_dir):
+    srv = GatewayServer(lambda: local_backend(str(fixture_dir)), ServerOptions(port=0, http_port=free_port()))
+    srv.start()
+    srv.wait_ready(60)
+    base = f"http://127.0.0.1:{srv.http_port}"
+    try:
+        assert httpx.get(base + "/health").status_code == 200
+        srv.drain()
+        assert httpx.get(base + "/health").status_code == 503
+        r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "a"}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert "draining" in r.json()["error"]["message"]
+    finally:
+        srv.stop(grace_s=0)
