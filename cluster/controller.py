@@ -220,10 +220,7 @@ class Controller:
     async def _probe(self) -> None:
         workers = list(self.pools.workers)
         results = await asyncio.gather(
-            *[
-                asyncio.wait_for(_await(w.handle.info.remote()), self.control.probe_timeout_s)
-                for w in workers
-            ],
+            *[asyncio.wait_for(w.handle.info.remote(), self.control.probe_timeout_s) for w in workers],
             return_exceptions=True,
         )
         changed, now = False, time.monotonic()
@@ -237,7 +234,7 @@ class Controller:
             if res["pid"] != w.pid:  # Ray restarted it: its experts are its constructor's again
                 w.pid, w.node_id, changed = res["pid"], res["node_id"], True
                 if sorted(res["experts"]) != sorted(w.experts):
-                    await _await(w.handle.set_experts.remote(list(w.experts), self.table.version))
+                    await w.handle.set_experts.remote(list(w.experts), self.table.version)
             if w.name in self.unhealthy:
                 del self.unhealthy[w.name]
                 changed = True
@@ -316,7 +313,7 @@ class Controller:
         t0 = time.monotonic()
         await asyncio.gather(
             *[
-                _await(w.handle.set_experts.remote(sorted(set(w.experts) | set(e))))
+                w.handle.set_experts.remote(sorted(set(w.experts) | set(e)))
                 for w, e in zip(workers, new.workers)
             ]
         )
@@ -325,10 +322,7 @@ class Controller:
         self._publish(workers, version=new.version)
         await self._acknowledged(self.table.version)
         await asyncio.gather(
-            *[
-                _await(w.handle.set_experts.remote(list(e), self.table.version))
-                for w, e in zip(workers, new.workers)
-            ]
+            *[w.handle.set_experts.remote(list(e), self.table.version) for w, e in zip(workers, new.workers)]
         )
         if kind == "rebalance":
             self.history.append(
@@ -349,10 +343,6 @@ class Controller:
         if self._loop_task is not None and self._loop_task is not asyncio.current_task():
             self._loop_task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self.pools.shutdown)
-
-
-async def _await(ref):
-    return await ref
 
 
 ControllerActor = ray.remote(Controller)

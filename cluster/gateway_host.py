@@ -108,7 +108,7 @@ async def report_loop(
         stats = {k: e[k] for k in ("running", "waiting", "steps", "admitted")}
         try:
             reply = await asyncio.wait_for(
-                _await(controller.report.remote(me, dispatcher.table.version, delta, stats)), REPORT_TIMEOUT_S
+                controller.report.remote(me, dispatcher.table.version, delta, stats), REPORT_TIMEOUT_S
             )
         except Exception:  # the controller is restarting or busy: keep serving on the last table  # noqa: BLE001
             continue
@@ -137,7 +137,3 @@ def report_once(controller, me: str, dispatcher, timeout_s: float = REPORT_TIMEO
 
 def _name(keys: list[str], worker: int) -> str:
     return keys[worker].split("@")[0] if worker < len(keys) else str(worker)
-
-
-async def _await(ref):
-    return await ref

@@ -199,7 +199,7 @@ def test_a_killed_controller_costs_no_pool_and_comes_back(cluster_app, fixture_d
             deadline = time.monotonic() + 60  # Ray restarts it; it adopts the pools
             while time.monotonic() < deadline:
                 try:
-                    status = await asyncio.wait_for(_await(app.controller.status.remote()), 2)
+                    status = await asyncio.wait_for(app.controller.status.remote(), 2)
                     if status["gateways"] and status["version"] > before["version"]:
                         break
                 except Exception:  # noqa: BLE001
@@ -225,7 +225,3 @@ def test_a_killed_controller_costs_no_pool_and_comes_back(cluster_app, fixture_d
         assert moved["version"] == status["version"] + 1 == gw.engine.dispatcher.table.version
     finally:
         gw.close()
-
-
-async def _await(ref):
-    return await ref

@@ -29,10 +29,6 @@ async def generate_all(gw: Gateway, prompts: list[list[int]], n: int, tag: str) 
     return [[e.token_id for e in events if e.token_id >= 0] for events in runs]
 
 
-async def _await(ref):
-    return await ref
-
-
 def reporting(gw: Gateway, controller) -> asyncio.Task:
     """The gateway's report loop, as a served gateway runs it."""
     return asyncio.ensure_future(report_loop(gw, ServingState(), controller, "test-gateway", every_s=0.1))
@@ -91,7 +87,7 @@ def test_rebalance_in_the_middle_of_16_generations_changes_no_token(cluster_app,
             task = asyncio.ensure_future(generate_all(gw, prompts, n, "r"))
             while gw.engine.steps < 6:  # well into decoding, and load reported
                 await asyncio.sleep(0.005)
-            status = asyncio.ensure_future(_await(app.controller.rebalance.remote()))
+            status = asyncio.ensure_future(app.controller.rebalance.remote())
             while gw.engine.dispatcher.table.version < 2 and not task.done():
                 await asyncio.sleep(0.002)
             steps_at_switch = gw.engine.steps
