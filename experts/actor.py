@@ -15,7 +15,3 @@ class ExpertPoolActor(ExpertPool):
 
     def open_data_plane(self, tcp_host: str | None = None) -> dict:
         return super().open_data_plane(tcp_host or ray.util.get_node_ip_address())
-
-    def ping(self) -> int:
-        """The controller's health probe: answers at once unless the process is stopped or dead."""
-        return self.table_version

@@ -105,12 +105,6 @@ class ExpertPool:
             self.data_plane = DataPlaneServer(self.compute_pairs, cfg.hidden_size, limits, tcp_host)
         return {"address": self.data_plane.address(), "host": socket.gethostname(), "node_id": node_id()}
 
-    def close(self) -> None:
-        """Stop the data plane (a pool being removed)."""
-        if self.data_plane is not None:
-            self.data_plane.close()
-            self.data_plane = None
-
     def compute_pairs(self, layer: int, batch: PairBatch, start: int, end: int) -> None:
         """The data plane's call: the weighted outputs of the batch's pairs [start, end) into their
         slots of `batch.out` (`ExpertBank.pair_outputs`), read from and written to the gateway's

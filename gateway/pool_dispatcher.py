@@ -116,7 +116,7 @@ class PoolDispatcher:
         self.keys: list[str] = []
         self._channels: dict[tuple[int, int], PoolChannel] = {}
         self._deadlines: dict[str, ReplyDeadline] = {}  # per worker key
-        self._suspect: dict[int, float] = {}  # worker -> since when (this table)
+        self._suspect: set[int] = set()  # workers that missed a deadline, left out until the next table
         self._stale_lanes: set[int] = set()  # lanes whose shared region a suspect worker may still write
         self._local_pools = (
             False  # some channel reaches its pool through the shared batch (kept after a drop)
@@ -293,7 +293,7 @@ class PoolDispatcher:
     def _mark_suspect(self, worker: int) -> None:
         """Leave a worker that missed its deadline out of planning while others hold its experts."""
         self._drop(worker)
-        self._suspect[worker] = time.monotonic()
+        self._suspect.add(worker)
         self._stale_lanes = set(range(LANES))
         self._plan = DispatchTable(
             [[w for w in holders if w not in self._suspect] or holders for holders in self._replicas]

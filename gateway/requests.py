@@ -4,7 +4,6 @@ OpenAI-compatible HTTP API call the same `make_params`), and the request's strea
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -111,7 +110,3 @@ async def deltas(
                 return
     finally:
         await stream.aclose()  # cancels the request in the engine if it is still running
-
-
-def now() -> float:
-    return time.perf_counter()
