@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from gateway.engine import EngineLimits
-from gateway.errors import InvalidRequest
 from gateway.sampling import SamplingParams
 from gateway.service import Gateway, TokenEvent
 from gateway.text import TextStream
@@ -30,20 +29,12 @@ def make_params(
     stop: list[str] = (),
     stop_token_ids: list[int] = (),
     ignore_eod: bool = False,
-    request_id: str = "",
-    logprobs: int = 0,
+    logprobs: int | None = None,
 ) -> SamplingParams:
-    """Sampling params from a request's fields; sizes are checked here, before anything is built
-    from them (the engine checks the values: `Engine.validate`). Raises `InvalidRequest`."""
-    if len(request_id) > limits.max_request_id_len:
-        raise InvalidRequest(
-            "request_id", f"has {len(request_id)} characters, more than the limit {limits.max_request_id_len}"
-        )
+    """Sampling params from a request's fields, with the stop strings checked (the one thing the
+    engine does not see); the engine checks the rest, request id and stop ids included
+    (`Engine.validate`). Raises `InvalidRequest`."""
     limits.check_stop_strings(list(stop))
-    if len(stop_token_ids) > limits.max_stop_token_ids:
-        raise InvalidRequest(
-            "stop_token_ids", f"at most {limits.max_stop_token_ids} ids, got {len(stop_token_ids)}"
-        )
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,

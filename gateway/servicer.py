@@ -163,7 +163,6 @@ def to_params(
         stop=list(req.stop),
         stop_token_ids=list(req.stop_token_ids),
         ignore_eod=req.ignore_eod,
-        request_id=req.request_id,
     )
     prompt = list(req.token_ids) if req.token_ids else tokenizer.encode(req.text)
     return prompt, params, list(req.stop)
