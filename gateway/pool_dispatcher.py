@@ -115,7 +115,7 @@ class PoolDispatcher:
         self.fetch_table = None  # () -> {"table", "workers", "keys"}: the controller's current one
         self.keys: list[str] = []
         self._channels: dict[tuple[int, int], PoolChannel] = {}
-        self._deadlines: dict[str, ReplyDeadline] = {}  # per worker key
+        self._deadlines: list[ReplyDeadline] = []  # per worker of the table (kept by key across tables)
         self._suspect: set[int] = set()  # workers that missed a deadline, left out until the next table
         self._stale_lanes: set[int] = set()  # lanes whose shared region a suspect worker may still write
         self._local_pools = (
@@ -144,6 +144,8 @@ class PoolDispatcher:
         self._close_channels()
         self._channels = kept
         self._local_pools = any(c.shared for c in kept.values())
+        by_key = dict(zip(self.keys, self._deadlines))  # a worker that stays keeps its round-trip history
+        self._deadlines = [by_key.get(k) or ReplyDeadline() for k in keys]
         self.table, self.workers, self.keys = table, list(workers), keys
         self.outstanding = {}  # between steps nothing is in flight; indices now mean this table's workers
         self._replicas = table.replica_lists()
@@ -174,10 +176,7 @@ class PoolDispatcher:
                 self._drop(w)
 
     def deadline(self, worker: int) -> ReplyDeadline:
-        d = self._deadlines.get(self.keys[worker])
-        if d is None:
-            d = self._deadlines[self.keys[worker]] = ReplyDeadline()
-        return d
+        return self._deadlines[worker]
 
     def experts(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
