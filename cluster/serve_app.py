@@ -161,16 +161,9 @@ class AppArgs(BaseModel):
         )
 
     def pool_config(self) -> PoolConfig:
+        # Every EngineLimits field the app's config has, by name (the rest keep EngineLimits' defaults).
         limits = EngineLimits(
-            max_running=self.max_running,
-            max_queue=self.max_queue,
-            max_tokens=self.max_tokens,
-            max_prompt_len=self.max_prompt_len,
-            default_max_tokens=self.default_max_tokens,
-            max_request_id_len=self.max_request_id_len,
-            max_stop_strings=self.max_stop_strings,
-            max_stop_len=self.max_stop_len,
-            max_stop_token_ids=self.max_stop_token_ids,
+            **{f: getattr(self, f) for f in EngineLimits.__dataclass_fields__ if f in type(self).model_fields}
         )
         return PoolConfig(
             self.model or str(demo_checkpoint()),
