@@ -96,14 +96,7 @@ async def report_loop(
     while True:
         await asyncio.sleep(every_s)
         snap = dispatcher.load.snapshot()
-        delta = window(sent, snap)
-        keys = dispatcher.keys  # the controller counts work per worker name, not per table index
-        delta["worker_pairs"] = {_name(keys, w): n for w, n in delta["worker_pairs"].items() if n}
-        delta["worker_compute_s"] = {_name(keys, w): t for w, t in delta["worker_compute_s"].items() if t}
-        delta["expert_tokens"], delta["pair_tokens"] = (
-            delta["expert_tokens"].numpy(),
-            delta["pair_tokens"].numpy(),
-        )
+        delta = load_report(window(sent, snap), dispatcher.keys)
         e = gateway.engine.stats()
         stats = {k: e[k] for k in ("running", "waiting", "steps", "admitted")}
         try:
@@ -123,17 +116,23 @@ def report_once(controller, me: str, dispatcher, timeout_s: float = REPORT_TIMEO
     """One report for a gateway that runs its engine by hand (benchmarks), applying a newer table at
     once (call it between steps). Sends the load ever seen, so call it once per fresh dispatcher or
     accept the double count; returns the reply."""
-    delta = dispatcher.load.snapshot()
-    delta["expert_tokens"], delta["pair_tokens"] = (
-        delta["expert_tokens"].numpy(),
-        delta["pair_tokens"].numpy(),
-    )
-    delta["worker_pairs"], delta["worker_compute_s"] = {}, {}
+    delta = load_report(dispatcher.load.snapshot(), dispatcher.keys)
     reply = ray.get(controller.report.remote(me, dispatcher.table.version, delta, {}), timeout=timeout_s)
     if "table" in reply:
         dispatcher.set_table(reply["table"], reply["workers"], reply["keys"])
     return reply
 
 
-def _name(keys: list[str], worker: int) -> str:
-    return keys[worker].split("@")[0] if worker < len(keys) else str(worker)
+def load_report(load: dict, keys: list[str]) -> dict:
+    """A load window as the controller sums it: arrays as numpy, work per worker name (table indices
+    change between tables; names do not)."""
+
+    def name(worker: int) -> str:
+        return keys[worker].split("@")[0] if worker < len(keys) else str(worker)
+
+    return {
+        "expert_tokens": load["expert_tokens"].numpy(),
+        "pair_tokens": load["pair_tokens"].numpy(),
+        "worker_pairs": {name(w): n for w, n in load["worker_pairs"].items() if n},
+        "worker_compute_s": {name(w): t for w, t in load["worker_compute_s"].items() if t},
+    }
