@@ -13,8 +13,6 @@ table, and its unsent load goes with the next report that gets through.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from pathlib import Path
 
 import ray
@@ -26,7 +24,7 @@ from gateway.engine import Engine
 from gateway.pool_dispatcher import PoolDispatcher
 from gateway.server import Backend
 from gateway.service import Gateway
-from gateway.servicer import ServingState
+from gateway.servicer import ServingState, process_gateway_id
 from gateway.tokenizer import load_tokenizer
 from model.checkpoint import load_model
 from router.load import window
@@ -42,7 +40,7 @@ def gateway_id() -> str:
 
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # not a Serve replica  # noqa: BLE001
-        return f"{socket.gethostname()}-{os.getpid()}"
+        return process_gateway_id()
 
 
 def attach_backend(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import unknown_fields
+from grpc_health.v1 import health_pb2
 from google.protobuf.message import DecodeError
 
 from gateway.engine import EngineLimits
@@ -60,6 +61,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
+def process_gateway_id() -> str:
+    """A gateway's id where nothing names it better: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 @dataclass
 class ServingState:
     """What the servicer reads: set once the backend is up; `draining` once shutdown began."""
@@ -69,7 +75,7 @@ class ServingState:
     info: dict | None = None
     draining: bool = False
     inflight: int = 0  # generation RPCs not yet fully written to their clients (drain waits for them)
-    gateway_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    gateway_id: str = field(default_factory=process_gateway_id)
     available: bool = True  # False while some expert has no live holder (health NOT_SERVING)
     cluster: dict = field(default_factory=dict)  # every live gateway's stats, as the controller last said
     health: object = None  # the health servicer, set by the server
@@ -77,8 +83,6 @@ class ServingState:
 
     async def set_available(self, available: bool) -> None:
         """Health SERVING when up, not draining and every expert has a live holder; else NOT_SERVING."""
-        from grpc_health.v1 import health_pb2
-
         self.available = available
         if self.health is None:
             return
