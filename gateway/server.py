@@ -250,12 +250,16 @@ class GatewayServer:
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         loop = asyncio.get_running_loop()
         control = http = None
-        if not opts.bind_when_ready:
+
+        async def bind():  # gRPC, then HTTP (when asked for): before the backend loads, or after
             self.port = add_port()
             await server.start()
-            if opts.http_port:
-                http = await self._start_http()
+            started = await self._start_http() if opts.http_port else None
             self._bound.set()
+            return started
+
+        if not opts.bind_when_ready:
+            http = await bind()
         try:
             self.backend = await loop.run_in_executor(None, self.factory)
             gateway = Gateway(self.backend.engine)
@@ -263,11 +267,7 @@ class GatewayServer:
             self.state.gateway_id = self.backend.gateway_id or self.state.gateway_id
             self.state.gateway = self.state.metrics.gateway = gateway
             if opts.bind_when_ready:
-                self.port = add_port()
-                await server.start()
-                if opts.http_port:
-                    http = await self._start_http()
-                self._bound.set()
+                http = await bind()
             if self.backend.control is not None:
                 control = asyncio.ensure_future(self.backend.control(gateway, self.state))
             await self.state.set_available(self.state.available)
