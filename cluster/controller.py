@@ -58,6 +58,7 @@ class GatewayRecord:
     version: int
     seen: float
     stats: dict = field(default_factory=dict)
+    serving: bool = False  # reported from its report loop (it runs once the gateway is up and bound)
 
 
 def controller_name(app: str) -> str:
@@ -105,6 +106,7 @@ class Controller:
         await self.ready()
         rec = self.gateways.setdefault(gateway_id, GatewayRecord(version, time.monotonic()))
         rec.version, rec.seen, rec.stats = version, time.monotonic(), stats or rec.stats
+        rec.serving |= stats is not None
         if load:
             self.load.add(load)
         if version > self.table.version:  # a gateway saw a later table than this (restarted) controller
@@ -112,7 +114,7 @@ class Controller:
         reply = {
             "version": self.table.version,
             "uncovered": list(self.uncovered),
-            "gateways": {g: {"version": r.version, **r.stats} for g, r in self._live_gateways().items()},
+            "gateways": self._serving_gateways(),
         }
         if version != self.table.version:
             reply |= self.table_now()
@@ -131,8 +133,14 @@ class Controller:
         return await self.report(gateway_id, -1)
 
     def _live_gateways(self) -> dict[str, GatewayRecord]:
+        """Gateways heard from lately, attaching ones included (a move waits for them too)."""
         now = time.monotonic()
         return {g: r for g, r in self.gateways.items() if now - r.seen <= self.control.gateway_timeout_s}
+
+    def _serving_gateways(self) -> dict[str, dict]:
+        """Live gateways that serve (their report loop runs), with their stats: what `status` and
+        ModelInfo list, and what readiness counts. An attached gateway still loading is not one."""
+        return {g: {"version": r.version, **r.stats} for g, r in self._live_gateways().items() if r.serving}
 
     async def _acknowledged(self, version: int) -> bool:
         """Wait until every live gateway uses `version` (or later); False if some did not in time."""
@@ -184,7 +192,7 @@ class Controller:
                 }
                 for w in self.pools.workers
             ],
-            "gateways": {g: {"version": r.version, **r.stats} for g, r in self._live_gateways().items()},
+            "gateways": self._serving_gateways(),
             "history": list(self.history),
         }
 
@@ -418,5 +426,5 @@ class LoadMetrics:
                     self.compute.inc(s, tags={"worker": str(w)})
         self.workers.set(len(controller.serving))
         self.version.set(controller.table.version)
-        self.gateways.set(len(controller._live_gateways()))
+        self.gateways.set(len(controller._serving_gateways()))
         self._last = snap
