@@ -64,8 +64,10 @@ def cmd_stats(args: argparse.Namespace) -> None:
         print(json.dumps(MessageToDict(stats)))
         return
     print(
-        f"gateway {stats.gateway}: running {stats.running}, waiting {stats.waiting}, cache slots "
-        f"{stats.cache_slots_used}, steps {stats.steps}, routing table v{stats.routing_table_version}"
+        f"gateway {stats.gateway}: running {stats.running}, waiting {stats.waiting}, KV blocks "
+        f"{stats.kv_blocks_used}/{stats.kv_blocks_total}, prefix-cache hits {stats.prefix_cache_hits}/"
+        f"{stats.prefix_cache_queries} tokens, preemptions {stats.preemptions}, steps {stats.steps}, "
+        f"routing table v{stats.routing_table_version}"
     )
     if stats.gateways:
         total = f"running {stats.running_total}, waiting {stats.waiting_total}"

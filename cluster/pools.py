@@ -220,14 +220,9 @@ class PoolSet:
         )
 
     def max_tokens_per_step(self) -> int:
-        """The most tokens a gateway's step can send a pool: a prefill budget, one prompt longer than
-        it (admitted alone), or every running sequence's decode; the pools' data plane refuses more."""
-        lim = self.cfg.limits
-        return max(
-            lim.max_prefill_tokens,
-            lim.max_running,
-            lim.max_prompt_len or self.model_cfg.max_position_embeddings,
-        )
+        """The most tokens a gateway's step can send a pool: its step budget (decodes and prompt
+        chunks together); the pools' data plane refuses more."""
+        return self.cfg.limits.max_num_batched_tokens
 
     @staticmethod
     def _cpus_per_worker(workers: int) -> float:

@@ -2,9 +2,9 @@
 
 Plain Python (no Ray): the in-process reference engine is `Engine(model, LocalDispatcher)`, and the
 gateway actor runs the very same class with a dispatcher that reaches expert pools. Requests join
-and leave at step boundaries. A step either prefills newly admitted prompts (packed, one forward)
-or decodes one token for every running sequence (one forward over the dense cache slots); prefill
-goes first so new requests start quickly (as nano-vllm's scheduler does).
+and leave at step boundaries; one forward per step over the paged KV + LF cache (`model/cache.py`)
+carries decode tokens and prompt chunks together (`Engine` says how they are chosen), and
+`gateway/blocks.py` keeps the block accounting and the prefix cache.
 """
 
 from __future__ import annotations
@@ -15,21 +15,30 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from gateway.blocks import BlockManager
 from gateway.errors import InvalidRequest, QueueFull
 from gateway.sampling import SampleError, SamplingParams, sample
+from model.batch import Chunk, ForwardBatch, segment_start
+from model.cache import PagedCache
 from model.dispatcher import Dispatcher
 from model.transformer import YuanModel
 
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """Explicit serving limits; every one is enforced with a clear error."""
+    """Explicit serving limits, every one enforced with a clear error, and the cache and scheduling
+    settings they come with."""
 
-    max_running: int = 64  # sequences decoding together (cache slots)
-    max_queue: int = 256  # requests waiting for a slot
+    max_running: int = 64  # sequences in the running batch
+    max_queue: int = 256  # requests waiting to run
     max_prompt_len: int | None = None  # default: the model's context minus one
     max_tokens: int = 1024  # largest max_tokens a request may ask for
-    max_prefill_tokens: int = 4096  # prompt tokens admitted in one prefill step
+    max_num_batched_tokens: int = 256  # tokens one step computes: every decode, then prompt chunks
+    block_size: int = 16  # positions per KV block
+    kv_cache_gb: float = 2.0  # KV + LF cache size (GB, 1e9 bytes); allocated once, touched as used
+    num_kv_blocks: int | None = None  # the cache size in blocks instead (block 0 included)
+    prefix_caching: bool = True  # share full blocks between requests with the same prefix
+    batch_invariant: bool = False  # greedy output independent of the batch and of chunking
     default_max_tokens: int = 16  # a request's max_tokens when it gives none (clamped to the context)
     max_request_id_len: int = 128  # characters of a client-chosen request id
     max_stop_strings: int = 16  # stop strings per request
@@ -51,20 +60,24 @@ class EngineLimits:
 
 @dataclass
 class Sequence:
-    """One request's state: its tokens, sampling, cache slot and outcome."""
+    """One request's state: its tokens, sampling, cache blocks and outcome."""
 
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
-    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)  # its KV blocks, position p in [p // block_size]
+    block_keys: list[bytes] = field(default_factory=list)  # prefix keys of its first full blocks
+    num_computed: int = 0  # tokens whose K/V and LF state are in the cache
     seg_start: int = 0  # first position of the segment the next fed token belongs to
     finish_reason: str | None = None  # "length" | "stop" | "eod" | "cancelled" | "error"
     error: str | None = None  # why an accepted request failed (finish_reason "error")
     logprobs: list = field(default_factory=list)  # per output token, with params.logprobs: (logprob, top)
     generator: torch.Generator | None = None
-    admitted_at: float | None = None  # perf_counter() when it got a slot (for queue time)
+    admitted_at: float | None = None  # perf_counter() when it first ran (for queue time)
     arrived_at: float = field(default_factory=time.perf_counter)
+    preempted: int = 0  # times it gave its blocks back to be recomputed later
+    suspect: bool = False  # it was in a forward that failed: its next forward runs alone
 
     @property
     def tokens(self) -> list[int]:
@@ -80,6 +93,12 @@ class Sequence:
 
 
 class Engine:
+    """The scheduler (vLLM's unified one, in small): every step carries each running sequence's
+    next tokens (a decode token, or the next chunk of a prompt being prefilled) and then chunks of
+    waiting prompts, up to `max_num_batched_tokens`. Prompts start from their longest cached
+    prefix. When blocks run out, the most recently admitted sequence gives its blocks back and
+    waits at the queue's front to be recomputed from its tokens: no accepted request is lost."""
+
     def __init__(
         self,
         model: YuanModel,
@@ -97,23 +116,26 @@ class Engine:
         max_prompt = limits.max_prompt_len or self.max_len - 1
         if not 0 < max_prompt < self.max_len:
             raise ValueError(f"max_prompt_len must be in [1, {self.max_len - 1}], got {max_prompt}")
+        if limits.max_num_batched_tokens < 1 or limits.block_size < 1:
+            raise ValueError("max_num_batched_tokens and block_size must be at least 1")
         self.limits = EngineLimits(**{**limits.__dict__, "max_prompt_len": max_prompt})
-        self.cache = model.new_cache(limits.max_running, self.max_len) if use_cache else None
+        self.num_blocks = kv_blocks(model, self.limits) if use_cache else 0
+        self.cache = model.new_cache(self.num_blocks, limits.block_size) if use_cache else None
+        self.blocks = BlockManager(max(self.num_blocks, 2), limits.block_size, limits.prefix_caching)
+        self.eod = model.eod_for_segments
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # index = cache slot when caching
+        self.running: list[Sequence] = []  # in admission order
         self.steps = 0
         self.admitted = 0
-        self.queue_delay_s = 0.0  # summed over admitted requests: arrival to batch slot
+        self.preemptions = 0
+        self.queue_delay_s = 0.0  # summed over admitted requests: arrival to first step
 
     # ---- requests ---------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Validate and queue a request. Raises `InvalidRequest` (naming the field) or `QueueFull`."""
         params = self.validate(request_id, prompt_ids, params)
         seq = Sequence(request_id, list(prompt_ids), params, generator=params.generator())
-        cfg = self.model.cfg
-        if cfg.reset_attention_mask:
-            eods = [i for i, t in enumerate(prompt_ids) if t == cfg.eod_token_id]
-            seq.seg_start = eods[-1] + 1 if eods else 0
+        seq.seg_start = segment_start(seq.prompt_ids, len(prompt_ids), self.eod)
         self.waiting.append(seq)
         return seq
 
@@ -123,6 +145,14 @@ class Engine:
         """The checks of `add`, without queueing; `pending` counts requests about to be added.
         Returns the params with `max_tokens` resolved (`check_request`)."""
         params = check_request(self.model.cfg, self.limits, request_id, prompt_ids, params)
+        if self.cache is not None:
+            need = self.blocks.blocks_for(len(prompt_ids) + params.max_tokens)
+            if need > self.blocks.usable:
+                raise InvalidRequest(
+                    "max_tokens",
+                    f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) need "
+                    f"{need} KV blocks of {self.limits.block_size}; the cache has {self.blocks.usable}",
+                )
         if any(s.request_id == request_id for s in self.waiting) or any(
             s.request_id == request_id for s in self.running
         ):
@@ -132,7 +162,7 @@ class Engine:
         return params
 
     def abort(self, request_id: str) -> Sequence | None:
-        """Remove a request wherever it is and free its cache slot at once."""
+        """Remove a request wherever it is and free its cache blocks at once."""
         for seq in self.waiting:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
@@ -150,34 +180,63 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def stats(self) -> dict[str, int]:
+        b = self.blocks
         return {
             "running": len(self.running),
             "waiting": len(self.waiting),
             "steps": self.steps,
             "admitted": self.admitted,
             "queue_delay_s": self.queue_delay_s,
-            "cache_slots_used": self.cache.active if self.cache else 0,
-            "cache_tokens": sum(s.length for s in self.running),
+            "kv_blocks_used": b.used if self.cache is not None else 0,
+            "kv_blocks_total": b.usable if self.cache is not None else 0,
+            "cache_tokens": sum(s.num_computed for s in self.running),
+            "prefix_cache_queries": b.queries,
+            "prefix_cache_hits": b.hits,
+            "preemptions": self.preemptions,
         }
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Advance by one forward; returns the sequences that got a new token (finished ones too).
+        """Advance by one forward; returns the sequences that got a new token (finished ones too)
+        or failed. A sequence whose prompt chunk did not reach its end gets none yet.
 
-        A forward that raises fails the sequences in it (finish_reason "error", cache freed) and
-        only those; a row that cannot be sampled fails its own sequence. Nothing else is touched,
-        and the next step goes on with the rest."""
-        admitted = self._admit()
-        batch = admitted or list(self.running)
-        if not batch:
+        A forward that raises fails its sequence when it ran alone (finish_reason "error", cache
+        freed); with several in it, each is recomputed in a forward of its own, so the failure ends
+        only the request it belongs to, and a passing fault (a pool that went away) ends none. A
+        row that cannot be sampled fails its own sequence. Nothing else is touched."""
+        if not self.use_cache:
+            return self._step_uncached()
+        scheduled = self._schedule()
+        if not scheduled:
             return []
         try:
-            logits = self._prefill(admitted) if admitted else self._decode(batch)
+            logits = self._forward(scheduled)
         except Exception as e:
-            for seq in batch:
+            if len(scheduled) == 1:  # alone, so the failure is its own
+                seq = scheduled[0][0]
                 self._fail(seq, f"forward failed: {type(e).__name__}: {e}")
-            return batch
+                return [seq]
+            # Which request broke it is not known: each goes back to the queue's front, to be
+            # recomputed in a forward of its own (prefix-cached blocks make that cheap).
+            for seq, _ in reversed(scheduled):
+                seq.suspect = True
+                self._preempt(seq, counted=False)
+            return []
         self.steps += 1
+        sampled = []
+        for seq, n in scheduled:
+            seq.suspect = False
+            seq.num_computed += n
+            full = seq.num_computed // self.limits.block_size
+            known = len(seq.block_keys)
+            if self.limits.prefix_caching and full > known:
+                for j, key in enumerate(self.blocks.keys(seq.tokens, seq.block_keys, full)[known:], known):
+                    self.blocks.register(seq.block_table[j], key)
+            if seq.num_computed == seq.length:
+                sampled.append(seq)
+        return self._sample(sampled, logits)
+
+    def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
         for i, (seq, token) in enumerate(
             zip(batch, sample(logits, [s.params for s in batch], [s.generator for s in batch]))
         ):
@@ -191,49 +250,131 @@ class Engine:
                     self._release(seq)
         return batch
 
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """This step's (sequence, new tokens): running ones first, then newly admitted ones."""
+        budget = self.limits.max_num_batched_tokens
+        if self.waiting and self.waiting[0].suspect:  # it was in a failed forward: run it alone
+            seq = self.waiting[0]
+            n = self._admit(seq, budget)
+            if n:
+                self.waiting.popleft()
+                self.running.append(seq)
+                return [(seq, n)]
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.length - seq.num_computed, budget)
+            while not self._grow(seq, seq.num_computed + n):
+                preempted = True
+                victim = self.running[-1]  # the most recently admitted gives its blocks back
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was preempted: nothing after it is left running
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.limits.max_running:
+            seq = self.waiting[0]
+            n = self._admit(seq, budget)
+            if n == 0:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled
+
+    def _grow(self, seq: Sequence, tokens: int) -> bool:
+        """Give `seq` blocks for its first `tokens` positions; False when none are free."""
+        need = self.blocks.blocks_for(tokens) - len(seq.block_table)
+        if need > 0 and not self.blocks.can_take([], need):
+            return False
+        for _ in range(need):
+            seq.block_table.append(self.blocks.allocate())
+        return True
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Start a waiting sequence from its longest cached prefix; its first chunk's size, or 0
+        when its blocks do not fit now. Preempted sequences come back through here too."""
+        bs, tokens = self.limits.block_size, seq.tokens
+        # The last token is always computed (its logits are sampled), so at most (len-1) are hits.
+        if self.limits.prefix_caching:
+            hits = self.blocks.match(self.blocks.keys(tokens, seq.block_keys, (len(tokens) - 1) // bs))
+        else:
+            hits = []
+        cached = len(hits) * bs
+        n = min(len(tokens) - cached, budget)
+        if not self.blocks.can_take(hits, self.blocks.blocks_for(cached + n) - len(hits)):
+            return 0
+        for b in hits:
+            self.blocks.take(b)
+        seq.block_table = list(hits)
+        seq.num_computed = cached
+        self.blocks.queries += len(tokens) - 1 if self.limits.prefix_caching else 0
+        self.blocks.hits += cached
+        self._grow(seq, cached + n)
+        if seq.admitted_at is None:
+            seq.admitted_at = time.perf_counter()
+            self.admitted += 1
+            self.queue_delay_s += seq.admitted_at - seq.arrived_at
+        return n
+
+    def _preempt(self, seq: Sequence, counted: bool = True) -> None:
+        """Take `seq` out of the running batch; it is recomputed from its tokens when readmitted."""
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.block_table, seq.num_computed = [], 0
+        if counted:
+            seq.preempted += 1
+            self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _forward(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
+        chunks = []
+        for seq, n in scheduled:
+            tokens, start = seq.tokens, seq.num_computed
+            # A decode token's segment is tracked; a chunk's is found from the ids.
+            decoding = seq.output_ids and start == seq.length - 1
+            seg = seq.seg_start if decoding else segment_start(tokens, start, self.eod)
+            chunks.append(Chunk(tokens, start, n, seq.block_table, seg, logits=start + n == seq.length))
+        parts = [chunks]
+        if self.micro_batches == 2 and len(chunks) >= 2:
+            half = len(chunks) // 2
+            parts = [chunks[:half], chunks[half:]]
+        batches = [ForwardBatch.build(p, self.limits.block_size, self.eod) for p in parts]
+        return self.model.forward(batches, self.dispatcher, self.cache)
+
+    def _step_uncached(self) -> list[Sequence]:
+        """The reference path: no cache, every sequence recomputed from scratch at every step."""
+        while self.waiting and len(self.running) < self.limits.max_running:
+            seq = self.waiting.popleft()
+            seq.admitted_at = time.perf_counter()
+            self.admitted += 1
+            self.running.append(seq)
+        batch = list(self.running)
+        if not batch:
+            return []
+        try:
+            logits = self.model.prefill([torch.tensor(s.tokens) for s in batch], self.dispatcher)
+        except Exception as e:
+            for seq in batch:
+                self._fail(seq, f"forward failed: {type(e).__name__}: {e}")
+            return batch
+        self.steps += 1
+        return self._sample(batch, logits)
+
     def _fail(self, seq: Sequence, message: str) -> None:
         seq.finish_reason, seq.error = "error", message
         self._release(seq)
 
-    def _prefill(self, admitted: list[Sequence]) -> torch.Tensor:
-        prompts = [torch.tensor(s.prompt_ids) for s in admitted]
-        slots = [s.slot for s in admitted] if self.cache else None
-        if self.cache:
-            self.cache.ensure_length(max(len(s.prompt_ids) for s in admitted))
-        return self.model.prefill(prompts, self.dispatcher, self.cache, slots)
-
-    def _admit(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        budget = self.limits.max_prefill_tokens
-        while self.waiting and len(self.running) < self.limits.max_running:
-            n = len(self.waiting[0].prompt_ids)
-            if admitted and n > budget:
-                break
-            seq = self.waiting.popleft()
-            seq.admitted_at = time.perf_counter()
-            self.admitted += 1
-            self.queue_delay_s += seq.admitted_at - seq.arrived_at
-            budget -= n
-            if self.cache:
-                seq.slot = self.cache.allocate()
-            self.running.append(seq)
-            admitted.append(seq)
-        return admitted
-
-    def _decode(self, batch: list[Sequence]) -> torch.Tensor:
-        if not self.cache:  # reference path: recompute every sequence from scratch
-            return self.model.prefill([torch.tensor(s.tokens) for s in batch], self.dispatcher)
-        self.cache.ensure_length(max(s.length for s in batch))
-        token_ids = torch.tensor([s.tokens[-1] for s in batch])
-        positions = torch.tensor([s.length - 1 for s in batch])
-        seg_starts = torch.tensor([s.seg_start for s in batch])
-        return self.model.decode(
-            token_ids, positions, seg_starts, self.dispatcher, self.cache, self.micro_batches
-        )
-
     def _append(self, seq: Sequence, token: int) -> None:
         cfg, p = self.model.cfg, seq.params
-        if cfg.reset_attention_mask and seq.tokens[-1] == cfg.eod_token_id:
+        if self.eod is not None and seq.tokens[-1] == self.eod:
             seq.seg_start = seq.length  # the new token starts a segment after an <eod>
         seq.output_ids.append(token)
         if token == cfg.eod_token_id and not p.ignore_eod:
@@ -244,18 +385,12 @@ class Engine:
             seq.finish_reason = "length"
 
     def _release(self, seq: Sequence) -> None:
-        """Drop a finished or cancelled sequence from the running batch and free its slot."""
-        if self.cache and seq.slot is not None:
-            moved = self.cache.free(seq.slot)
-            if moved is not None:  # the last slot's sequence now lives in the freed slot
-                self.running[moved].slot = seq.slot
-                self.running[seq.slot] = self.running[moved]
-                self.running.pop()
-            else:
-                self.running.pop(seq.slot)
-            seq.slot = None
-        else:
+        """Drop a finished, failed or cancelled sequence from the running batch; free its blocks."""
+        if seq in self.running:
             self.running.remove(seq)
+        if seq.block_table:
+            self.blocks.release(seq.block_table)
+            seq.block_table = []
 
     # ---- convenience ------------------------------------------------------------------------
     def generate(
@@ -267,6 +402,31 @@ class Engine:
         while any(not s.finished for s in seqs):
             self.step()
         return seqs
+
+
+def kv_blocks(model: YuanModel, limits: EngineLimits) -> int:
+    """The cache's block count: `num_kv_blocks`, or as many as `kv_cache_gb` holds."""
+    if limits.num_kv_blocks is not None:
+        if limits.num_kv_blocks < 2:
+            raise ValueError(
+                f"num_kv_blocks must be at least 2 (block 0 is the null block), got {limits.num_kv_blocks}"
+            )
+        return limits.num_kv_blocks
+    cfg = model.cfg
+    per_block = PagedCache.block_bytes(
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.head_dim,
+        cfg.hidden_size,
+        model.embed.weight.dtype,
+        limits.block_size,
+    )
+    blocks = int(limits.kv_cache_gb * 1e9) // per_block
+    if blocks < 2:
+        raise ValueError(
+            f"kv_cache_gb {limits.kv_cache_gb} holds {blocks} blocks of {per_block} bytes; at least 2"
+        )
+    return blocks
 
 
 def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, dict[int, float]]:

@@ -5,7 +5,8 @@ Histograms `time_to_first_token_seconds`, `time_per_output_token_seconds` (a req
 its first token) and `e2e_request_latency_seconds`; counters `prompt_tokens_total`,
 `generation_tokens_total` and `request_success_total{finished_reason}`, all recorded by both front
 ends when a request finishes; gauges `num_requests_running`, `num_requests_waiting` and
-`kv_cache_usage_perc` (cache slots in use over the slots there are), read from the engine at scrape
+`kv_cache_usage_perc` (KV blocks held over the blocks there are), counters `prefix_cache_queries_total`,
+`prefix_cache_hits_total` (prompt tokens) and `num_preemptions_total`, read from the engine at scrape
 time, with the expert load: `expert_tokens_total{expert}` and `pool_pairs_total{worker}`.
 """
 
@@ -96,7 +97,12 @@ class _EngineCollector:
         gateway = self.metrics.gateway
         running = GaugeMetricFamily(PREFIX + "num_requests_running", "Sequences in the running batch")
         waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting for a slot")
-        usage = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "KV/LF cache slots in use, 0 to 1")
+        usage = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "KV blocks held by sequences, 0 to 1")
+        queries = CounterMetricFamily(
+            PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
+        )
+        hits = CounterMetricFamily(PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        preemptions = CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted to free KV blocks")
         experts = CounterMetricFamily(
             PREFIX + "expert_tokens", "Tokens routed to each expert", labels=["expert"]
         )
@@ -107,9 +113,12 @@ class _EngineCollector:
             s = gateway.stats()
             running.add_metric([], s["running"])
             waiting.add_metric([], s["waiting"])
-            usage.add_metric([], s["cache_slots_used"] / max(1, gateway.engine.limits.max_running))
+            usage.add_metric([], s["kv_blocks_used"] / max(1, s["kv_blocks_total"]))
+            queries.add_metric([], s["prefix_cache_queries"])
+            hits.add_metric([], s["prefix_cache_hits"])
+            preemptions.add_metric([], s["preemptions"])
             for e, n in enumerate(map(sum, zip(*s.get("expert_tokens", [])))):
                 experts.add_metric([str(e)], n)
             for w, n in s.get("worker_pairs", {}).items():
                 pools.add_metric([str(w)], n)
-        yield from (running, waiting, usage, experts, pools)
+        yield from (running, waiting, usage, queries, hits, preemptions, experts, pools)

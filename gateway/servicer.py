@@ -292,7 +292,11 @@ class YuanServingServicer(pb_grpc.YuanServingServicer):
         return pb.StatsResponse(
             running=s["running"],
             waiting=s["waiting"],
-            cache_slots_used=s["cache_slots_used"],
+            kv_blocks_used=s["kv_blocks_used"],
+            kv_blocks_total=s["kv_blocks_total"],
+            prefix_cache_queries=s["prefix_cache_queries"],
+            prefix_cache_hits=s["prefix_cache_hits"],
+            preemptions=s["preemptions"],
             cache_tokens=s["cache_tokens"],
             cache_bytes=s["cache_bytes"],
             steps=s["steps"],

@@ -1,6 +1,6 @@
-"""Localized-Filtering attention (LFA) of one decoder layer, with its KV and LF cache.
+"""Localized-Filtering attention (LFA) of one decoder layer, over the paged KV and LF cache.
 
-Legend: T packed tokens, B sequences, H heads, D head dim, d hidden, L cached length.
+Legend: T packed tokens, B chunks, H heads, D head dim, d hidden, L context length, P cache slots.
 Quirks (SPEC steps 2-6): q and k come from the LF-filtered states, v from the normed input; the
 concatenation `[q, k]` is cut into H pieces of 2D (first D: head's query, last D: its key);
 rotary uses bf16-rounded tables; softmax is float32; with `reset_attention_mask` a token sees only
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.cache import LayerCache
+from model.batch import ForwardBatch
 from model.localized_filter import LocalizedFilter
 from model.rotary import apply_rotary
 
@@ -39,55 +39,42 @@ class LFAttention(nn.Module):
         v = self.v_proj(h).view(-1, H, D)
         return q, k, v
 
-    def forward_prefill(
+    def forward(
         self,
         h: torch.Tensor,
-        seq_lens: list[int],
-        seq_starts: torch.Tensor,
-        segments: torch.Tensor,
+        batch: ForwardBatch,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: LayerCache | None,
-        slots: list[int] | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        lf_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """h `[T, d]`: whole prompts packed, each from position 0. Writes K/V/LF into `slots`."""
-        f = self.lf.forward_prefill(h, seq_starts)
+        """h `[T, d]`: the batch's new tokens. Writes their K/V and LF state into this layer's cache
+        (k/v `[P, H, D]`, lf `[N, 2, d]`), then attends over each chunk's whole context."""
+        f, h_prev = self.lf(h, batch.seq_starts, lf_cache[batch.lf_read], batch.has_prev)
         q, k, v = self._qkv(h, f, cos, sin)
+        k_cache[batch.write_slots] = k
+        v_cache[batch.write_slots] = v
+        rows = batch.lf_rows
+        lf_cache[batch.lf_blocks] = torch.stack([h_prev[rows], h[rows]], dim=1)
         out = torch.empty_like(q)
-        start = 0
-        for i, n in enumerate(seq_lens):
-            rows = slice(start, start + n)
-            seg = segments[rows]
-            causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
-            mask = causal & (seg[:, None] == seg[None, :])  # [n, n]
-            out[rows] = _attend(
-                q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1), mask
+        if batch.decode_slots.numel():  # one-token chunks together: q `[Bd, H, 1, D]`
+            keys, values = k_cache[batch.decode_slots], v_cache[batch.decode_slots]  # [Bd, L, H, D]
+            r = batch.decode_rows
+            out[r] = _attend(
+                q[r][:, :, None],
+                keys.transpose(1, 2),
+                values.transpose(1, 2),
+                batch.decode_mask[:, None, None],
+            ).squeeze(2)
+        for p in batch.prefills:  # longer chunks one by one: q `[H, n, D]`, keys `[H, L, D]`
+            out[p.rows] = _attend(
+                q[p.rows].transpose(0, 1),
+                k_cache[p.slots].transpose(0, 1),
+                v_cache[p.slots].transpose(0, 1),
+                p.mask,
             ).transpose(0, 1)
-            if cache is not None:
-                cache.write_prompt(slots[i], k[rows], v[rows], h[rows])
-            start += n
         return self.o_proj(out.reshape(h.shape[0], -1))
-
-    def forward_decode(
-        self,
-        h: torch.Tensor,
-        positions: torch.Tensor,
-        seg_starts: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: LayerCache,
-        slots: slice,
-    ) -> torch.Tensor:
-        """h `[B, d]`: one new token for each cache slot in the range `slots`, in slot order."""
-        B = h.shape[0]
-        f = self.lf.forward_decode(h, cache.lf[slots])
-        q, k, v = self._qkv(h, f, cos, sin)
-        cache.write_decode(slots, positions, k, v, h)
-        L = int(positions.max()) + 1
-        keys = torch.arange(L, device=h.device)
-        mask = (keys[None, :] <= positions[:, None]) & (keys[None, :] >= seg_starts[:, None])  # [B, L]
-        out = _attend(q[:, :, None], cache.k[slots, :, :L], cache.v[slots, :, :L], mask[:, None, None])
-        return self.o_proj(out.reshape(B, -1))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,64 +1,26 @@
-"""Per-sequence decode state: K and V per layer plus the two-vector LF state per layer.
+"""The paged KV + LF cache: fixed-size blocks of positions, shared by every layer.
 
-Sequences own slots `0..active-1` of preallocated slabs, kept dense: freeing a slot moves the last
-active slot into it. A decode step then reads `k[:B, :, :L]` as a plain view (no gather), and the
-slabs grow by doubling (slots and length) so memory follows use.
-Legend: S slots, H heads, C capacity (positions), D head dim, d hidden.
+A block holds `block_size` consecutive positions of one sequence: in every layer their K and V
+(after rotary) and the LF state `[h[t-1], h[t]]` at the block's last written position t (h: the
+layer's input-normed hidden states), which is what the LF convolution needs to go on after it.
+Sequences address blocks through block tables (the scheduler's `gateway/blocks.py` hands them out);
+a cache position ("cache slot") is `block * block_size + offset`.
+Block 0 is the null block: never handed out and always zero. Padded reads point at it, and a
+sequence's LF state before position 0 is its (zero) state.
+The tensors are allocated once, at the configured size, with `torch.empty`: pages the OS has not
+touched cost no memory, so resident memory follows the blocks written.
+Legend: N blocks, P = N * block_size cache slots, H heads, D head dim, d hidden.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-class LayerCache:
-    """One layer's slabs: k, v `[S, H, C, D]` (after rotary), lf `[S, 2, d]` = `[h[t-2], h[t-1]]`."""
-
-    def __init__(
-        self, slots: int, heads: int, capacity: int, head_dim: int, hidden: int, dtype: torch.dtype
-    ) -> None:
-        self.k = torch.zeros(slots, heads, capacity, head_dim, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.lf = torch.zeros(slots, 2, hidden, dtype=dtype)
-
-    def write_prompt(self, slot: int, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> None:
-        """k, v `[n, H, D]`, h `[n, d]` of a prompt that starts at position 0."""
-        n = k.shape[0]
-        self.k[slot, :, :n] = k.transpose(0, 1)
-        self.v[slot, :, :n] = v.transpose(0, 1)
-        self.lf[slot, 0] = h[n - 2] if n >= 2 else 0
-        self.lf[slot, 1] = h[n - 1]
-
-    def write_decode(
-        self, slots: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor
-    ) -> None:
-        """One new token for each slot of the range `slots`: k, v `[B, H, D]`, h `[B, d]`."""
-        rows = torch.arange(slots.start, slots.stop)
-        self.k[rows, :, positions] = k
-        self.v[rows, :, positions] = v
-        self.lf[slots] = torch.stack([self.lf[slots, 1], h], dim=1)
-
-    def resize(self, slots: int, capacity: int) -> None:
-        S, C = min(slots, self.k.shape[0]), min(capacity, self.k.shape[2])
-        k = self.k.new_zeros(slots, self.k.shape[1], capacity, self.k.shape[3])
-        v = torch.zeros_like(k)
-        k[:S, :, :C] = self.k[:S, :, :C]
-        v[:S, :, :C] = self.v[:S, :, :C]
-        lf = self.lf.new_zeros(slots, *self.lf.shape[1:])
-        lf[:S] = self.lf[:S]
-        self.k, self.v, self.lf = k, v, lf
-
-    def move(self, src: int, dst: int) -> None:
-        self.k[dst] = self.k[src]
-        self.v[dst] = self.v[src]
-        self.lf[dst] = self.lf[src]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.lf))
+NULL_BLOCK = 0
 
 
-class KVCache:
-    """All layers' slabs plus the dense slot allocator."""
+class PagedCache:
+    """k, v `[layers, P, H, D]`; lf `[layers, N, 2, d]`."""
 
     def __init__(
         self,
@@ -67,49 +29,30 @@ class KVCache:
         head_dim: int,
         hidden: int,
         dtype: torch.dtype,
-        max_slots: int,
-        max_len: int,
-        initial_slots: int = 4,
-        initial_len: int = 64,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.max_slots, self.max_len = max_slots, max_len
-        self.slots, self.capacity = min(initial_slots, max_slots), min(initial_len, max_len)
-        self.layers = [
-            LayerCache(self.slots, heads, self.capacity, head_dim, hidden, dtype) for _ in range(num_layers)
-        ]
-        self.active = 0
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be at least 2 (block 0 is the null block), got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        P = num_blocks * block_size
+        self.k = torch.empty(num_layers, P, heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.lf = torch.empty(num_layers, num_blocks, 2, hidden, dtype=dtype, device=device)
+        self.k[:, :block_size] = 0  # the null block
+        self.v[:, :block_size] = 0
+        self.lf[:, NULL_BLOCK] = 0
 
-    def allocate(self) -> int:
-        if self.active == self.max_slots:
-            raise RuntimeError("KV cache has no free slot")  # the scheduler checks first
-        if self.active == self.slots:
-            self._resize(min(self.slots * 2, self.max_slots), self.capacity)
-        self.active += 1
-        return self.active - 1
-
-    def free(self, slot: int) -> int | None:
-        """Free `slot`; returns the slot whose contents moved into it (the old last one), if any."""
-        last = self.active - 1
-        self.active -= 1
-        if slot == last:
-            return None
-        for layer in self.layers:
-            layer.move(last, slot)
-        return last
-
-    def ensure_length(self, length: int) -> None:
-        if length > self.max_len:
-            raise RuntimeError(f"sequence length {length} exceeds the cache limit {self.max_len}")
-        if length > self.capacity:
-            cap = self.capacity
-            while cap < length:
-                cap *= 2
-            self._resize(self.slots, min(cap, self.max_len))
-
-    def _resize(self, slots: int, capacity: int) -> None:
-        for layer in self.layers:
-            layer.resize(slots, capacity)
-        self.slots, self.capacity = slots, capacity
+    @staticmethod
+    def block_bytes(
+        num_layers: int, heads: int, head_dim: int, hidden: int, dtype: torch.dtype, block_size: int
+    ) -> int:
+        """Bytes one block takes over all layers."""
+        per_layer = 2 * block_size * heads * head_dim + 2 * hidden
+        return num_layers * per_layer * torch.empty((), dtype=dtype).element_size()
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.lf))

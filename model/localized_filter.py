@@ -4,8 +4,9 @@ Shapes: T tokens (packed over sequences), d hidden.
   c1[t] = A1 h[t-1] + B1 h[t] + b1            (d -> d/2)
   c2[t] = A2 c1[t-1] + B2 c1[t] + b2          (d/2 -> d)
 Anything before a sequence's position 0 is zero, for c1[-1] too (not b1). Tap 0 of each (2 x 1)
-kernel multiplies the earlier position. Decoding keeps per sequence the last two inputs
-`[h[t-2], h[t-1]]`, from which c1[t-1] is recomputed.
+kernel multiplies the earlier position. To go on after position t-1 (the next chunk, or a decode
+step) the cache keeps per sequence the last two inputs `[h[t-2], h[t-1]]`, from which c1[t-1] is
+recomputed.
 """
 
 from __future__ import annotations
@@ -33,27 +34,28 @@ class LocalizedFilter(nn.Module):
     def _taps(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return w[:, :, 0, 0], w[:, :, 1, 0]  # (earlier, current)
 
-    def forward_prefill(self, h: torch.Tensor, seq_starts: torch.Tensor) -> torch.Tensor:
-        """h `[T, d]` packed sequences that all start at position 0; `seq_starts` are row indices."""
-        a1, b1 = self._taps(self.conv1_weight)
-        a2, b2 = self._taps(self.conv2_weight)
-        c1 = F.linear(h, b1, self.conv1_bias) + F.linear(_shift(h, seq_starts), a1)
-        c2 = F.linear(c1, b2, self.conv2_bias) + F.linear(_shift(c1, seq_starts), a2)
-        return self.norm(c2 + h)
-
-    def forward_decode(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """h `[B, d]` one new token per sequence; state `[B, 2, d]` = `[h[t-2], h[t-1]]`."""
+    def forward(
+        self, h: torch.Tensor, seq_starts: torch.Tensor, state: torch.Tensor, has_prev: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h `[T, d]`: chunks of sequences, packed; chunk i starts at row `seq_starts[i]`, with the
+        state `[h[t-2], h[t-1]]` before it in `state` `[B, 2, d]` and `has_prev` `[B, 1]` False
+        when it starts at position 0. Returns the filtered states `[T, d]` and each row's previous
+        input h[t-1] `[T, d]` (the cache keeps `[h[t-1], h[t]]` as the state after t).
+        A one-token chunk is a decode step: the same formula, nothing special."""
         a1, b1 = self._taps(self.conv1_weight)
         a2, b2 = self._taps(self.conv2_weight)
         prev2, prev1 = state[:, 0], state[:, 1]
-        c1_prev = F.linear(prev1, b1, self.conv1_bias) + F.linear(prev2, a1)
-        c1 = F.linear(h, b1, self.conv1_bias) + F.linear(prev1, a1)
-        c2 = F.linear(c1, b2, self.conv2_bias) + F.linear(c1_prev, a2)
-        return self.norm(c2 + h)
+        h_prev = _shift(h, seq_starts, prev1)
+        c1 = F.linear(h, b1, self.conv1_bias) + F.linear(h_prev, a1)
+        # c1[t-1] before each chunk, recomputed from the state; zero (not b1) before position 0.
+        c1_first = F.linear(prev1, b1, self.conv1_bias) + F.linear(prev2, a1)
+        c1_first = torch.where(has_prev, c1_first, torch.zeros_like(c1_first))
+        c2 = F.linear(c1, b2, self.conv2_bias) + F.linear(_shift(c1, seq_starts, c1_first), a2)
+        return self.norm(c2 + h), h_prev
 
 
-def _shift(x: torch.Tensor, seq_starts: torch.Tensor) -> torch.Tensor:
-    """Row t gets row t-1, and each sequence's first row gets zeros."""
+def _shift(x: torch.Tensor, seq_starts: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Row t gets row t-1, and each chunk's first row gets its row of `first`."""
     shifted = torch.roll(x, 1, dims=0)
-    shifted[seq_starts] = 0
+    shifted[seq_starts] = first
     return shifted

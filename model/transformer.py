@@ -1,9 +1,9 @@
 """Yuan 2.0-M32 without its experts: embeddings, decoder layers (LF attention + Attention Router),
 final norm and LM head. This is what a gateway holds; the expert step goes through a `Dispatcher`.
 
-Two entry points share every layer: `prefill` (whole prompts, packed, each from position 0) and
-`decode` (one new token for each active cache slot, in slot order).
-Legend: T packed tokens, B sequences, d hidden, V vocab.
+One entry point, `forward`, runs any mix of chunks (prompts, prompt chunks, decode tokens) over the
+paged cache; `prefill` is whole prompts over a cache of their own.
+Legend: T packed tokens, B chunks, d hidden, V vocab.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from torch import nn
 
 from model.attention import LFAttention
 from model.attention_router import AttentionRouter, ClassicalRouter
-from model.cache import KVCache
+from model.batch import Chunk, ForwardBatch
+from model.cache import PagedCache
 from model.config import YuanConfig
 from model.dispatcher import Dispatcher
 from model.norm import RMSNorm
@@ -53,84 +54,57 @@ class YuanModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def new_cache(self, max_slots: int, max_len: int) -> KVCache:
+    def new_cache(self, num_blocks: int, block_size: int) -> PagedCache:
         cfg = self.cfg
-        return KVCache(
+        return PagedCache(
             cfg.num_layers,
             cfg.num_heads,
             cfg.head_dim,
             cfg.hidden_size,
             self.embed.weight.dtype,
-            max_slots,
-            max_len,
+            num_blocks,
+            block_size,
+            self.embed.weight.device,
         )
 
-    def segments(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Segment id per position: the number of `<eod>` strictly before it (SPEC step 6)."""
-        if not self.cfg.reset_attention_mask:
-            return torch.zeros_like(token_ids)
-        eod = (token_ids == self.cfg.eod_token_id).long()
-        return torch.cumsum(eod, 0) - eod
+    @property
+    def eod_for_segments(self) -> int | None:
+        """The `<eod>` id that ends attention segments, or None without `reset_attention_mask`."""
+        return self.cfg.eod_token_id if self.cfg.reset_attention_mask else None
+
+    @torch.inference_mode()
+    def forward(self, parts: list[ForwardBatch], dispatcher: Dispatcher, cache: PagedCache) -> torch.Tensor:
+        """Run a step's chunks; logits of each part's `logits_rows`, parts in order `[R, V]`.
+
+        One part is the whole batch. Two parts (micro-batches) run ping-pong: while one part's
+        experts are out, the other part's attention runs (two-batch overlap). Every token still
+        sees exactly the same layer code.
+        """
+        n = len(parts)
+        cs = [(self.rope_cos[p.positions], self.rope_sin[p.positions]) for p in parts]
+        xs = [self.embed(p.token_ids) for p in parts]
+        pending: list[object | None] = [None] * n
+        for i, layer in enumerate(self.layers):
+            for m, part in enumerate(parts):
+                if pending[m] is not None:  # this part's experts of the previous layer
+                    xs[m] = xs[m] + dispatcher.wait(pending[m])
+                h = layer.input_norm(xs[m])
+                xs[m] = xs[m] + layer.attn.forward(h, part, *cs[m], cache.k[i], cache.v[i], cache.lf[i])
+                pending[m] = layer.submit_moe(i, xs[m], dispatcher, lane=m)
+        xs = [(x + dispatcher.wait(pm))[p.logits_rows] for x, pm, p in zip(xs, pending, parts)]
+        return self.lm_head(self.norm(torch.cat(xs)))
 
     @torch.inference_mode()
     def prefill(
-        self,
-        prompts: list[torch.Tensor],
-        dispatcher: Dispatcher,
-        cache: KVCache | None = None,
-        slots: list[int] | None = None,
+        self, prompts: list[torch.Tensor], dispatcher: Dispatcher, block_size: int = 16
     ) -> torch.Tensor:
-        """Run whole prompts (1-D id tensors) packed together; logits at each last position `[B, V]`.
-
-        With a cache, each prompt's K/V and LF state are written into its slot.
-        """
-        seq_lens = [int(p.numel()) for p in prompts]
-        token_ids = torch.cat(prompts)
-        positions = torch.cat([torch.arange(n) for n in seq_lens])
-        segments = torch.cat([self.segments(p) for p in prompts])
-        ends = torch.tensor(seq_lens).cumsum(0)
-        seq_starts = ends - torch.tensor(seq_lens)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        x = self.embed(token_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer.input_norm(x)
-            x = x + layer.attn.forward_prefill(
-                h, seq_lens, seq_starts, segments, cos, sin, None if cache is None else cache.layers[i], slots
-            )
-            x = layer.moe(i, x, dispatcher)
-        return self.lm_head(self.norm(x[ends - 1]))
-
-    @torch.inference_mode()
-    def decode(
-        self,
-        token_ids: torch.Tensor,
-        positions: torch.Tensor,
-        seg_starts: torch.Tensor,
-        dispatcher: Dispatcher,
-        cache: KVCache,
-        micro_batches: int = 1,
-    ) -> torch.Tensor:
-        """One new token per active slot (slot order): ids, positions and segment starts `[B]`.
-
-        With `micro_batches=2` the batch is cut into two halves (two slot ranges) run ping-pong:
-        while one half's experts are out, the other half's attention runs (two-batch overlap).
-        Every token still sees exactly the same layer code.
-        """
-        B = token_ids.shape[0]
-        n = micro_batches if B >= micro_batches else 1
-        bounds = [round(m * B / n) for m in range(n + 1)]
-        parts = [slice(bounds[m], bounds[m + 1]) for m in range(n)]
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        xs = [self.embed(token_ids[p]) for p in parts]
-        pending: list[object | None] = [None] * n
-        for i, layer in enumerate(self.layers):
-            for m, p in enumerate(parts):
-                if pending[m] is not None:  # this half's experts of the previous layer
-                    xs[m] = xs[m] + dispatcher.wait(pending[m])
-                h = layer.input_norm(xs[m])
-                xs[m] = xs[m] + layer.attn.forward_decode(
-                    h, positions[p], seg_starts[p], cos[p], sin[p], cache.layers[i], p
-                )
-                pending[m] = layer.submit_moe(i, xs[m], dispatcher, lane=m)
-        xs = [x + dispatcher.wait(pm) for x, pm in zip(xs, pending)]
-        return self.lm_head(self.norm(torch.cat(xs)))
+        """Whole prompts (1-D id tensors) packed in one forward over a cache made for them alone;
+        logits at each last position `[B, V]`. The uncached reference path (and tests) use it."""
+        chunks, next_block = [], 1
+        for p in prompts:
+            ids = p.tolist()
+            blocks = (len(ids) + block_size - 1) // block_size
+            chunks.append(Chunk(ids, 0, len(ids), list(range(next_block, next_block + blocks))))
+            next_block += blocks
+        batch = ForwardBatch.build(chunks, block_size, self.eod_for_segments)
+        return self.forward([batch], dispatcher, self.new_cache(next_block, block_size))

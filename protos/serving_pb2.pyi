@@ -167,7 +167,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("running", "waiting", "cache_slots_used", "cache_tokens", "cache_bytes", "steps", "tokens_sent", "num_layers", "num_experts", "expert_tokens", "worker_pairs", "routing_table_version", "worker_compute_s", "admitted", "queue_delay_s", "gateway", "gateways", "running_total", "waiting_total")
+    __slots__ = ("running", "waiting", "kv_blocks_used", "cache_tokens", "cache_bytes", "steps", "tokens_sent", "num_layers", "num_experts", "expert_tokens", "worker_pairs", "routing_table_version", "worker_compute_s", "admitted", "queue_delay_s", "gateway", "gateways", "running_total", "waiting_total", "kv_blocks_total", "prefix_cache_queries", "prefix_cache_hits", "preemptions")
     class TokensSentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -191,7 +191,7 @@ class StatsResponse(_message.Message):
         def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
-    CACHE_SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -208,9 +208,13 @@ class StatsResponse(_message.Message):
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TOTAL_FIELD_NUMBER: _ClassVar[int]
     WAITING_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
-    cache_slots_used: int
+    kv_blocks_used: int
     cache_tokens: int
     cache_bytes: int
     steps: int
@@ -227,4 +231,8 @@ class StatsResponse(_message.Message):
     gateways: _containers.RepeatedCompositeFieldContainer[GatewayInfo]
     running_total: int
     waiting_total: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_slots_used: _Optional[int] = ..., cache_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_sent: _Optional[_Mapping[int, int]] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., worker_pairs: _Optional[_Mapping[int, int]] = ..., routing_table_version: _Optional[int] = ..., worker_compute_s: _Optional[_Mapping[int, float]] = ..., admitted: _Optional[int] = ..., queue_delay_s: _Optional[float] = ..., gateway: _Optional[str] = ..., gateways: _Optional[_Iterable[_Union[GatewayInfo, _Mapping]]] = ..., running_total: _Optional[int] = ..., waiting_total: _Optional[int] = ...) -> None: ...
+    kv_blocks_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    preemptions: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., cache_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_sent: _Optional[_Mapping[int, int]] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., worker_pairs: _Optional[_Mapping[int, int]] = ..., routing_table_version: _Optional[int] = ..., worker_compute_s: _Optional[_Mapping[int, float]] = ..., admitted: _Optional[int] = ..., queue_delay_s: _Optional[float] = ..., gateway: _Optional[str] = ..., gateways: _Optional[_Iterable[_Union[GatewayInfo, _Mapping]]] = ..., running_total: _Optional[int] = ..., waiting_total: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...

@@ -83,7 +83,7 @@ def test_staggered_streams_get_the_tokens_they_get_alone(cluster_app, fixture_di
     try:
         assert asyncio.run(main()) == alone
         stats = gw.stats()
-        assert stats["running"] == 0 and stats["cache_slots_used"] == 0 and stats["streams"] == 0
+        assert stats["running"] == 0 and stats["kv_blocks_used"] == 0 and stats["streams"] == 0
     finally:
         gw.close()
 

@@ -105,15 +105,17 @@ def test_abort_frees_the_slot_and_others_continue(ref, golden):
     seqs = [eng.add(f"r{i}", c["prompt_ids"], greedy) for i, c in enumerate(golden["cases"][:4])]
     for _ in range(4):
         eng.step()
-    assert eng.stats()["cache_slots_used"] == 4
+    held = eng.stats()["kv_blocks_used"]
+    r1_blocks = len(seqs[1].block_table)
+    assert eng.stats()["running"] == 4 and r1_blocks > 0
     assert eng.abort("r1").finish_reason == "cancelled"
-    assert eng.stats()["cache_slots_used"] == 3 and eng.stats()["running"] == 3
+    assert eng.stats()["kv_blocks_used"] == held - r1_blocks and eng.stats()["running"] == 3
     while eng.has_work:
         eng.step()
     for i in (0, 2, 3):
         assert seqs[i].output_ids == golden["cases"][i]["generated_ids"]
     assert len(seqs[1].output_ids) < 16
-    assert eng.stats()["cache_slots_used"] == 0
+    assert eng.stats()["kv_blocks_used"] == 0
 
 
 def test_more_requests_than_slots_all_finish(ref, golden):

@@ -87,7 +87,7 @@ def test_stop_strings_and_text(srv, fixture_dir):
 def test_model_info_and_stats(srv):
     info = srv.stub.ModelInfo(pb.ModelInfoRequest())
     assert info.num_experts == 32 and info.top_k == 2 and len(info.workers) == 1
-    assert settled(srv.stub).cache_slots_used == 0
+    assert settled(srv.stub).kv_blocks_used == 0
 
 
 def test_reflection_lists_the_service(srv):

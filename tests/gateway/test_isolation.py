@@ -125,7 +125,8 @@ def test_sample_floor_and_a_row_that_cannot_be_sampled():
 
 
 class FailingDispatcher:
-    """The real in-process experts, raising once when armed (a pool that failed mid-forward)."""
+    """The real in-process experts, raising once when armed (a pool that failed mid-forward), and
+    always for a batch holding a non-finite state (a request whose state breaks the expert step)."""
 
     def __init__(self, inner) -> None:
         self.inner, self.armed = inner, False
@@ -134,6 +135,8 @@ class FailingDispatcher:
         if self.armed:
             self.armed = False
             raise ConnectionError("pool 3 went away")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("non-finite expert input")
         return self.inner.experts(layer, x, expert_ids, weights)
 
     def submit(self, layer, x, expert_ids, weights, lane=0):
@@ -143,34 +146,35 @@ class FailingDispatcher:
         return handle
 
 
-def test_a_failed_forward_fails_only_its_requests(fixture_dir, golden):
+def test_a_failed_forward_ends_only_the_request_it_belongs_to(fixture_dir, golden):
     ref = local_engine(str(fixture_dir))
+    poison = ref.model.cfg.vocab_size - 1
+    ref.model.embed.weight.data[poison] = float("nan")  # this engine's own copy of the weights
     dispatcher = FailingDispatcher(ref.dispatcher)
-    eng = Engine(ref.model, dispatcher, EngineLimits(max_prefill_tokens=3))  # one prompt per prefill here
+    eng = Engine(ref.model, dispatcher, EngineLimits(max_num_batched_tokens=64))
     greedy = SamplingParams(max_tokens=16, ignore_eod=True)
     cases = golden["cases"][:3]
-    assert all(len(c["prompt_ids"]) <= 3 for c in cases)
+    assert all(poison not in c["prompt_ids"] for c in cases)
     running = [eng.add(f"r{i}", c["prompt_ids"], greedy) for i, c in enumerate(cases)]
-    while eng.waiting:
-        eng.step()
+    eng.step()
     eng.step()  # a decode: all three are mid-stream
-    doomed = eng.add("doomed", [5, 6, 7], greedy)
+    # A passing fault in a step with decodes and a new prompt: nobody fails, all are recomputed.
     later = eng.add("later", cases[0]["prompt_ids"], greedy)
     dispatcher.armed = True
-    assert eng.step() == [doomed]  # the prefill of "doomed" alone raises
-    assert doomed.finish_reason == "error" and "pool 3 went away" in doomed.error
-    assert eng.cache.active == len(eng.running) == 3 and list(eng.waiting) == [later]
-    while any(not s.finished for s in running + [later]):
+    assert eng.step() == []
+    assert not any(s.finished for s in running + [later]) and eng.stats()["kv_blocks_used"] == 0
+    # A request that breaks every forward it is in ends alone, in a forward of its own.
+    doomed = eng.add("doomed", [5, poison, 7], greedy)
+    while any(not s.finished for s in running + [later, doomed]):
         eng.step()
+    assert doomed.finish_reason == "error" and "non-finite expert input" in doomed.error
     assert [s.output_ids for s in running + [later]] == [c["generated_ids"] for c in cases + [cases[0]]]
-    # A decode that raises fails what it decoded, frees their cache, and the engine goes on.
+    assert eng.stats()["kv_blocks_used"] == 0 and not eng.running and not eng.waiting
+    # A poisoned request that joins running streams mid-generation ends alone too.
     batch = [eng.add(f"b{i}", c["prompt_ids"], greedy) for i, c in enumerate(cases)]
-    while eng.waiting:
-        eng.step()
-    dispatcher.armed = True
     eng.step()
-    assert all(s.finish_reason == "error" for s in batch) and not eng.running and eng.cache.active == 0
-    again = [eng.add(f"again{i}", c["prompt_ids"], greedy) for i, c in enumerate(cases)]
-    while any(not s.finished for s in again):
+    doomed = eng.add("doomed2", [poison], greedy)
+    while any(not s.finished for s in batch + [doomed]):
         eng.step()
-    assert [s.output_ids for s in again] == [c["generated_ids"] for c in cases]
+    assert doomed.finish_reason == "error"
+    assert [s.output_ids for s in batch] == [c["generated_ids"] for c in cases]

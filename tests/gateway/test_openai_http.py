@@ -216,7 +216,7 @@ def test_queue_full_is_429_and_a_disconnect_frees_the_request(server):
         for s in opened:  # clients gone mid-stream
             s.__exit__(None, None, None)
     stats = settled_stats(server.stub, timeout=20)
-    assert stats.running == 0 and stats.waiting == 0 and stats.cache_slots_used == 0
+    assert stats.running == 0 and stats.waiting == 0 and stats.kv_blocks_used == 0
 
 
 def test_health_and_metrics_count_what_was_served(server, golden):

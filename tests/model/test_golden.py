@@ -7,6 +7,7 @@ import torch
 
 from gateway.engine import Engine, local_engine
 from gateway.sampling import SamplingParams
+from model.batch import Chunk, ForwardBatch, segment_start
 from model.dispatcher import LocalDispatcher
 
 LOGIT_TOL = 1e-4  # fixtures/README.md: max |delta| <= 1e-4, never looser than 1e-3
@@ -44,30 +45,22 @@ def test_greedy_tokens_equal_golden(engine, golden, use_cache):
 
 
 def test_cached_logits_and_routing_equal_golden(engine, golden, golden_tensors):
-    """Prefill, then one decode call per golden token: all 17 logit rows and every top-2 choice."""
-    model = engine.model
-    layers = model.cfg.num_layers
+    """The prompt in one chunk, then one decode forward per golden token over the paged cache: all 17
+    logit rows and every top-2 choice."""
+    model, bs = engine.model, 16
+    layers, eod = model.cfg.num_layers, model.eod_for_segments
     for case in golden["cases"]:
         i, prompt = case["index"], case["prompt_ids"]
+        tokens = prompt + case["generated_ids"]
         rec = RecordingDispatcher(engine.dispatcher)
-        cache = model.new_cache(1, model.cfg.max_position_embeddings)
-        slot = cache.allocate()
-        cache.ensure_length(len(prompt) + 16)
-        rows = [model.prefill([torch.tensor(prompt)], rec, cache, [slot])]
-        tokens, eod = list(prompt), model.cfg.eod_token_id
-        for tok in case["generated_ids"]:
-            tokens.append(tok)
-            pos = len(tokens) - 1
-            eods = [j for j in range(pos) if tokens[j] == eod]
-            rows.append(
-                model.decode(
-                    torch.tensor([tok]),
-                    torch.tensor([pos]),
-                    torch.tensor([eods[-1] + 1 if eods else 0]),
-                    rec,
-                    cache,
-                )
-            )
+        table = list(range(1, 1 + -(-len(tokens) // bs)))
+        cache = model.new_cache(len(table) + 1, bs)
+
+        def run(start: int, n: int) -> torch.Tensor:
+            chunk = Chunk(tokens, start, n, table, segment_start(tokens, start, eod))
+            return model.forward([ForwardBatch.build([chunk], bs, eod)], rec, cache)
+
+        rows = [run(0, len(prompt))] + [run(len(prompt) + k, 1) for k in range(16)]
         err = (torch.cat(rows) - golden_tensors[f"case{i}.logits"]).abs().max().item()
         assert err <= LOGIT_TOL, f"case {i}: max |logit - golden| = {err}"
         prefill = torch.stack(rec.calls[:layers])  # [layers, prompt_len, 2]
@@ -90,7 +83,7 @@ def test_batch_of_all_golden_prompts_equals_each_alone(engine, golden):
     seqs = eng.generate([c["prompt_ids"] for c in golden["cases"]], GREEDY16)
     for seq, case in zip(seqs, golden["cases"]):
         assert seq.output_ids == case["generated_ids"], f"case {case['index']} changed when batched"
-    assert eng.stats()["cache_slots_used"] == 0, "finished sequences must free their cache slots"
+    assert eng.stats()["kv_blocks_used"] == 0, "finished sequences must free their cache blocks"
 
 
 def test_packed_prefill_logits_equal_separate(engine, golden):

@@ -1,0 +1,159 @@
+"""What one forward computes: chunks of sequences, packed, and where they read and write the cache.
+
+Every forward is the same kind: each sequence feeds `n` new tokens from position `start` on (a
+whole prompt, a prompt chunk, a recompute after preemption, or one decode token) and attends over
+its cached positions plus the new ones. `ForwardBatch.build` turns the scheduler's chunks into the
+index tensors the layers use, once per step; all layers share them (one block table per sequence
+covers every layer).
+Legend: T packed new tokens, B chunks (sequences), Bd decode chunks (n == 1), L context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.cache import NULL_BLOCK
+
+
+@dataclass
+class Chunk:
+    """Tokens `[start, start + n)` of one sequence, fed in one forward."""
+
+    token_ids: list[int]  # the sequence's tokens, at least `start + n` of them
+    start: int  # first new position; positions before it are in the cache already
+    n: int  # new tokens, >= 1
+    block_table: list[int]  # the sequence's cache blocks, covering positions [0, start + n)
+    seg_start: int = 0  # first position of the `<eod>` segment that position `start` belongs to
+    logits: bool = True  # whether the chunk's last position yields a logits row
+
+
+@dataclass
+class PrefillAttention:
+    """One chunk of more than one token: its rows in the batch and its context's cache slots."""
+
+    rows: slice  # [n] rows of the packed batch
+    slots: torch.Tensor  # [L] cache slots of positions 0..L-1, L = start + n
+    mask: torch.Tensor  # [n, L] which keys each new token sees
+
+
+@dataclass
+class ForwardBatch:
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    write_slots: torch.Tensor  # [T] cache slot each new token's K/V goes to
+    seq_starts: torch.Tensor  # [B] row of each chunk's first token
+    lf_read: torch.Tensor  # [B] block holding the LF state before the chunk (null at position 0)
+    has_prev: torch.Tensor  # [B, 1] bool: the chunk starts after position 0
+    lf_rows: torch.Tensor  # [W] rows whose LF state is kept: a block's last position or a chunk's last
+    lf_blocks: torch.Tensor  # [W] the block each of those states goes to
+    decode_rows: torch.Tensor | slice  # [Bd] rows of one-token chunks (a slice when all are)
+    decode_slots: torch.Tensor  # [Bd, L] their context's cache slots, padded with the null block
+    decode_mask: torch.Tensor  # [Bd, L]
+    prefills: list[PrefillAttention]
+    logits_rows: torch.Tensor  # [R] rows whose logits the caller wants, in chunk order
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+    @staticmethod
+    def build(chunks: list[Chunk], block_size: int, eod_token_id: int | None) -> ForwardBatch:
+        """`eod_token_id` None: no segments (the model has no `reset_attention_mask`)."""
+        bs = block_size
+        ids, positions, seg, write, lf_rows, lf_blocks = [], [], [], [], [], []
+        seq_starts, lf_read, has_prev, logits_rows, prefills = [], [], [], [], []
+        dec_rows, dec_pos, dec_seg, dec_tables = [], [], [], []
+        row = 0
+        for c in chunks:
+            s, n = c.start, c.n
+            if n < 1 or len(c.token_ids) < s + n or len(c.block_table) * bs < s + n:
+                raise ValueError(f"chunk [{s}, {s + n}) does not fit its tokens or block table")
+            table = torch.tensor(c.block_table, dtype=torch.long)
+            pos = torch.arange(s, s + n)
+            new = c.token_ids[s : s + n]
+            ids.append(torch.tensor(new, dtype=torch.long))
+            positions.append(pos)
+            seg.append(_segment_starts(c.token_ids, s, n, c.seg_start, eod_token_id))
+            slots = table[pos // bs] * bs + pos % bs
+            write.append(slots)
+            seq_starts.append(row)
+            lf_read.append(c.block_table[(s - 1) // bs] if s > 0 else NULL_BLOCK)
+            has_prev.append(s > 0)
+            keep = ((pos + 1) % bs == 0) | (pos == s + n - 1)
+            lf_rows.append(row + keep.nonzero().squeeze(1))
+            lf_blocks.append(table[pos[keep] // bs])
+            if n == 1:
+                dec_rows.append(row)
+                dec_pos.append(s)
+                dec_seg.append(int(seg[-1][0]))
+                dec_tables.append(c.block_table[: s // bs + 1])
+            else:
+                L = s + n
+                ctx = (table[: (L + bs - 1) // bs, None] * bs + torch.arange(bs)).reshape(-1)[:L]
+                prefills.append(PrefillAttention(slice(row, row + n), ctx, _mask(pos, seg[-1], L)))
+            if c.logits:
+                logits_rows.append(row + n - 1)
+            row += n
+        Bd = len(dec_rows)
+        if Bd:
+            L = max(dec_pos) + 1
+            width = max(len(t) for t in dec_tables)
+            tables = torch.full((Bd, width), NULL_BLOCK, dtype=torch.long)
+            for i, t in enumerate(dec_tables):
+                tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            decode_slots = (tables[:, :, None] * bs + torch.arange(bs)).reshape(Bd, -1)[:, :L]
+            q_pos = torch.tensor(dec_pos)
+            # Past a sequence's own position its last block holds stale values (maybe not even
+            # finite): read the null block there, as for padding, so masked keys add exact zeros.
+            decode_slots = torch.where(torch.arange(L)[None, :] <= q_pos[:, None], decode_slots, 0)
+            decode_mask = _mask(q_pos, torch.tensor(dec_seg), L)
+        else:
+            decode_slots = decode_mask = torch.empty(0, 0, dtype=torch.long)
+        return ForwardBatch(
+            token_ids=torch.cat(ids),
+            positions=torch.cat(positions),
+            write_slots=torch.cat(write),
+            seq_starts=torch.tensor(seq_starts, dtype=torch.long),
+            lf_read=torch.tensor(lf_read, dtype=torch.long),
+            has_prev=torch.tensor(has_prev).unsqueeze(1),
+            lf_rows=torch.cat(lf_rows),
+            lf_blocks=torch.cat(lf_blocks),
+            decode_rows=slice(None) if Bd == row else torch.tensor(dec_rows, dtype=torch.long),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=prefills,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long),
+        )
+
+
+def _segment_starts(token_ids: list[int], s: int, n: int, seg_start: int, eod: int | None) -> torch.Tensor:
+    """First position of the segment of each position in [s, s + n): a segment ends at, and
+    includes, an `<eod>` (SPEC step 6), so position p starts one when token p-1 is `<eod>`."""
+    if eod is None:
+        return torch.zeros(n, dtype=torch.long)
+    if n == 1:
+        return torch.tensor([seg_start])
+    prev = torch.tensor(token_ids[max(s - 1, 0) : s + n - 1], dtype=torch.long)
+    if s == 0:
+        prev = torch.cat([torch.tensor([-1]), prev])
+    pos = torch.arange(s, s + n)
+    starts = torch.where(prev == eod, pos, torch.full_like(pos, seg_start))
+    return torch.cummax(starts, 0).values
+
+
+def _mask(q_pos: torch.Tensor, q_seg: torch.Tensor, L: int) -> torch.Tensor:
+    """`[Q, L]`: key position k is seen by a query at p when seg_start(p) <= k <= p."""
+    keys = torch.arange(L)
+    return (keys[None, :] <= q_pos[:, None]) & (keys[None, :] >= q_seg[:, None])
+
+
+def segment_start(token_ids: list[int], pos: int, eod: int | None) -> int:
+    """The first position of the segment that position `pos` belongs to."""
+    if eod is None or pos == 0:
+        return 0
+    try:
+        return pos - token_ids[pos - 1 :: -1].index(eod)  # index i in reverse is position pos-1-i
+    except ValueError:
+        return 0
