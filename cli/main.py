@@ -123,9 +123,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop_token_ids=tuple(cli_args.token_ids(args.stop_token_ids or "", "--stop-token-ids")),
     )
-    from gateway.engine import EngineLimits, check_request
+    from cli.config_flags import given
+    from cluster.serve_app import EngineArgs
+    from gateway.engine import check_request
 
-    params = check_request(cfg, EngineLimits(), "cli", prompt, params)  # before anything starts
+    args.limits = EngineArgs(**given(args, EngineArgs)).limits()
+    params = check_request(cfg, args.limits, "cli", prompt, params)  # before anything starts
     run = _generate_ray if args.engine == "ray" else _generate_local
     token_ids, finish_reason, timing = run(args, str(model_dir), prompt, params)
     text = tokenizer.decode(token_ids, skip_special=True)
@@ -148,7 +151,7 @@ def _generate_local(args, model_dir: str, prompt: list[int], params) -> tuple[li
     from gateway.engine import local_engine
 
     t0 = time.perf_counter()
-    engine = local_engine(model_dir, args.dtype)
+    engine = local_engine(model_dir, args.dtype, args.limits)
     engine.validate("cli", prompt, params)
     t1 = time.perf_counter()
     seq = engine.generate([prompt], params)[0]
@@ -181,6 +184,7 @@ def _generate_ray(args, model_dir: str, prompt: list[int], params) -> tuple[list
                 address=args.address,
                 transport=args.transport,
                 micro_batches=args.micro_batches,
+                limits=args.limits,
             ),
         )
         try:
@@ -273,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_sampling_args(s)
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     s.add_argument("--json", action="store_true")
+    from cli.config_flags import add_flags
+    from cluster.serve_app import EngineArgs
+
+    add_flags(s, EngineArgs)  # the engine's cache and scheduling settings, as `up` has them
     s.set_defaults(func=cmd_generate)
 
     from cli import client, stats, up

@@ -217,6 +217,7 @@ class PoolSet:
             cfg.dtype,
             "cuda" if gpus else "cpu",
             max_tokens_per_request=self.max_tokens_per_step(),
+            batch_invariant=cfg.limits.batch_invariant,
         )
 
     def max_tokens_per_step(self) -> int:

@@ -32,7 +32,49 @@ def _default(cls, name: str):
     return cls.__dataclass_fields__[name].default
 
 
-class AppArgs(BaseModel):
+class EngineArgs(BaseModel):
+    """The engine's cache and scheduling settings: `generate` and `up` take them as flags,
+    deploy.yaml as args."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_batched_tokens: int = Field(
+        _default(EngineLimits, "max_num_batched_tokens"),
+        ge=1,
+        description="Tokens one step computes: every running decode, then chunks of waiting prompts "
+        "(chunked prefill); it also bounds what a pool accepts per step.",
+    )
+    block_size: int = Field(
+        _default(EngineLimits, "block_size"), ge=1, le=1024, description="Positions per KV cache block."
+    )
+    kv_cache_gb: float = Field(
+        _default(EngineLimits, "kv_cache_gb"),
+        gt=0,
+        description="Paged KV + LF cache size in GB (1e9 bytes), allocated once per gateway; pages "
+        "are touched as blocks are first used.",
+    )
+    num_kv_blocks: int | None = Field(
+        None, ge=2, description="The cache size in blocks instead of kv_cache_gb (block 0 included)."
+    )
+    prefix_caching: bool = Field(
+        _default(EngineLimits, "prefix_caching"),
+        description="Share the cached blocks of a common prompt prefix between requests.",
+    )
+    batch_invariant: bool = Field(
+        _default(EngineLimits, "batch_invariant"),
+        description="Greedy output identical to the solo run whatever else is in the batch and "
+        "however prompts are chunked (slower; docs/PERFORMANCE.md).",
+    )
+
+    def limits(self, **more) -> EngineLimits:
+        """EngineLimits with every field this config has, by name (the rest: `more`, or defaults)."""
+        fields = type(self).model_fields
+        return EngineLimits(
+            **{f: getattr(self, f) for f in EngineLimits.__dataclass_fields__ if f in fields}, **more
+        )
+
+
+class AppArgs(EngineArgs):
     """Arguments of the yuan-serve application (the `args:` block of deploy.yaml)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -161,10 +203,7 @@ class AppArgs(BaseModel):
         )
 
     def pool_config(self) -> PoolConfig:
-        # Every EngineLimits field the app's config has, by name (the rest keep EngineLimits' defaults).
-        limits = EngineLimits(
-            **{f: getattr(self, f) for f in EngineLimits.__dataclass_fields__ if f in type(self).model_fields}
-        )
+        limits = self.limits()
         return PoolConfig(
             self.model or str(demo_checkpoint()),
             pools=self.pools,

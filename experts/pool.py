@@ -12,6 +12,7 @@ import socket
 import numpy as np
 import torch
 
+from model import invariant
 from model.checkpoint import CheckpointReader, load_experts
 from experts.dataplane import DataPlaneServer
 from router.dataplane import DataPlaneLimits, PairBatch
@@ -37,8 +38,10 @@ class ExpertPool:
         device: str = "cpu",
         num_threads: int = 1,
         max_tokens_per_request: int = 16384,
+        batch_invariant: bool = False,
     ) -> None:
         torch.set_num_threads(num_threads)
+        invariant.set_enabled(batch_invariant)  # this process computes for gateways in that mode
         self.model_dir, self.device = model_dir, torch.device(device)
         cfg = YuanConfig.from_file(os.path.join(model_dir, "config.json"))
         self.cfg = cfg.with_(torch_dtype=dtype) if dtype else cfg

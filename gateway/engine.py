@@ -18,6 +18,7 @@ import torch
 from gateway.blocks import BlockManager
 from gateway.errors import InvalidRequest, QueueFull
 from gateway.sampling import SampleError, SamplingParams, sample
+from model import invariant
 from model.batch import Chunk, ForwardBatch, segment_start
 from model.cache import PagedCache
 from model.dispatcher import Dispatcher
@@ -69,6 +70,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # its KV blocks, position p in [p // block_size]
     block_keys: list[bytes] = field(default_factory=list)  # prefix keys of its first full blocks
     num_computed: int = 0  # tokens whose K/V and LF state are in the cache
+    num_registered: int = 0  # its first blocks offered to the prefix cache (full ones)
     seg_start: int = 0  # first position of the segment the next fed token belongs to
     finish_reason: str | None = None  # "length" | "stop" | "eod" | "cancelled" | "error"
     error: str | None = None  # why an accepted request failed (finish_reason "error")
@@ -228,10 +230,11 @@ class Engine:
             seq.suspect = False
             seq.num_computed += n
             full = seq.num_computed // self.limits.block_size
-            known = len(seq.block_keys)
-            if self.limits.prefix_caching and full > known:
-                for j, key in enumerate(self.blocks.keys(seq.tokens, seq.block_keys, full)[known:], known):
-                    self.blocks.register(seq.block_table[j], key)
+            if self.limits.prefix_caching and full > seq.num_registered:
+                keys = self.blocks.keys(seq.tokens, seq.block_keys, full)
+                for j in range(seq.num_registered, full):
+                    self.blocks.register(seq.block_table[j], keys[j])
+                seq.num_registered = full
             if seq.num_computed == seq.length:
                 sampled.append(seq)
         return self._sample(sampled, logits)
@@ -314,7 +317,7 @@ class Engine:
         for b in hits:
             self.blocks.take(b)
         seq.block_table = list(hits)
-        seq.num_computed = cached
+        seq.num_computed, seq.num_registered = cached, len(hits)
         self.blocks.queries += len(tokens) - 1 if self.limits.prefix_caching else 0
         self.blocks.hits += cached
         self._grow(seq, cached + n)
@@ -328,7 +331,7 @@ class Engine:
         """Take `seq` out of the running batch; it is recomputed from its tokens when readmitted."""
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
-        seq.block_table, seq.num_computed = [], 0
+        seq.block_table, seq.num_computed, seq.num_registered = [], 0, 0
         if counted:
             seq.preempted += 1
             self.preemptions += 1
@@ -347,7 +350,8 @@ class Engine:
             half = len(chunks) // 2
             parts = [chunks[:half], chunks[half:]]
         batches = [ForwardBatch.build(p, self.limits.block_size, self.eod) for p in parts]
-        return self.model.forward(batches, self.dispatcher, self.cache)
+        with invariant.mode(self.limits.batch_invariant):
+            return self.model.forward(batches, self.dispatcher, self.cache)
 
     def _step_uncached(self) -> list[Sequence]:
         """The reference path: no cache, every sequence recomputed from scratch at every step."""
@@ -360,7 +364,8 @@ class Engine:
         if not batch:
             return []
         try:
-            logits = self.model.prefill([torch.tensor(s.tokens) for s in batch], self.dispatcher)
+            with invariant.mode(self.limits.batch_invariant):
+                logits = self.model.prefill([torch.tensor(s.tokens) for s in batch], self.dispatcher)
         except Exception as e:
             for seq in batch:
                 self._fail(seq, f"forward failed: {type(e).__name__}: {e}")

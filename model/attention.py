@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import invariant
 from model.batch import ForwardBatch
+from model.invariant import linear
 from model.localized_filter import LocalizedFilter
 from model.rotary import apply_rotary
 
@@ -33,10 +35,11 @@ class LFAttention(nn.Module):
 
     def _qkv(self, h: torch.Tensor, f: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         H, D = self.num_heads, self.head_dim
-        qk = torch.cat([self.q_proj(f), self.k_proj(f)], dim=-1).view(-1, H, 2 * D)  # [T, H, 2D]
+        qk = torch.cat([linear(f, self.q_proj.weight), linear(f, self.k_proj.weight)], dim=-1)
+        qk = qk.view(-1, H, 2 * D)  # [T, H, 2D]
         q = apply_rotary(qk[..., :D], cos[:, None], sin[:, None])  # [T, H, D]
         k = apply_rotary(qk[..., D:], cos[:, None], sin[:, None])
-        v = self.v_proj(h).view(-1, H, D)
+        v = linear(h, self.v_proj.weight).view(-1, H, D)
         return q, k, v
 
     def forward(
@@ -58,6 +61,9 @@ class LFAttention(nn.Module):
         rows = batch.lf_rows
         lf_cache[batch.lf_blocks] = torch.stack([h_prev[rows], h[rows]], dim=1)
         out = torch.empty_like(q)
+        if invariant.enabled():
+            _attend_each_query(q, out, batch, k_cache, v_cache)
+            return linear(out.reshape(h.shape[0], -1), self.o_proj.weight)
         if batch.decode_slots.numel():  # one-token chunks together: q `[Bd, H, 1, D]`
             keys, values = k_cache[batch.decode_slots], v_cache[batch.decode_slots]  # [Bd, L, H, D]
             r = batch.decode_rows
@@ -74,7 +80,29 @@ class LFAttention(nn.Module):
                 v_cache[p.slots].transpose(0, 1),
                 p.mask,
             ).transpose(0, 1)
-        return self.o_proj(out.reshape(h.shape[0], -1))
+        return linear(out.reshape(h.shape[0], -1), self.o_proj.weight)
+
+
+def _attend_each_query(
+    q: torch.Tensor, out: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> None:
+    """Batch-invariant attention (`model.invariant`): each query over exactly its keys 0..p, so the
+    shapes, and with them the bits, depend on its position only."""
+    positions = batch.positions.tolist()
+    queries = []  # (row, slots of positions 0..p, mask)
+    if batch.decode_slots.numel():
+        rows = range(q.shape[0]) if isinstance(batch.decode_rows, slice) else batch.decode_rows.tolist()
+        for b, r in enumerate(rows):
+            p = positions[r]
+            queries.append((r, batch.decode_slots[b, : p + 1], batch.decode_mask[b, : p + 1]))
+    for pre in batch.prefills:
+        for j, r in enumerate(range(pre.rows.start, pre.rows.stop)):
+            p = positions[r]
+            queries.append((r, pre.slots[: p + 1], pre.mask[j, : p + 1]))
+    for r, slots, mask in queries:
+        out[r] = _attend(
+            q[r][:, None], k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1), mask[None]
+        ).squeeze(1)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.invariant import bmm, linear
+
 
 class AttentionRouter(nn.Module):
     def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
@@ -23,11 +25,11 @@ class AttentionRouter(nn.Module):
 
     def probabilities(self, g: torch.Tensor) -> torch.Tensor:
         gf = g.float()
-        q = F.linear(gf, self.query.weight.float())  # [T, N]
-        k = F.linear(gf, self.key.weight.float())
-        v = F.linear(gf, self.value.weight.float())
+        q = linear(gf, self.query.weight.float())  # [T, N]
+        k = linear(gf, self.key.weight.float())
+        v = linear(gf, self.value.weight.float())
         m = F.softmax(q[:, :, None] * k[:, None, :], dim=-1)  # [T, N, N]
-        p = torch.matmul(m, v[:, :, None]).squeeze(-1)  # [T, N]
+        p = bmm(m, v[:, :, None]).squeeze(-1)  # [T, N]
         return F.softmax(p, dim=-1)
 
     def forward(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +46,7 @@ class ClassicalRouter(nn.Module):
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
 
     def forward(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = F.softmax(F.linear(g.float(), self.gate.weight.float()), dim=-1)
+        p = F.softmax(linear(g.float(), self.gate.weight.float()), dim=-1)
         return _top_k(p, self.top_k, self.norm_topk_prob, g.dtype)
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.invariant import linear
+
 
 class ExpertBank(nn.Module):
     """The experts `expert_ids` (global ids) of one layer: w1 `[E, 2F, d]`, w2 `[E, d, F]`."""
@@ -74,9 +76,9 @@ class ExpertBank(nn.Module):
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    u = F.linear(x, w1)  # [R, 2F]
+    u = linear(x, w1)  # [R, 2F]
     ffn = u.shape[-1] // 2
-    return F.linear(F.silu(u[:, :ffn]) * u[:, ffn:], w2)
+    return linear(F.silu(u[:, :ffn]) * u[:, ffn:], w2)
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -12,9 +12,9 @@ recomputed.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from model.invariant import linear
 from model.norm import RMSNorm
 
 LF_NORM_EPS = 1e-6  # fixed in the released code; it ignores rms_norm_eps
@@ -46,11 +46,11 @@ class LocalizedFilter(nn.Module):
         a2, b2 = self._taps(self.conv2_weight)
         prev2, prev1 = state[:, 0], state[:, 1]
         h_prev = _shift(h, seq_starts, prev1)
-        c1 = F.linear(h, b1, self.conv1_bias) + F.linear(h_prev, a1)
+        c1 = linear(h, b1, self.conv1_bias) + linear(h_prev, a1)
         # c1[t-1] before each chunk, recomputed from the state; zero (not b1) before position 0.
-        c1_first = F.linear(prev1, b1, self.conv1_bias) + F.linear(prev2, a1)
+        c1_first = linear(prev1, b1, self.conv1_bias) + linear(prev2, a1)
         c1_first = torch.where(has_prev, c1_first, torch.zeros_like(c1_first))
-        c2 = F.linear(c1, b2, self.conv2_bias) + F.linear(_shift(c1, seq_starts, c1_first), a2)
+        c2 = linear(c1, b2, self.conv2_bias) + linear(_shift(c1, seq_starts, c1_first), a2)
         return self.norm(c2 + h), h_prev
 
 

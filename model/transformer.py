@@ -17,6 +17,7 @@ from model.batch import Chunk, ForwardBatch
 from model.cache import PagedCache
 from model.config import YuanConfig
 from model.dispatcher import Dispatcher
+from model.invariant import linear
 from model.norm import RMSNorm
 from model.rotary import rotary_tables
 
@@ -92,7 +93,7 @@ class YuanModel(nn.Module):
                 xs[m] = xs[m] + layer.attn.forward(h, part, *cs[m], cache.k[i], cache.v[i], cache.lf[i])
                 pending[m] = layer.submit_moe(i, xs[m], dispatcher, lane=m)
         xs = [(x + dispatcher.wait(pm))[p.logits_rows] for x, pm, p in zip(xs, pending, parts)]
-        return self.lm_head(self.norm(torch.cat(xs)))
+        return linear(self.norm(torch.cat(xs)), self.lm_head.weight)
 
     @torch.inference_mode()
     def prefill(
