@@ -53,6 +53,15 @@ class ForwardBatch:
     decode_mask: torch.Tensor  # [Bd, L]
     prefills: list[PrefillAttention]
     logits_rows: torch.Tensor  # [R] rows whose logits the caller wants, in chunk order
+    _decode_index: torch.Tensor | None = None
+
+    def decode_index(self, heads: int, slots: int) -> torch.Tensor:
+        """`decode_slots` as rows of a layer's cache viewed `[heads * slots, D]`, head-major: one
+        `index_select` then gives `[heads, Bd, L, D]`. Made once and kept (every layer uses it)."""
+        if self._decode_index is None:
+            flat = self.decode_slots.reshape(-1)
+            self._decode_index = (torch.arange(heads)[:, None] * slots + flat[None, :]).reshape(-1)
+        return self._decode_index
 
     @property
     def num_tokens(self) -> int:
@@ -62,37 +71,36 @@ class ForwardBatch:
     def build(chunks: list[Chunk], block_size: int, eod_token_id: int | None) -> ForwardBatch:
         """`eod_token_id` None: no segments (the model has no `reset_attention_mask`)."""
         bs = block_size
-        ids, positions, seg, write, lf_rows, lf_blocks = [], [], [], [], [], []
+        # Python ints, one list per field, turned into tensors once (a decode chunk is one of each).
+        ids, positions, write, lf_rows, lf_blocks = [], [], [], [], []
         seq_starts, lf_read, has_prev, logits_rows, prefills = [], [], [], [], []
         dec_rows, dec_pos, dec_seg, dec_tables = [], [], [], []
         row = 0
         for c in chunks:
-            s, n = c.start, c.n
-            if n < 1 or len(c.token_ids) < s + n or len(c.block_table) * bs < s + n:
+            s, n, table = c.start, c.n, c.block_table
+            if n < 1 or len(c.token_ids) < s + n or len(table) * bs < s + n:
                 raise ValueError(f"chunk [{s}, {s + n}) does not fit its tokens or block table")
-            table = torch.tensor(c.block_table, dtype=torch.long)
-            pos = torch.arange(s, s + n)
-            new = c.token_ids[s : s + n]
-            ids.append(torch.tensor(new, dtype=torch.long))
-            positions.append(pos)
-            seg.append(_segment_starts(c.token_ids, s, n, c.seg_start, eod_token_id))
-            slots = table[pos // bs] * bs + pos % bs
-            write.append(slots)
+            ids.extend(c.token_ids[s : s + n])
+            positions.extend(range(s, s + n))
+            write.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
             seq_starts.append(row)
-            lf_read.append(c.block_table[(s - 1) // bs] if s > 0 else NULL_BLOCK)
+            lf_read.append(table[(s - 1) // bs] if s > 0 else NULL_BLOCK)
             has_prev.append(s > 0)
-            keep = ((pos + 1) % bs == 0) | (pos == s + n - 1)
-            lf_rows.append(row + keep.nonzero().squeeze(1))
-            lf_blocks.append(table[pos[keep] // bs])
+            for p in range(s, s + n):  # a block's last position, and the chunk's last
+                if (p + 1) % bs == 0 or p == s + n - 1:
+                    lf_rows.append(row + p - s)
+                    lf_blocks.append(table[p // bs])
             if n == 1:
                 dec_rows.append(row)
                 dec_pos.append(s)
-                dec_seg.append(int(seg[-1][0]))
-                dec_tables.append(c.block_table[: s // bs + 1])
+                dec_seg.append(c.seg_start)
+                dec_tables.append(table[: s // bs + 1])
             else:
                 L = s + n
-                ctx = (table[: (L + bs - 1) // bs, None] * bs + torch.arange(bs)).reshape(-1)[:L]
-                prefills.append(PrefillAttention(slice(row, row + n), ctx, _mask(pos, seg[-1], L)))
+                t = torch.tensor(table[: (L + bs - 1) // bs], dtype=torch.long)
+                ctx = (t[:, None] * bs + torch.arange(bs)).reshape(-1)[:L]
+                seg = _segment_starts(c.token_ids, s, n, c.seg_start, eod_token_id)
+                prefills.append(PrefillAttention(slice(row, row + n), ctx, _mask(torch.arange(s, L), seg, L)))
             if c.logits:
                 logits_rows.append(row + n - 1)
             row += n
@@ -100,26 +108,24 @@ class ForwardBatch:
         if Bd:
             L = max(dec_pos) + 1
             width = max(len(t) for t in dec_tables)
-            tables = torch.full((Bd, width), NULL_BLOCK, dtype=torch.long)
-            for i, t in enumerate(dec_tables):
-                tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in dec_tables], dtype=torch.long)
             decode_slots = (tables[:, :, None] * bs + torch.arange(bs)).reshape(Bd, -1)[:, :L]
             q_pos = torch.tensor(dec_pos)
             # Past a sequence's own position its last block holds stale values (maybe not even
             # finite): read the null block there, as for padding, so masked keys add exact zeros.
             decode_slots = torch.where(torch.arange(L)[None, :] <= q_pos[:, None], decode_slots, 0)
-            decode_mask = _mask(q_pos, torch.tensor(dec_seg), L)
+            decode_mask = _mask(q_pos, torch.tensor(dec_seg) if eod_token_id is not None else 0 * q_pos, L)
         else:
             decode_slots = decode_mask = torch.empty(0, 0, dtype=torch.long)
         return ForwardBatch(
-            token_ids=torch.cat(ids),
-            positions=torch.cat(positions),
-            write_slots=torch.cat(write),
+            token_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            write_slots=torch.tensor(write, dtype=torch.long),
             seq_starts=torch.tensor(seq_starts, dtype=torch.long),
             lf_read=torch.tensor(lf_read, dtype=torch.long),
             has_prev=torch.tensor(has_prev).unsqueeze(1),
-            lf_rows=torch.cat(lf_rows),
-            lf_blocks=torch.cat(lf_blocks),
+            lf_rows=torch.tensor(lf_rows, dtype=torch.long),
+            lf_blocks=torch.tensor(lf_blocks, dtype=torch.long),
             decode_rows=slice(None) if Bd == row else torch.tensor(dec_rows, dtype=torch.long),
             decode_slots=decode_slots,
             decode_mask=decode_mask,

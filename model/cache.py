@@ -20,7 +20,8 @@ NULL_BLOCK = 0
 
 
 class PagedCache:
-    """k, v `[layers, P, H, D]`; lf `[layers, N, 2, d]`."""
+    """k, v `[layers, H, P, D]` (heads outermost: a gather of slots is `[H, L, D]`, contiguous per
+    head, as attention's matmuls want it); lf `[layers, N, 2, d]`."""
 
     def __init__(
         self,
@@ -39,11 +40,11 @@ class PagedCache:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         P = num_blocks * block_size
-        self.k = torch.empty(num_layers, P, heads, head_dim, dtype=dtype, device=device)
+        self.k = torch.empty(num_layers, heads, P, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.lf = torch.empty(num_layers, num_blocks, 2, hidden, dtype=dtype, device=device)
-        self.k[:, :block_size] = 0  # the null block
-        self.v[:, :block_size] = 0
+        self.k[:, :, :block_size] = 0  # the null block
+        self.v[:, :, :block_size] = 0
         self.lf[:, NULL_BLOCK] = 0
 
     @staticmethod
