@@ -17,6 +17,7 @@ from torch import nn
 
 from model import invariant
 from model.batch import ForwardBatch
+from model.derived import Derived
 from model.invariant import linear
 from model.localized_filter import LocalizedFilter
 from model.rotary import apply_rotary
@@ -32,11 +33,11 @@ class LFAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, hidden, bias=False)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
         self.lf = LocalizedFilter(hidden)
+        self._wqk = Derived(lambda wq, wk: torch.cat([wq, wk]))  # one matmul gives [q, k]
 
     def _qkv(self, h: torch.Tensor, f: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         H, D = self.num_heads, self.head_dim
-        qk = torch.cat([linear(f, self.q_proj.weight), linear(f, self.k_proj.weight)], dim=-1)
-        qk = qk.view(-1, H, 2 * D)  # [T, H, 2D]
+        qk = linear(f, self._wqk.get(self.q_proj.weight, self.k_proj.weight)).view(-1, H, 2 * D)  # [T, H, 2D]
         q = apply_rotary(qk[..., :D], cos[:, None], sin[:, None])  # [T, H, D]
         k = apply_rotary(qk[..., D:], cos[:, None], sin[:, None])
         v = linear(h, self.v_proj.weight).view(-1, H, D)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.derived import Derived
 from model.invariant import bmm, linear
 
 
@@ -21,13 +22,12 @@ class AttentionRouter(nn.Module):
         self.query = nn.Linear(hidden, num_experts, bias=False)
         self.key = nn.Linear(hidden, num_experts, bias=False)
         self.value = nn.Linear(hidden, num_experts, bias=False)
+        self._wqkv = Derived(lambda wq, wk, wv: torch.cat([wq, wk, wv]).float())
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
 
     def probabilities(self, g: torch.Tensor) -> torch.Tensor:
-        gf = g.float()
-        q = linear(gf, self.query.weight.float())  # [T, N]
-        k = linear(gf, self.key.weight.float())
-        v = linear(gf, self.value.weight.float())
+        w = self._wqkv.get(self.query.weight, self.key.weight, self.value.weight)  # [3N, d] float32
+        q, k, v = linear(g.float(), w).split(self.query.weight.shape[0], dim=-1)  # [T, N] each
         m = F.softmax(q[:, :, None] * k[:, None, :], dim=-1)  # [T, N, N]
         p = bmm(m, v[:, :, None]).squeeze(-1)  # [T, N]
         return F.softmax(p, dim=-1)

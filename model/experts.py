@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.invariant import linear
+from model.invariant import linear_into
 
 
 class ExpertBank(nn.Module):
@@ -59,26 +59,29 @@ class ExpertBank(nn.Module):
             raise ValueError("expert_ids: a pair is routed to an expert this bank does not hold")
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
-        # Gather every pair's row and weight once, grouped by expert, so each expert takes plain
-        # slices: per-op overhead is what small decode batches pay for (measured: -15 % per call).
+        # Rows and weights gathered once, grouped by expert; then two matmuls per active expert into
+        # one buffer each, and one activation and one weighting over all rows (few calls: per-op
+        # overhead is what small decode batches pay for).
         xs, ws = x.index_select(0, rows[order]), weights[order].unsqueeze(1)
-        y = torch.empty_like(xs)
+        ffn = self.w2.shape[2]
+        u = xs.new_empty(xs.shape[0], 2 * ffn)
+        bounds = []
         start = 0
-        for e, n in enumerate(counts):  # one matmul per expert over all its rows
+        for e, n in enumerate(counts):
             if n:
-                end = start + n
-                torch.mul(swiglu(xs[start:end], self.w1[e], self.w2[e]), ws[start:end], out=y[start:end])
-                start = end
+                bounds.append((e, start, start + n))
+                start += n
+        for e, a, b in bounds:
+            linear_into(xs[a:b], self.w1[e], u[a:b])  # [n, 2F]
+        act = F.silu(u[:, :ffn]).mul_(u[:, ffn:])  # [R, F]
+        y = torch.empty_like(xs)
+        for e, a, b in bounds:
+            linear_into(act[a:b], self.w2[e], y[a:b])  # [n, d]
+        y.mul_(ws)
         scatter_rows(out, slots[order], y)
 
     def nbytes(self) -> int:
         return self.w1.numel() * self.w1.element_size() + self.w2.numel() * self.w2.element_size()
-
-
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    u = linear(x, w1)  # [R, 2F]
-    ffn = u.shape[-1] // 2
-    return linear(F.silu(u[:, :ffn]) * u[:, ffn:], w2)
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

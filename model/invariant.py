@@ -59,6 +59,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(_padded(x), weight, bias)[:M]
 
 
+def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out = x @ weight.T (no bias) written into `out`, as `linear` computes it."""
+    M = x.shape[0]
+    if not _enabled or M >= MIN_ROWS:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        out.copy_(F.linear(_padded(x), weight)[:M])
+
+
 def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`torch.matmul` of batches `[M, n, k] x [M, k, m]`; in this mode with at least `MIN_ROWS` of them."""
     M = a.shape[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.derived import Derived
 from model.invariant import linear
 from model.norm import RMSNorm
 
@@ -30,9 +31,13 @@ class LocalizedFilter(nn.Module):
         self.conv2_weight = nn.Parameter(torch.empty(hidden, half, 2, 1))
         self.conv2_bias = nn.Parameter(torch.zeros(hidden))
         self.norm = RMSNorm(hidden, LF_NORM_EPS)
+        self._w1, self._w2 = Derived(self._stack_taps), Derived(self._stack_taps)
 
-    def _taps(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return w[:, :, 0, 0], w[:, :, 1, 0]  # (earlier, current)
+    @staticmethod
+    def _stack_taps(w: torch.Tensor) -> torch.Tensor:
+        """`[out, in, 2, 1]` -> `[out, 2 * in]`: the earlier tap's columns, then the current one's,
+        so both taps are one matmul over `[x[t-1], x[t]]`."""
+        return w[:, :, :, 0].permute(0, 2, 1).reshape(w.shape[0], -1)
 
     def forward(
         self, h: torch.Tensor, seq_starts: torch.Tensor, state: torch.Tensor, has_prev: torch.Tensor
@@ -42,15 +47,16 @@ class LocalizedFilter(nn.Module):
         when it starts at position 0. Returns the filtered states `[T, d]` and each row's previous
         input h[t-1] `[T, d]` (the cache keeps `[h[t-1], h[t]]` as the state after t).
         A one-token chunk is a decode step: the same formula, nothing special."""
-        a1, b1 = self._taps(self.conv1_weight)
-        a2, b2 = self._taps(self.conv2_weight)
-        prev2, prev1 = state[:, 0], state[:, 1]
-        h_prev = _shift(h, seq_starts, prev1)
-        c1 = linear(h, b1, self.conv1_bias) + linear(h_prev, a1)
-        # c1[t-1] before each chunk, recomputed from the state; zero (not b1) before position 0.
-        c1_first = linear(prev1, b1, self.conv1_bias) + linear(prev2, a1)
-        c1_first = torch.where(has_prev, c1_first, torch.zeros_like(c1_first))
-        c2 = linear(c1, b2, self.conv2_bias) + linear(_shift(c1, seq_starts, c1_first), a2)
+        w1 = self._w1.get(self.conv1_weight)  # [d/2, 2d]
+        w2 = self._w2.get(self.conv2_weight)  # [d, d]
+        T = h.shape[0]
+        h_prev = _shift(h, seq_starts, state[:, 1])
+        # c1 of every row and, from the state, c1[t-1] before each chunk: one matmul.
+        taps_in = torch.cat([torch.cat([h_prev, h], dim=-1), state.reshape(state.shape[0], -1)])
+        c1_all = linear(taps_in, w1, self.conv1_bias)  # [T + B, d/2]
+        c1, c1_first = c1_all[:T], c1_all[T:]
+        c1_first = torch.where(has_prev, c1_first, torch.zeros_like(c1_first))  # zero (not b1) before 0
+        c2 = linear(torch.cat([_shift(c1, seq_starts, c1_first), c1], dim=-1), w2, self.conv2_bias)
         return self.norm(c2 + h), h_prev
 
 

@@ -32,6 +32,8 @@ def test_generate_json_matches_golden(fixture_dir, golden):
         "16",
         "--temperature",
         "0",
+        "--no-prefix-caching",
+        "--batch-invariant",
         "--json",
     )
     assert out.returncode == 0, out.stderr
@@ -39,6 +41,10 @@ def test_generate_json_matches_golden(fixture_dir, golden):
     assert result["token_ids"] == case["generated_ids"]
     assert result["finish_reason"] == "length"
     assert isinstance(result["text"], str)
+    out = run(
+        "generate", "--engine", "local", "--model", str(fixture_dir), "--token-ids", "1", "--block-size", "0"
+    )
+    assert out.returncode == 2 and "block_size" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_init_checkpoint_then_generate_text(tmp_path):
@@ -119,8 +125,12 @@ def test_generate_ray_engine_json_contract(fixture_dir, golden):
         "16",
         "--pools",
         "2",
+        "--max-num-batched-tokens",
+        "3",
+        "--block-size",
+        "4",
         "--json",
-    )  # --engine ray is the default
+    )  # --engine ray is the default; the prompt is prefilled in chunks of 3 tokens
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["token_ids"] == case["generated_ids"] and result["finish_reason"] == "length"
