@@ -16,6 +16,7 @@ import asyncio
 from pathlib import Path
 
 import ray
+import torch
 
 from cluster.controller import ControlConfig, controller_name, start_controller
 from cluster.pools import NAMESPACE, PoolConfig
@@ -62,6 +63,8 @@ def attach_backend(
     me = gateway_id()
     reply = ray.get(controller.attach.remote(me), timeout=start_timeout_s)
     model, _ = load_model(pools.model_dir, pools.dtype)
+    if torch.cuda.is_available():  # Ray made a GPU visible to this process: the model goes there
+        model.to("cuda")
     dispatcher = PoolDispatcher(
         reply["table"], reply["workers"], pools.transport, model.cfg.num_layers, keys=reply["keys"]
     )

@@ -44,6 +44,7 @@ class PoolConfig:
     pool_max_restarts: int = 5  # Ray restarts a dead pool process this many times
     pool_resources: dict[str, float] = field(default_factory=dict)  # custom resources each pool needs
     start_timeout_s: float = 180.0
+    gateways: int = 1  # gateways that share the cluster's GPUs with the pools (`gpu_share`)
 
 
 @dataclass
@@ -55,6 +56,13 @@ class Worker:
     experts: tuple[int, ...]
     pid: int = 0
     node_id: str = ""
+
+
+def gpu_share(users: int) -> float:
+    """GPUs per process of `users` (pool workers plus gateways): none on a cluster without GPUs,
+    else an even share, at most one each (Ray places fractional users on the same device)."""
+    total = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return min(1.0, total / users) if total > 0 else 0.0
 
 
 class PoolSet:
@@ -95,7 +103,7 @@ class PoolSet:
             cfg.address, num_cpus=None if cfg.address else max(8, len(table.workers) + 4)
         )
         try:
-            gpus = ray.cluster_resources().get("GPU", 0) >= len(table.workers)
+            gpus = gpu_share(len(table.workers) + cfg.gateways)
             cpus = self._cpus_per_worker(len(table.workers))
             R = cfg.replicas
             pending = []
@@ -160,7 +168,7 @@ class PoolSet:
     # ---- change ----------------------------------------------------------------------------------
     def add_worker(self, expert_ids: list[int] | None = None) -> Worker:
         """Start one more pool worker (its own placement group); returns it once ready."""
-        gpus = ray.cluster_resources().get("GPU", 0) > len(self.workers)
+        gpus = gpu_share(len(self.workers) + 1 + self.cfg.gateways)
         cpus = self._cpus_per_worker(len(self.workers) + 1)
         name = self._new_name()
         group = self._group([self._bundle(cpus, gpus)], "PACK", name)
@@ -192,13 +200,13 @@ class PoolSet:
             self.started_cluster = False
 
     # ---- helpers -----------------------------------------------------------------------------------
-    def _bundle(self, cpus: float, gpus: bool) -> dict:
-        return {"CPU": cpus, **({"GPU": 1} if gpus else {}), **self.cfg.pool_resources}
+    def _bundle(self, cpus: float, gpus: float) -> dict:
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **self.cfg.pool_resources}
 
     def _group(self, bundles: list[dict], strategy: str, name: str):
         return placement_group(bundles, strategy=strategy, name=name, lifetime="detached")
 
-    def _spawn(self, name: str, group, bundle: int, expert_ids: list[int], cpus: float, gpus: bool):
+    def _spawn(self, name: str, group, bundle: int, expert_ids: list[int], cpus: float, gpus: float):
         """One pool worker in a placement group's bundle: named, detached (it outlives whoever started
         it), restarted by Ray up to `pool_max_restarts` times."""
         cfg = self.cfg
@@ -208,7 +216,7 @@ class PoolSet:
             lifetime="detached",
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
             num_cpus=cpus,
-            num_gpus=1 if gpus else 0,
+            num_gpus=gpus,
             max_restarts=cfg.pool_max_restarts,
             resources={k: v for k, v in cfg.pool_resources.items()},
         ).remote(

@@ -213,6 +213,7 @@ class AppArgs(EngineArgs):
             address="auto",
             transport=self.transport,
             micro_batches=self.micro_batches,
+            gateways=self.gateways,
         )
 
     def server_options(self) -> ServerOptions:
@@ -303,6 +304,19 @@ DRAIN_MARGIN_S = 30.0  # Serve's graceful shutdown outlasts the drain's grace pe
 def build_app(args: dict) -> Application:
     """The application `deploy.yaml` and `yuan-serve up` deploy; raises on invalid arguments."""
     app_args = AppArgs(**args)
+    options = {}
+    gpus = gateway_gpu_share(app_args)
+    if gpus:  # the gateway's model (attention, router, LM head) and its cache go on a GPU
+        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": gpus}
     return GatewayDeployment.options(
-        num_replicas=app_args.gateways, graceful_shutdown_timeout_s=app_args.grace_s + DRAIN_MARGIN_S
+        num_replicas=app_args.gateways,
+        graceful_shutdown_timeout_s=app_args.grace_s + DRAIN_MARGIN_S,
+        **options,
     ).bind(app_args)
+
+
+def gateway_gpu_share(args: AppArgs) -> float:
+    """A gateway's share of the cluster's GPUs: as each pool worker's (`cluster.pools.gpu_share`)."""
+    from cluster.pools import gpu_share
+
+    return gpu_share(args.gateways + args.pools * args.replicas)

@@ -119,11 +119,23 @@ class ExpertPool:
             if dev.type == "cpu":
                 bank.pair_outputs(batch.x, rows, ids, weights, batch.out, slots)
                 return
-            xs = batch.x.index_select(0, rows).to(dev)  # only our rows
+            # Only our rows, through page-locked buffers: non-blocking copies both ways, one wait.
+            rows_in, rows_out = self._staging(rows.numel(), batch.x.shape[1], batch.x.dtype)
+            torch.index_select(batch.x, 0, rows, out=rows_in)
+            xs = rows_in.to(dev, non_blocking=True)
             pairs = torch.arange(rows.numel(), device=dev)
             y = torch.empty_like(xs)
             bank.pair_outputs(xs, pairs, ids.to(dev), weights.to(dev), y, pairs)
-            scatter_rows(batch.out, slots, y.cpu())
+            rows_out.copy_(y, non_blocking=True)
+            torch.cuda.current_stream(dev).synchronize()
+            scatter_rows(batch.out, slots, rows_out)
+
+    def _staging(self, n: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two page-locked `[n, d]` host buffers (views of ones grown as needed)."""
+        have = getattr(self, "_pinned", None)
+        if have is None or have.shape[1] < n or have.shape[2] != d or have.dtype != dtype:
+            have = self._pinned = torch.empty(2, max(n, 64), d, dtype=dtype, pin_memory=True)
+        return have[0, :n], have[1, :n]
 
     def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The Ray-call path: x `[n, d]`, expert_ids `[n, A]` (-1: not here), weights `[n, A]` ->

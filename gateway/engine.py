@@ -240,6 +240,7 @@ class Engine:
         return self._sample(sampled, logits)
 
     def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+        logits = logits.cpu()  # sampling, with each request's CPU generator, runs here
         for i, (seq, token) in enumerate(
             zip(batch, sample(logits, [s.params for s in batch], [s.generator for s in batch]))
         ):
@@ -349,7 +350,8 @@ class Engine:
         if self.micro_batches == 2 and len(chunks) >= 2:
             half = len(chunks) // 2
             parts = [chunks[:half], chunks[half:]]
-        batches = [ForwardBatch.build(p, self.limits.block_size, self.eod) for p in parts]
+        device = self.model.embed.weight.device
+        batches = [ForwardBatch.build(p, self.limits.block_size, self.eod).to(device) for p in parts]
         with invariant.mode(self.limits.batch_invariant):
             return self.model.forward(batches, self.dispatcher, self.cache)
 
@@ -478,12 +480,16 @@ def check_request(
 
 
 def local_engine(
-    model_dir: str, dtype: str | None = None, limits: EngineLimits = EngineLimits(), use_cache: bool = True
+    model_dir: str,
+    dtype: str | None = None,
+    limits: EngineLimits = EngineLimits(),
+    use_cache: bool = True,
+    device: str = "cpu",
 ) -> Engine:
-    """The in-process reference engine: the whole model, all experts, in this process."""
+    """The in-process reference engine: the whole model, all experts, in this process (on `device`)."""
     from model.checkpoint import load_experts, load_model
     from model.dispatcher import LocalDispatcher
 
     model, reader = load_model(model_dir, dtype)
-    banks = load_experts(reader, model.cfg, list(range(model.cfg.num_experts)))
-    return Engine(model, LocalDispatcher(banks), limits, use_cache)
+    banks = [b.to(device) for b in load_experts(reader, model.cfg, list(range(model.cfg.num_experts)))]
+    return Engine(model.to(device), LocalDispatcher(banks), limits, use_cache)

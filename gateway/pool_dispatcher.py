@@ -91,6 +91,7 @@ class Pending:
     handles: list  # per span of the plan: the PoolChannel it went to, or an ObjectRef (Ray)
     outputs: torch.Tensor | None = None  # the output slots `[T*A, d]`: the lane's shared batch once written
     sent_at: float = 0.0
+    device: torch.device = torch.device("cpu")  # where the caller's tensors live (the result goes back there)
 
 
 class PoolDispatcher:
@@ -122,6 +123,7 @@ class PoolDispatcher:
             False  # some channel reaches its pool through the shared batch (kept after a drop)
         )
         self._batches = [SharedBatch() for _ in range(LANES)]  # per lane: the batch pools on this node read
+        self._pinned: dict[tuple[int, int], torch.Tensor] = {}  # (lane, argument) -> page-locked staging
         self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.set_table(table, workers, keys)
 
@@ -186,11 +188,14 @@ class PoolDispatcher:
     def submit(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, lane: int = 0
     ) -> Pending:
+        device = x.device
+        if device.type != "cpu":  # the data plane moves host memory: stage through pinned buffers
+            x, expert_ids, weights = self._stage(lane, x, expert_ids, weights)
         into = None
         if self._local_pools:  # build the plan right in the lane's shared batch
             into = self._batches[lane].reserve(x.shape[0], expert_ids.shape[1], x.shape[1], x.dtype)
         plan = plan_dispatch(expert_ids, weights, self._plan, self.outstanding, into)
-        pending = Pending(layer, lane, x, plan, [], sent_at=time.perf_counter())
+        pending = Pending(layer, lane, x, plan, [], sent_at=time.perf_counter(), device=device)
         for span in plan.spans:
             pending.handles.append(self._send(span, pending))
         # Bookkeeping after the sends: the pools are already working while it runs.
@@ -209,13 +214,30 @@ class PoolDispatcher:
             for (_, start, end), part in zip(plan.spans, parts):
                 if part is not None:  # not already in the shared slots
                     scatter_rows(outputs, plan.slots[start:end], part)
-            return sum_slots(outputs.view(plan.tokens, plan.top_k, x.shape[1]))
+            out = sum_slots(outputs.view(plan.tokens, plan.top_k, x.shape[1]))
+            return out if pending.device.type == "cpu" else out.to(pending.device, non_blocking=True)
         finally:
             for w, start, end in pending.plan.spans:
                 self.outstanding[w] -= end - start
             if pending.lane in self._stale_lanes:  # a suspect may write into it late: use a new region
                 self._stale_lanes.discard(pending.lane)
                 self._batches[pending.lane].close()
+
+    def _stage(self, lane: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Host copies of a GPU gateway's tensors in page-locked buffers (one per lane and argument,
+        grown as needed), made by non-blocking copies and one wait. A lane's next submit comes after
+        its last wait, so its buffers are free again by then."""
+        out = []
+        for i, t in enumerate(tensors):
+            buf = self._pinned.get((lane, i))
+            if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
+                buf = torch.empty(max(1, t.numel()), dtype=t.dtype, pin_memory=True)
+                self._pinned[(lane, i)] = buf
+            host = buf[: t.numel()].view(t.shape)
+            host.copy_(t, non_blocking=True)
+            out.append(host)
+        torch.cuda.current_stream(tensors[0].device).synchronize()
+        return out
 
     def _send(self, span: tuple[int, int, int], pending: Pending):
         worker, start, end = span

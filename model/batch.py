@@ -55,12 +55,30 @@ class ForwardBatch:
     logits_rows: torch.Tensor  # [R] rows whose logits the caller wants, in chunk order
     _decode_index: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> ForwardBatch:
+        """The index tensors on `device` (the cache's), copied once a step."""
+        if device.type == "cpu":
+            return self
+        moved = {
+            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in self.__dict__.items()
+            if k != "prefills"
+        }
+        prefills = [
+            PrefillAttention(
+                p.rows, p.slots.to(device, non_blocking=True), p.mask.to(device, non_blocking=True)
+            )
+            for p in self.prefills
+        ]
+        return ForwardBatch(**{**moved, "prefills": prefills})
+
     def decode_index(self, heads: int, slots: int) -> torch.Tensor:
         """`decode_slots` as rows of a layer's cache viewed `[heads * slots, D]`, head-major: one
         `index_select` then gives `[heads, Bd, L, D]`. Made once and kept (every layer uses it)."""
         if self._decode_index is None:
             flat = self.decode_slots.reshape(-1)
-            self._decode_index = (torch.arange(heads)[:, None] * slots + flat[None, :]).reshape(-1)
+            heads_ = torch.arange(heads, device=flat.device)
+            self._decode_index = (heads_[:, None] * slots + flat[None, :]).reshape(-1)
         return self._decode_index
 
     @property

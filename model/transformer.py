@@ -107,5 +107,5 @@ class YuanModel(nn.Module):
             blocks = (len(ids) + block_size - 1) // block_size
             chunks.append(Chunk(ids, 0, len(ids), list(range(next_block, next_block + blocks))))
             next_block += blocks
-        batch = ForwardBatch.build(chunks, block_size, self.eod_for_segments)
+        batch = ForwardBatch.build(chunks, block_size, self.eod_for_segments).to(self.embed.weight.device)
         return self.forward([batch], dispatcher, self.new_cache(next_block, block_size))

@@ -1,0 +1,107 @@
+"""GPU check: a few-layer m32-shaped random checkpoint served by a gateway engine on the GPU and
+expert pools (on the GPU too, sharing it, when Ray sees one): decode tokens/s per batch size and the
+per-layer expert step round trip as the gateway sees it (submit to result, over the data plane).
+
+It runs on a CPU as well, with small shapes (`--preset tiny`), which is how its code is checked on
+machines without a GPU. `scripts/gpu_check.sh` runs it after the CUDA golden test.
+Usage: python -m bench.gpu [--preset m32] [--layers 2] [--dtype bfloat16] [--pools 4] [--batches 1 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import ray
+import torch
+
+from bench import percentiles
+from bench.serving import TimedDispatcher
+from cluster.pools import PoolConfig, PoolSet
+from cluster.ray_cluster import connect
+from gateway.engine import Engine, EngineLimits
+from gateway.pool_dispatcher import PoolDispatcher
+from gateway.sampling import SamplingParams
+from model.checkpoint import load_model, write_random_checkpoint
+from model.config import preset
+
+
+def decode(
+    model, disp: TimedDispatcher, batch: int, prompt_len: int, tokens: int, limits: EngineLimits
+) -> dict:
+    g = torch.Generator().manual_seed(batch)
+    vocab = min(model.cfg.vocab_size, 256)
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    eng = Engine(model, disp, limits)
+    params = SamplingParams(max_tokens=tokens + 1, ignore_eod=True)
+    seqs = [eng.add(f"b{i}", p, params) for i, p in enumerate(prompts)]
+    while any(not s.output_ids for s in seqs):  # prefill (and the first token) is not timed
+        eng.step()
+    disp.times.clear()
+    if model.embed.weight.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while eng.has_work:
+        eng.step()
+    wall = time.perf_counter() - t0
+    return {
+        "batch": batch,
+        "tokens_per_s": batch * tokens / wall,
+        "step_ms": wall / tokens * 1e3,
+        "expert_round_trip_ms": percentiles(disp.times),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="m32")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--pools", type=int, default=4)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--device", default=None, help="the gateway's device; default: cuda when there is one")
+    a = p.parse_args(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = preset(a.preset).with_(num_layers=a.layers, torch_dtype=a.dtype)
+    limits = EngineLimits(
+        max_running=max(a.batches),
+        max_tokens=a.tokens + 1,
+        max_num_batched_tokens=max(256, max(a.batches) * a.prompt_len),
+    )
+    out = {"preset": a.preset, "layers": a.layers, "dtype": a.dtype, "pools": a.pools, "device": str(device)}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        ckpt = write_random_checkpoint(cfg, f"{tmp}/ckpt", seed=0)
+        out["checkpoint_s"] = time.perf_counter() - t0
+        started = connect(num_cpus=max(8, a.pools + 4))
+        ps = PoolSet(PoolConfig(str(ckpt), pools=a.pools, dtype=a.dtype, limits=limits))
+        try:
+            ps.start()
+            out["pool_devices"] = sorted(
+                {i["device"] for i in ray.get([h.info.remote() for h in ps.handles])}
+            )
+            model, _ = load_model(str(ckpt), a.dtype)
+            model.to(device)
+            disp = PoolDispatcher(ps.table, ps.handles, num_layers=cfg.num_layers)
+            timed = TimedDispatcher(disp)
+            out["runs"] = [decode(model, timed, b, a.prompt_len, a.tokens, limits) for b in a.batches]
+            disp.close()
+        finally:
+            ps.shutdown()
+            if started:
+                ray.shutdown()
+    for r in out["runs"]:
+        rt = r["expert_round_trip_ms"]
+        print(
+            f"batch {r['batch']:3d}: {r['tokens_per_s']:9.1f} tokens/s, step {r['step_ms']:.2f} ms, "
+            f"expert step per layer p50 {rt['p50']:.3f} ms p99 {rt['p99']:.3f} ms"
+        )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The memory-bandwidth bound of a decode step, and how near a measured rate comes to it.
+
+A decode step of B streams must read the gateway's weights (everything but the embedding table, of
+which it reads B rows; the LM head whole), every expert its batch touches in every layer, and the
+K/V of every stream's context. On a CPU (and on a GPU at small batch) that, divided by the machine's
+read bandwidth, bounds the step's time from below: tokens/s <= B * bandwidth / bytes per step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from model.transformer import YuanModel
+
+
+def read_bandwidth_gbs(mbytes: int = 256, reps: int = 7) -> float:
+    """This machine's read bandwidth as torch sees it (all its threads): the best of `reps` sums
+    over a buffer far larger than the caches, in GB/s (1e9 bytes)."""
+    x = torch.ones(mbytes * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def gateway_bytes(model: YuanModel, batch: int) -> int:
+    """Weights a decode step reads outside the experts: all but the embedding table, plus its
+    `batch` rows (the LM head counted whole, tied to the table or not)."""
+    cfg, total = model.cfg, 0
+    for name, p in model.named_parameters():
+        if name != "embed.weight":
+            total += p.numel() * p.element_size()
+    emb = model.embed.weight
+    if cfg.tie_word_embeddings:
+        total += emb.numel() * emb.element_size()
+    return total + batch * emb.shape[1] * emb.element_size()
+
+
+def expert_bytes(model: YuanModel) -> int:
+    """One expert of one layer: w1 `[2F, d]` and w2 `[d, F]`."""
+    cfg = model.cfg
+    return 3 * cfg.hidden_size * cfg.ffn_hidden_size * model.embed.weight.element_size()
+
+
+def step_bytes(model: YuanModel, batch: int, experts_touched_per_layer: float, context: float) -> float:
+    """Bytes one decode step of `batch` streams must read, `context` tokens of K/V each."""
+    cfg = model.cfg
+    kv = batch * context * cfg.num_layers * 2 * cfg.hidden_size * model.embed.weight.element_size()
+    return gateway_bytes(model, batch) + cfg.num_layers * experts_touched_per_layer * expert_bytes(model) + kv
+
+
+def bound_tokens_per_s(bytes_per_step: float, batch: int, bandwidth_gbs: float) -> float:
+    return batch * bandwidth_gbs * 1e9 / bytes_per_step
