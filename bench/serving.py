@@ -21,6 +21,7 @@ import ray
 import torch
 
 from bench import add_arguments, percentiles, wait_for_quiet
+from bench.roofline import bound_tokens_per_s, read_bandwidth_gbs, step_bytes
 from cluster.pools import PoolConfig, PoolSet
 from cluster.ray_cluster import connect
 from gateway.engine import Engine, EngineLimits
@@ -39,11 +40,13 @@ class TimedDispatcher:
 
     inner: object
     times: list[float] = field(default_factory=list)
+    touched: list[tuple[int, int]] = field(default_factory=list)  # per call: (rows, distinct experts)
 
     def experts(self, layer, x, expert_ids, weights):
         return self.wait(self.submit(layer, x, expert_ids, weights))
 
     def submit(self, layer, x, expert_ids, weights, lane=0):
+        self.touched.append((x.shape[0], int(torch.unique(expert_ids).numel())))
         t0 = time.perf_counter()
         handle = self.inner.submit(layer, x, expert_ids, weights, lane)
         return time.perf_counter() - t0, handle
@@ -104,6 +107,7 @@ def measure(
     expert_s = sum(timed.times)
     result["steps"] = steps
     result["expert_step_ms"] = percentiles(timed.times)
+    result["roofline"] = roofline(engine.model, timed, concurrency, prompt_len + max_tokens / 2, result)
     step_s = result["wall_s"] / max(1, steps)
     per_step = 1e3 / max(1, steps)
     result["breakdown_ms_per_step"] = {
@@ -169,6 +173,28 @@ def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_toke
     }
 
 
+def roofline(model, timed: TimedDispatcher, concurrency: int, context: float, result: dict) -> dict:
+    """Decode tokens/s (streams over TPOT p50) against the memory-bandwidth bound of a decode step:
+    the bytes it must read (`bench.roofline.step_bytes`, with the experts its steps touched, counted
+    per call of `concurrency` rows) over this machine's read bandwidth (`run` measures it once)."""
+    calls = [n for rows, n in timed.touched if rows == concurrency] or [n for _, n in timed.touched]
+    touched = sum(calls) / max(1, len(calls))
+    nbytes = step_bytes(model, concurrency, touched, context)
+    bound = bound_tokens_per_s(nbytes, concurrency, BANDWIDTH_GBS["value"])
+    decode = concurrency / (result["tpot_ms"]["p50"] / 1e3) if result["tpot_ms"]["p50"] else 0.0
+    return {
+        "bytes_per_step": nbytes,
+        "experts_touched_per_layer": touched,
+        "bandwidth_gbs": BANDWIDTH_GBS["value"],
+        "bound_tokens_per_s": bound,
+        "decode_tokens_per_s": decode,
+        "fraction": decode / bound,
+    }
+
+
+BANDWIDTH_GBS = {"value": 0.0}  # measured once per run, before the first preset
+
+
 def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
@@ -197,6 +223,8 @@ def run(
         "results": {},
         "throughput_ratio": {},
     }
+    progress("measuring this machine's read bandwidth")
+    BANDWIDTH_GBS["value"] = out["bandwidth_gbs"] = read_bandwidth_gbs()
     limits = EngineLimits(max_running=max(concurrency), max_tokens=max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         for name in presets:
@@ -233,6 +261,9 @@ def run(
                     disp.close()
                 finally:
                     ps.shutdown()
+            out.setdefault("roofline", {})[name] = {
+                c: res["in-process"][c]["roofline"]["fraction"] for c in concurrency
+            }
             best = f"{max(pools)} pools" if pools else None
             if best:
                 out["throughput_ratio"][name] = {
@@ -277,6 +308,17 @@ def table(out: dict) -> str:
                     f"{b['gateway_compute']:.2f}, expert calls {b['expert_calls']:.2f} = pools "
                     f"{b['pool_compute_summed']:.2f} summed + transport/waiting "
                     f"{b['transport_and_waiting']:.2f})"
+                )
+        bw = out.get("bandwidth_gbs", 0)
+        lines.append(f"  roofline (decode tokens/s over the bandwidth bound, {bw:.1f} GB/s read):")
+        for label, by_c in res.items():
+            for c, r in by_c.items():
+                f = r["roofline"]
+                lines.append(
+                    f"  {label:>10} x{c:<3} step reads {f['bytes_per_step'] / 1e6:7.1f} MB "
+                    f"({f['experts_touched_per_layer']:.1f} experts/layer), bound "
+                    f"{f['bound_tokens_per_s']:8.1f} tok/s, decode {f['decode_tokens_per_s']:8.1f} tok/s = "
+                    f"{f['fraction'] * 100:5.1f} % of it"
                 )
         if name in out["throughput_ratio"]:
             ratios = ", ".join(f"x{c}: {v:.2f}" for c, v in out["throughput_ratio"][name].items())
