@@ -62,6 +62,8 @@ def attach_backend(
         controller = ray.get_actor(controller_name(app), namespace=NAMESPACE)
     me = gateway_id()
     reply = ray.get(controller.attach.remote(me), timeout=start_timeout_s)
+    if pools.gateway_threads:
+        torch.set_num_threads(pools.gateway_threads)
     model, _ = load_model(pools.model_dir, pools.dtype)
     if torch.cuda.is_available():  # Ray made a GPU visible to this process: the model goes there
         model.to("cuda")

@@ -45,6 +45,8 @@ class PoolConfig:
     pool_resources: dict[str, float] = field(default_factory=dict)  # custom resources each pool needs
     start_timeout_s: float = 180.0
     gateways: int = 1  # gateways that share the cluster's GPUs with the pools (`gpu_share`)
+    pool_threads: int = 1  # torch threads of each pool worker (its CPU share stays as placed)
+    gateway_threads: int | None = None  # torch threads of a gateway's engine; None: Ray's default (1)
 
 
 @dataclass
@@ -224,6 +226,7 @@ class PoolSet:
             expert_ids,
             cfg.dtype,
             "cuda" if gpus else "cpu",
+            num_threads=cfg.pool_threads,
             max_tokens_per_request=self.max_tokens_per_step(),
             batch_invariant=cfg.limits.batch_invariant,
         )

@@ -122,6 +122,18 @@ class AppArgs(EngineArgs):
         ge=0,
         description="Drain: seconds in-flight requests get to finish.",
     )
+    pool_threads: int = Field(
+        _default(PoolConfig, "pool_threads"),
+        ge=1,
+        le=256,
+        description="torch threads per pool worker (raise it where pools have cores of their own).",
+    )
+    gateway_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="torch threads of each gateway's engine (LM head, attention); empty: Ray's default, 1.",
+    )
     micro_batches: Literal[1, 2] = Field(
         _default(PoolConfig, "micro_batches"),
         description="2: decode in two halves, one's attention overlapping the other's expert step.",
@@ -214,6 +226,8 @@ class AppArgs(EngineArgs):
             transport=self.transport,
             micro_batches=self.micro_batches,
             gateways=self.gateways,
+            pool_threads=self.pool_threads,
+            gateway_threads=self.gateway_threads,
         )
 
     def server_options(self) -> ServerOptions:

@@ -31,6 +31,20 @@ def test_deploy_yaml_args_validate_and_bad_ones_are_named():
         build_app({**deploy_args(), "pools": 0})
     with pytest.raises(ValidationError, match="tls_cert and tls_key"):
         build_app({**deploy_args(), "tls_cert": "/x.pem"})
+    with pytest.raises(ValidationError, match="block_size"):
+        build_app({**deploy_args(), "block_size": 0})
+
+
+def test_engine_and_placement_args_reach_the_engine_and_the_pools():
+    args = AppArgs(
+        **deploy_args(),
+        **{"num_kv_blocks": 40, "pool_threads": 2, "gateway_threads": 3},
+    ).model_copy(update={"max_num_batched_tokens": 32, "prefix_caching": False, "batch_invariant": True})
+    pc = args.pool_config()
+    lim = pc.limits
+    assert (lim.max_num_batched_tokens, lim.block_size, lim.num_kv_blocks) == (32, 16, 40)
+    assert (lim.prefix_caching, lim.batch_invariant, lim.kv_cache_gb) == (False, True, 2.0)
+    assert (pc.pool_threads, pc.gateway_threads, pc.gateways) == (2, 3, 1)
 
 
 @pytest.mark.ray
