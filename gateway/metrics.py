@@ -96,7 +96,7 @@ class _EngineCollector:
     def collect(self):
         gateway = self.metrics.gateway
         running = GaugeMetricFamily(PREFIX + "num_requests_running", "Sequences in the running batch")
-        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting for a slot")
+        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting to run")
         usage = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "KV blocks held by sequences, 0 to 1")
         queries = CounterMetricFamily(
             PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"

@@ -29,7 +29,7 @@ class TokenEvent:
     finish_reason: str | None = None
     error: str | None = None  # set when an accepted request failed inside the engine
     at: float = 0.0  # perf_counter() when the token was ready
-    admitted_at: float | None = None  # perf_counter() when the request got its batch slot
+    admitted_at: float | None = None  # perf_counter() when the request first ran (left the queue)
     fault: bool = False  # a pool fault delayed this request (so far)
     logprob: float | None = None  # with params.logprobs: this token's log-probability
     top_logprobs: dict[int, float] | None = None  # and the most likely tokens'

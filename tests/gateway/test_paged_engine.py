@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from recording import RecordingEngine
 
 from gateway.engine import Engine, EngineLimits, local_engine
 from gateway.sampling import SamplingParams
@@ -16,19 +17,6 @@ from model.cache import PagedCache
 
 LOGIT_TOL = 1e-4
 GREEDY16 = SamplingParams(max_tokens=16, ignore_eod=True)
-
-
-class RecordingEngine(Engine):
-    """The real engine, keeping every logits row it samples from, per request."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.logits: dict[str, list[torch.Tensor]] = {}
-
-    def _sample(self, batch, logits):
-        for i, seq in enumerate(batch):
-            self.logits.setdefault(seq.request_id, []).append(logits[i].clone())
-        return super()._sample(batch, logits)
 
 
 @pytest.fixture(scope="module")
@@ -208,14 +196,14 @@ def test_batch_invariant_golden_and_chunking(ref, golden, golden_tensors):
 
 
 def test_batch_invariant_32_streams_of_400_tokens_equal_solo_runs(tiny_checkpoint):
-    """32 concurrent greedy 400-token streams on the demo-sized checkpoint; a sample of 4 of them
-    (first, last and 2 drawn; all 32 with YUAN_SERVE_FULL_CHECKS=1) run solo: each the same, token
+    """32 concurrent greedy 400-token streams on the demo-sized checkpoint; a sample of 3 of them
+    (first, last and one drawn; all 32 with YUAN_SERVE_FULL_CHECKS=1) run solo: each the same, token
     for token."""
     eng = local_engine(str(tiny_checkpoint), limits=EngineLimits(batch_invariant=True))
     rng = random.Random(11)
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randrange(4, 40))] for _ in range(32)]
     greedy = SamplingParams(max_tokens=400, ignore_eod=True)
     together = [s.output_ids for s in eng.generate(prompts, greedy)]
-    sample = range(32) if os.environ.get("YUAN_SERVE_FULL_CHECKS") else [0, 31] + rng.sample(range(1, 31), 2)
+    sample = range(32) if os.environ.get("YUAN_SERVE_FULL_CHECKS") else [0, 31, rng.randrange(1, 31)]
     for i in sample:
         assert together[i] == solo(eng, prompts[i], greedy, batch_invariant=True), f"stream {i}"

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import RecordingEngine
 
-from gateway.engine import Engine, EngineLimits, local_engine
+from gateway.engine import EngineLimits, local_engine
 from gateway.sampling import SamplingParams
 
 pytestmark = [
@@ -14,17 +15,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (scripts/gpu_check.sh)"),
 ]
 CUDA_LOGIT_TOL = 1e-3
-
-
-class RecordingEngine(Engine):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.logits: dict[str, list[torch.Tensor]] = {}
-
-    def _sample(self, batch, logits):
-        for i, seq in enumerate(batch):
-            self.logits.setdefault(seq.request_id, []).append(logits[i].float().cpu())
-        return super()._sample(batch, logits)
 
 
 @pytest.mark.parametrize("budget", [7, 256])
