@@ -248,6 +248,11 @@ def test_health_and_metrics_count_what_was_served(server, golden):
     assert after["yuan_serve:time_per_output_token_seconds_count"] > 0
     assert after['yuan_serve:request_success_total{finished_reason="length"}'] >= 3
     assert "yuan_serve:num_requests_running" in after and "yuan_serve:kv_cache_usage_perc" in after
+    queried = after["yuan_serve:prefix_cache_queries_total"] - before.get(
+        "yuan_serve:prefix_cache_queries_total", 0
+    )
+    assert queried == 3 * (len(case["prompt_ids"]) - 1)  # each prompt but its last token is looked up
+    assert "yuan_serve:prefix_cache_hits_total" in after and "yuan_serve:num_preemptions_total" in after
 
 
 def _scrape(server) -> dict[str, float]:
