@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -137,6 +138,7 @@ def decode_rates(cwd: Path, model_dir: str, concurrency: list[int], threads: int
 
 
 def baseline_tree(ref: str) -> Path:
+    """A checkout of `ref` in a temporary folder (`drop_tree` removes it)."""
     path = Path(tempfile.gettempdir()) / f"yuan-bench-baseline-{ref}"
     if not path.exists():
         subprocess.run(
@@ -149,19 +151,15 @@ def baseline_tree(ref: str) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--only", nargs="+", default=["chunking", "prefix", "invariant", "dense"])
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--rounds", type=int, default=3, help="alternated blocks per comparison")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--budget", type=int, default=64, help="step budget of the chunked run")
-    p.add_argument("--baseline", default="c807eb0", help="commit with the dense-slab engine")
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    ckpt = write_random_checkpoint(preset(a.preset), Path(tempfile.mkdtemp()) / a.preset, seed=0)
+def drop_tree(path: Path) -> None:
+    subprocess.run(
+        ["git", "worktree", "remove", "--force", str(path)], cwd=REPO, capture_output=True, timeout=120
+    )
+
+
+def run(a: argparse.Namespace, tmp: str) -> dict:
+    """Every comparison `a.only` names; the checkpoint goes to `tmp`."""
+    ckpt = write_random_checkpoint(preset(a.preset), Path(tmp) / a.preset, seed=0)
     model, disp = load(str(ckpt))
     res: dict = {"preset": a.preset, "threads": a.threads}
     say = (lambda *x: None) if a.json else print
@@ -216,9 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     if "dense" in a.only:
         base = baseline_tree(a.baseline)
         rates = {"paged": [], "dense": []}
-        for _ in range(a.rounds):
-            rates["paged"].append(decode_rates(REPO, str(ckpt), a.concurrency, a.threads, {}))
-            rates["dense"].append(decode_rates(base, str(ckpt), a.concurrency, a.threads, {}))
+        try:
+            for _ in range(a.rounds):
+                rates["paged"].append(decode_rates(REPO, str(ckpt), a.concurrency, a.threads, {}))
+                rates["dense"].append(decode_rates(base, str(ckpt), a.concurrency, a.threads, {}))
+        finally:
+            drop_tree(base)
         res["dense"] = _ratios(rates, "paged", "dense", a.concurrency)
         for c, r in res["dense"].items():
             say(
@@ -226,6 +227,26 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['dense']:.0f} tok/s "
                 f"({r['ratio']:.2f}x; per round {r['per_round']})"
             )
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--only", nargs="+", default=["chunking", "prefix", "invariant", "dense"])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--rounds", type=int, default=3, help="alternated blocks per comparison")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--budget", type=int, default=64, help="step budget of the chunked run")
+    p.add_argument("--baseline", default="c807eb0", help="commit with the dense-slab engine")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    tmp = tempfile.mkdtemp(prefix="yuan-bench-engine-")
+    try:
+        res = run(a, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if a.json:
         print(json.dumps(res))
 
