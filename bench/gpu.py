@@ -40,6 +40,7 @@ def decode(
     while any(not s.output_ids for s in seqs):  # prefill (and the first token) is not timed
         eng.step()
     disp.times.clear()
+    disp.routed.clear()
     if model.embed.weight.is_cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()

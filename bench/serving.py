@@ -40,13 +40,13 @@ class TimedDispatcher:
 
     inner: object
     times: list[float] = field(default_factory=list)
-    touched: list[tuple[int, int]] = field(default_factory=list)  # per call: (rows, distinct experts)
+    routed: list[torch.Tensor] = field(default_factory=list)  # per call: the expert ids `[T, A]`
 
     def experts(self, layer, x, expert_ids, weights):
         return self.wait(self.submit(layer, x, expert_ids, weights))
 
     def submit(self, layer, x, expert_ids, weights, lane=0):
-        self.touched.append((x.shape[0], int(torch.unique(expert_ids).numel())))
+        self.routed.append(expert_ids)  # counted after the run (`roofline`), not in the timed step
         t0 = time.perf_counter()
         handle = self.inner.submit(layer, x, expert_ids, weights, lane)
         return time.perf_counter() - t0, handle
@@ -96,6 +96,7 @@ def measure(
     gateway = Gateway(engine)
     asyncio.run(run_load(gateway, prompts[:1], 2))  # warm-up
     timed.times.clear()
+    timed.routed.clear()
     steps0 = engine.steps
     load = getattr(timed.inner, "load", None)
     compute0 = sum(load.worker_compute_s.values()) if load else 0.0
@@ -177,7 +178,8 @@ def roofline(model, timed: TimedDispatcher, concurrency: int, context: float, re
     """Decode tokens/s (streams over TPOT p50) against the memory-bandwidth bound of a decode step:
     the bytes it must read (`bench.roofline.step_bytes`, with the experts its steps touched, counted
     per call of `concurrency` rows) over this machine's read bandwidth (`run` measures it once)."""
-    calls = [n for rows, n in timed.touched if rows == concurrency] or [n for _, n in timed.touched]
+    per_call = [(ids.shape[0], int(torch.unique(ids).numel())) for ids in timed.routed]
+    calls = [n for rows, n in per_call if rows == concurrency] or [n for _, n in per_call]
     touched = sum(calls) / max(1, len(calls))
     nbytes = step_bytes(model, concurrency, touched, context)
     bound = bound_tokens_per_s(nbytes, concurrency, BANDWIDTH_GBS["value"])

@@ -80,14 +80,18 @@ class Sequence:
     arrived_at: float = field(default_factory=time.perf_counter)
     preempted: int = 0  # times it gave its blocks back to be recomputed later
     suspect: bool = False  # it was in a forward that failed: its next forward runs alone
+    tokens: list[int] = field(init=False)  # prompt_ids + output_ids, kept as one list (read every step)
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def __post_init__(self) -> None:
+        self.tokens = self.prompt_ids + self.output_ids
+
+    def append(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.tokens.append(token)
 
     @property
     def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.tokens)
 
     @property
     def finished(self) -> bool:
@@ -383,7 +387,7 @@ class Engine:
         cfg, p = self.model.cfg, seq.params
         if self.eod is not None and seq.tokens[-1] == self.eod:
             seq.seg_start = seq.length  # the new token starts a segment after an <eod>
-        seq.output_ids.append(token)
+        seq.append(token)
         if token == cfg.eod_token_id and not p.ignore_eod:
             seq.finish_reason = "eod"
         elif token in p.stop_token_ids:
@@ -414,11 +418,7 @@ class Engine:
 def kv_blocks(model: YuanModel, limits: EngineLimits) -> int:
     """The cache's block count: `num_kv_blocks`, or as many as `kv_cache_gb` holds."""
     if limits.num_kv_blocks is not None:
-        if limits.num_kv_blocks < 2:
-            raise ValueError(
-                f"num_kv_blocks must be at least 2 (block 0 is the null block), got {limits.num_kv_blocks}"
-            )
-        return limits.num_kv_blocks
+        return limits.num_kv_blocks  # PagedCache refuses fewer than 2
     cfg = model.cfg
     per_block = PagedCache.block_bytes(
         cfg.num_layers,

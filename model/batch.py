@@ -81,10 +81,6 @@ class ForwardBatch:
             self._decode_index = (heads_[:, None] * slots + flat[None, :]).reshape(-1)
         return self._decode_index
 
-    @property
-    def num_tokens(self) -> int:
-        return self.token_ids.shape[0]
-
     @staticmethod
     def build(chunks: list[Chunk], block_size: int, eod_token_id: int | None) -> ForwardBatch:
         """`eod_token_id` None: no segments (the model has no `reset_attention_mask`)."""
@@ -132,7 +128,7 @@ class ForwardBatch:
             # Past a sequence's own position its last block holds stale values (maybe not even
             # finite): read the null block there, as for padding, so masked keys add exact zeros.
             decode_slots = torch.where(torch.arange(L)[None, :] <= q_pos[:, None], decode_slots, 0)
-            decode_mask = _mask(q_pos, torch.tensor(dec_seg) if eod_token_id is not None else 0 * q_pos, L)
+            decode_mask = _mask(q_pos, torch.tensor(dec_seg), L)
         else:
             decode_slots = decode_mask = torch.empty(0, 0, dtype=torch.long)
         return ForwardBatch(
@@ -157,8 +153,6 @@ def _segment_starts(token_ids: list[int], s: int, n: int, seg_start: int, eod: i
     includes, an `<eod>` (SPEC step 6), so position p starts one when token p-1 is `<eod>`."""
     if eod is None:
         return torch.zeros(n, dtype=torch.long)
-    if n == 1:
-        return torch.tensor([seg_start])
     prev = torch.tensor(token_ids[max(s - 1, 0) : s + n - 1], dtype=torch.long)
     if s == 0:
         prev = torch.cat([torch.tensor([-1]), prev])

@@ -5,8 +5,8 @@ Shapes: T tokens (packed over sequences), d hidden.
   c2[t] = A2 c1[t-1] + B2 c1[t] + b2          (d/2 -> d)
 Anything before a sequence's position 0 is zero, for c1[-1] too (not b1). Tap 0 of each (2 x 1)
 kernel multiplies the earlier position. To go on after position t-1 (the next chunk, or a decode
-step) the cache keeps per sequence the last two inputs `[h[t-2], h[t-1]]`, from which c1[t-1] is
-recomputed.
+step) the cache keeps, in the block of position t-1, the last two inputs `[h[t-2], h[t-1]]`, from
+which c1[t-1] is recomputed.
 """
 
 from __future__ import annotations
