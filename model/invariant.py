@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from model import skinny
+
 MIN_ROWS = 16
 _enabled = False
 
@@ -52,9 +54,12 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` over rows `x` `[M, K]`; in this mode with at least `MIN_ROWS` rows."""
+    """`F.linear` over rows `x` `[M, K]`; in this mode with at least `MIN_ROWS` rows. Outside it,
+    few rows on the CPU go to `model.skinny`."""
     M = x.shape[0]
-    if not _enabled or M >= MIN_ROWS or M == 0:
+    if not _enabled:
+        return skinny.matmul(x, weight, bias) if skinny.fits(x, weight) else F.linear(x, weight, bias)
+    if M >= MIN_ROWS or M == 0:
         return F.linear(x, weight, bias)
     return F.linear(_padded(x), weight, bias)[:M]
 
@@ -62,7 +67,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     """out = x @ weight.T (no bias) written into `out`, as `linear` computes it."""
     M = x.shape[0]
-    if not _enabled or M >= MIN_ROWS:
+    if not _enabled and skinny.fits(x, weight) and out.stride(1) == 1:
+        skinny.matmul(x, weight, out=out)
+    elif not _enabled or M >= MIN_ROWS:
         torch.mm(x, weight.t(), out=out)
     else:
         out.copy_(F.linear(_padded(x), weight)[:M])

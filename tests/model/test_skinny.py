@@ -1,0 +1,109 @@
+"""The skinny float32 matmul (model/_skinny.c) against torch, and the property the engine relies on:
+a row's bits do not depend on the other rows of the call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gateway.engine import Engine
+from gateway.sampling import SamplingParams
+from model import invariant, skinny
+
+pytestmark = pytest.mark.skipif(
+    not skinny.available(), reason="model._skinny is not built or this CPU lacks AVX2/FMA (torch is used)"
+)
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("out_features", [1, 4, 8, 37, 256])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_float64_reference(rows, out_features, with_bias):
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    K = 136
+    x = torch.randn(rows, K, generator=g)
+    w = torch.randn(out_features, K, generator=g)
+    b = torch.randn(out_features, generator=g) if with_bias else None
+    assert skinny.fits(x, w)
+    y = skinny.matmul(x, w, b)
+    err = (y.double() - _reference(x, w, b)).abs().max().item()
+    assert err < 1e-4, f"max |skinny - float64| = {err}"  # |values| ~ sqrt(136): float32 rounding
+
+
+def test_strided_rows_in_and_out():
+    """x rows and out rows may be slices of wider buffers (the expert step writes into `u[a:b]`)."""
+    g = torch.Generator().manual_seed(1)
+    wide_x = torch.randn(6, 80, generator=g)
+    x = wide_x[1:5, 8:72]  # [4, 64], rows 80 apart
+    w = torch.randn(24, 64, generator=g)
+    wide_out = torch.full((5, 40), 7.0)
+    out = wide_out[1:5, 4:28]
+    skinny.matmul(x, w, out=out)
+    assert (out.double() - _reference(x, w, None)).abs().max().item() < 1e-4
+    untouched = torch.ones_like(wide_out, dtype=torch.bool)
+    untouched[1:5, 4:28] = False
+    assert torch.all(wide_out[untouched] == 7.0), "wrote outside `out`"
+
+
+def test_a_row_has_the_same_bits_in_any_call():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 512, generator=g)
+    w = torch.randn(300, 512, generator=g)
+    b = torch.randn(300, generator=g)
+    together = skinny.matmul(x, w, b)
+    for lo, hi in [(0, 1), (3, 4), (5, 8), (2, 13), (15, 16)]:
+        assert torch.equal(skinny.matmul(x[lo:hi], w, b), together[lo:hi]), f"rows {lo}:{hi} differ"
+
+
+def test_fits_refuses_what_the_kernel_does_not_do():
+    w = torch.randn(8, 64)
+    assert not skinny.fits(torch.randn(skinny.MAX_ROWS + 1, 64), w)  # many rows: torch's blocked kernel
+    assert not skinny.fits(torch.randn(2, 64).double(), w.double())
+    assert not skinny.fits(torch.randn(2, 60), torch.randn(8, 60))  # K not a multiple of 8
+    assert not skinny.fits(torch.randn(64, 2).t(), w)  # columns not contiguous
+    assert not skinny.fits(torch.randn(2, 64), torch.randn(64, 8).t())  # weight not contiguous
+    assert not skinny.fits(torch.randn(0, 64), w)
+    with skinny.mode(False):
+        assert not skinny.fits(torch.randn(2, 64), w)
+    assert skinny.fits(torch.randn(2, 64), w)
+
+
+def test_out_and_bias_are_checked():
+    x, w = torch.randn(2, 64), torch.randn(8, 64)
+    with pytest.raises(ValueError, match="out"):
+        skinny.matmul(x, w, out=torch.empty(2, 9))
+    with pytest.raises(ValueError, match="bias"):
+        skinny.matmul(x, w, torch.randn(7))
+
+
+def test_invariant_linear_uses_it_outside_batch_invariant_mode():
+    """`invariant.linear` gives the kernel's bits for few rows, torch's (padded) in the mode."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(3, 64, generator=g), torch.randn(32, 64, generator=g)
+    assert torch.equal(invariant.linear(x, w), skinny.matmul(x, w))
+    with invariant.mode(True):
+        padded = torch.cat([x, x.new_zeros(invariant.MIN_ROWS - 3, 64)])
+        assert torch.equal(invariant.linear(x, w), F.linear(padded, w)[:3])
+
+
+def test_golden_tokens_with_and_without_it(engine_factory, golden):
+    """The fixture is token-exact either way (the golden logit tests run with it on)."""
+    for on in (True, False):
+        with skinny.mode(on):
+            eng = engine_factory()
+            prompts = [c["prompt_ids"] for c in golden["cases"]]
+            seqs = eng.generate(prompts, SamplingParams(max_tokens=16, ignore_eod=True))
+        assert [s.output_ids for s in seqs] == [c["generated_ids"] for c in golden["cases"]], f"skinny={on}"
+
+
+@pytest.fixture(scope="module")
+def engine_factory(fixture_dir):
+    from gateway.engine import local_engine
+
+    base = local_engine(str(fixture_dir))
+    return lambda: Engine(base.model, base.dispatcher)
