@@ -1,0 +1,187 @@
+"""The skinny float32 matmul (model/_skinny.c) against torch's, side by side in one run.
+
+- matmul: time of `x @ w.T` for the `small` preset's weight shapes and 1..32 rows, the kernel and
+  torch alternated in blocks, each call on another weight of a set far larger than the caches (as
+  a decode step reads them: from memory); GB/s of weights streamed.
+- decode: in-process decode tokens/s on a random `small` checkpoint at 1 / 8 / 32 streams, the
+  kernel on and off alternated (`model.skinny.mode`), and whether both gave the same tokens.
+- compile (`--compile`): what `torch.compile` (inductor, dynamic shapes) does to two of the decode
+  step's small pieces, RMSNorm and the Attention Router, against eager, per call, and its compile
+  time: the probe behind the choice not to compile (docs/PERFORMANCE.md).
+Numbers are printed (and `--json`), never asserted. docs/PERFORMANCE.md has a run.
+Usage: python -m bench.kernels [--threads 1] [--rounds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from gateway.engine import EngineLimits, local_engine
+from gateway.sampling import SamplingParams
+from model import skinny
+from model.checkpoint import write_random_checkpoint
+from model.config import preset
+
+SHAPES = {  # `small` (hidden 512, expert width 512): [out, in] of its matmuls
+    "expert w1 / q|k": (1024, 512),
+    "expert w2 / v / o": (512, 512),
+    "LF conv1": (256, 1024),
+}
+
+
+def matmul(rows: list[int], rounds: int, calls: int = 100) -> dict:
+    out: dict = {}
+    for name, (n, k) in SHAPES.items():
+        ws = [torch.randn(n, k) for _ in range(max(8, 256 * 2**20 // (n * k * 4)))]  # ~256 MB
+        out[name] = {}
+        for m in rows:
+            x = torch.randn(m, k)
+            y = torch.empty(m, n)
+            sides = {
+                "skinny": lambda w: skinny.matmul(x, w, out=y),
+                "torch": lambda w: torch.mm(x, w.t(), out=y),
+            }
+            best = {s: float("inf") for s in sides}
+            for _ in range(rounds):
+                for s, f in sides.items():
+                    f(ws[0])
+                    t0 = time.perf_counter()
+                    for i in range(calls):
+                        f(ws[i % len(ws)])
+                    best[s] = min(best[s], (time.perf_counter() - t0) / calls)
+            mb = n * k * 4 / 1e6
+            out[name][m] = {
+                "skinny_us": best["skinny"] * 1e6,
+                "torch_us": best["torch"] * 1e6,
+                "skinny_gbs": mb / 1e3 / best["skinny"],
+                "torch_gbs": mb / 1e3 / best["torch"],
+                "speedup": best["torch"] / best["skinny"],
+            }
+    return out
+
+
+def decode(streams: list[int], rounds: int, max_tokens: int = 32) -> dict:
+    tmp = tempfile.TemporaryDirectory()
+    ckpt = write_random_checkpoint(preset("small"), f"{tmp.name}/small", seed=0)
+    eng = local_engine(str(ckpt), limits=EngineLimits(max_running=max(streams), max_tokens=max_tokens))
+
+    def run(b: int) -> tuple[float, list[list[int]]]:
+        g = torch.Generator().manual_seed(b)
+        prompts = [torch.randint(0, 256, (16,), generator=g).tolist() for _ in range(b)]
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eod=True)
+        seqs = [eng.add(f"b{b}-{i}-{time.perf_counter()}", p, sp) for i, p in enumerate(prompts)]
+        while eng.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.running):
+            eng.step()  # prefill: not timed
+        t0, steps = time.perf_counter(), 0
+        while eng.has_work:
+            eng.step()
+            steps += 1
+        return (time.perf_counter() - t0) / steps, [s.output_ids for s in seqs]
+
+    out: dict = {}
+    for b in streams:
+        best = {True: float("inf"), False: float("inf")}
+        tokens = {}
+        run(b)  # warm-up
+        for _ in range(rounds):
+            for on in (True, False):
+                with skinny.mode(on):
+                    dt, tokens[on] = run(b)
+                best[on] = min(best[on], dt)
+        out[b] = {
+            "skinny_tok_s": b / best[True],
+            "torch_tok_s": b / best[False],
+            "speedup": best[False] / best[True],
+            "same_tokens": tokens[True] == tokens[False],
+        }
+    tmp.cleanup()
+    return out
+
+
+def compile_probe(rows: list[int], calls: int = 2000) -> dict:
+    from model.attention_router import AttentionRouter
+    from model.norm import RMSNorm
+
+    pieces = {"RMSNorm": RMSNorm(512, 1e-6), "Attention Router": AttentionRouter(512, 32, 2, True)}
+    for m in pieces.values():
+        for p in m.parameters():
+            p.data.normal_()
+    out: dict = {}
+    with torch.inference_mode():
+        for name, module in pieces.items():
+            out[name] = {}
+            for m in rows:
+                x = torch.randn(m, 512)
+                t0 = time.perf_counter()
+                compiled = torch.compile(module.forward, dynamic=True)
+                compiled(x)
+                compile_s = time.perf_counter() - t0
+                best = {}
+                for side, f in (("eager", module.forward), ("compiled", compiled)):
+                    f(x)
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        f(x)
+                    best[side] = (time.perf_counter() - t0) / calls
+                out[name][m] = {
+                    "eager_us": best["eager"] * 1e6,
+                    "compiled_us": best["compiled"] * 1e6,
+                    "compile_s": compile_s,
+                }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the gateway and pools run 1)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32])
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--compile", action="store_true", help="also the torch.compile probe (~30 s more)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if not skinny.available():
+        raise SystemExit("model._skinny is not built or this CPU lacks AVX2/FMA: nothing to compare")
+    torch.set_num_threads(a.threads)
+    res = {"threads": a.threads, "matmul": matmul(a.rows, a.rounds)}  # past MAX_ROWS too
+    res["decode"] = decode(a.streams, a.rounds)
+    if a.compile:
+        res["compile"] = compile_probe([1, 32])
+    if a.json:
+        print(json.dumps(res, indent=1))
+        return
+    print(f"matmul, {a.threads} thread(s): us per call (GB/s of weights), best of {a.rounds} blocks")
+    print("| shape [out, in] | rows | skinny | torch | speedup |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, by_rows in res["matmul"].items():
+        n, k = SHAPES[name]
+        for m, r in by_rows.items():
+            print(
+                f"| {name} [{n}, {k}] | {m} | {r['skinny_us']:.0f} ({r['skinny_gbs']:.1f}) "
+                f"| {r['torch_us']:.0f} ({r['torch_gbs']:.1f}) | {r['speedup']:.2f} |"
+            )
+    print("\nin-process decode on small: tokens/s")
+    print("| streams | skinny on | off | on / off | same tokens |")
+    print("| --- | --- | --- | --- | --- |")
+    for b, r in res["decode"].items():
+        print(
+            f"| {b} | {r['skinny_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {r['speedup']:.2f} "
+            f"| {r['same_tokens']} |"
+        )
+    if a.compile:
+        print("\ntorch.compile (inductor, dynamic) against eager: us per call")
+        print("| piece | rows | eager | compiled | compile s |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, by_rows in res["compile"].items():
+            for m, r in by_rows.items():
+                us = f"{r['eager_us']:.1f} | {r['compiled_us']:.1f}"
+                print(f"| {name} | {m} | {us} | {r['compile_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
