@@ -5,6 +5,8 @@
   a decode step reads them: from memory); GB/s of weights streamed.
 - decode: in-process decode tokens/s on a random `small` checkpoint at 1 / 8 / 32 streams, the
   kernel on and off alternated (`model.skinny.mode`), and whether both gave the same tokens.
+- breakdown (`--breakdown`): where an in-process decode step's time goes at 1 and 32 streams, by
+  timing the model's pieces (their methods wrapped with a clock for this run only).
 - compile (`--compile`): what `torch.compile` (inductor, dynamic shapes) does to two of the decode
   step's small pieces, RMSNorm and the Attention Router, against eager, per call, and its compile
   time: the probe behind the choice not to compile (docs/PERFORMANCE.md).
@@ -34,10 +36,10 @@ SHAPES = {  # `small` (hidden 512, expert width 512): [out, in] of its matmuls
 }
 
 
-def matmul(rows: list[int], rounds: int, calls: int = 100) -> dict:
+def matmul(rows: list[int], rounds: int, calls: int = 100, mbytes: int = 256) -> dict:
     out: dict = {}
     for name, (n, k) in SHAPES.items():
-        ws = [torch.randn(n, k) for _ in range(max(8, 256 * 2**20 // (n * k * 4)))]  # ~256 MB
+        ws = [torch.randn(n, k) for _ in range(max(2, mbytes * 2**20 // (n * k * 4)))]  # past the caches
         out[name] = {}
         for m in rows:
             x = torch.randn(m, k)
@@ -103,6 +105,70 @@ def decode(streams: list[int], rounds: int, max_tokens: int = 32) -> dict:
     return out
 
 
+def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "small") -> dict:
+    """ms per decode step in each piece (pieces nest: LF and qkv are inside attention)."""
+    import collections
+
+    import model.attention as attention
+    from gateway.engine import Engine
+    from model.attention_router import AttentionRouter
+    from model.batch import ForwardBatch
+    from model.dispatcher import LocalDispatcher
+    from model.localized_filter import LocalizedFilter
+    from model.norm import RMSNorm
+
+    spent: collections.Counter = collections.Counter()
+    pieces = [
+        (Engine, "step", "step"),
+        (ForwardBatch, "build", "batch index tensors"),
+        (attention.LFAttention, "forward", "attention (LF, qkv, cache, attend, o)"),
+        (LocalizedFilter, "forward", "  LF convolutions"),
+        (attention.LFAttention, "_qkv", "  q|k, v projections + rotary"),
+        (attention, "_attend", "  attend (scores, softmax, values)"),
+        (AttentionRouter, "forward", "router"),
+        (RMSNorm, "forward", "norms"),
+        (LocalDispatcher, "submit", "expert step"),
+        (Engine, "_sample", "sampling"),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in pieces]
+
+    def clocked(f, label):
+        def g(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - t0
+
+        return g
+
+    out: dict = {}
+    try:
+        for (owner, name, label), (_, _, f) in zip(pieces, saved):
+            setattr(owner, name, clocked(f, label))
+        tmp = tempfile.TemporaryDirectory()
+        ckpt = write_random_checkpoint(preset(preset_name), f"{tmp.name}/m", seed=0)
+        eng = local_engine(str(ckpt), limits=EngineLimits(max_running=max(streams), max_tokens=max_tokens))
+        for b in streams:
+            for _ in range(2):  # the first round warms up
+                sp = SamplingParams(max_tokens=max_tokens, ignore_eod=True)
+                for i in range(b):
+                    eng.add(f"p{b}-{i}-{time.perf_counter()}", [3 + (7 * i + j) % 250 for j in range(16)], sp)
+                while eng.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.running):
+                    eng.step()
+                spent.clear()
+                steps = 0
+                while eng.has_work:
+                    eng.step()
+                    steps += 1
+            out[b] = {label: spent[label] / steps * 1e3 for _, _, label in pieces}
+        tmp.cleanup()
+    finally:
+        for owner, name, f in saved:
+            setattr(owner, name, f)
+    return out
+
+
 def compile_probe(rows: list[int], calls: int = 2000) -> dict:
     from model.attention_router import AttentionRouter
     from model.norm import RMSNorm
@@ -142,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32])
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--breakdown", action="store_true", help="also where a decode step's time goes")
     p.add_argument("--compile", action="store_true", help="also the torch.compile probe (~30 s more)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -150,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     res = {"threads": a.threads, "matmul": matmul(a.rows, a.rounds)}  # past MAX_ROWS too
     res["decode"] = decode(a.streams, a.rounds)
+    if a.breakdown:
+        res["breakdown_ms_per_step"] = breakdown([1, 32])
     if a.compile:
         res["compile"] = compile_probe([1, 32])
     if a.json:
@@ -173,6 +242,13 @@ def main(argv: list[str] | None = None) -> None:
             f"| {b} | {r['skinny_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {r['speedup']:.2f} "
             f"| {r['same_tokens']} |"
         )
+    if a.breakdown:
+        bd = res["breakdown_ms_per_step"]
+        print("\nin-process decode step on small, ms per step by piece")
+        print("| piece | " + " | ".join(f"{b} streams" for b in bd) + " |")
+        print("| --- |" + " --- |" * len(bd))
+        for label in next(iter(bd.values())):
+            print(f"| {label} | " + " | ".join(f"{bd[b][label]:.2f}" for b in bd) + " |")
     if a.compile:
         print("\ntorch.compile (inductor, dynamic) against eager: us per call")
         print("| piece | rows | eager | compiled | compile s |")
