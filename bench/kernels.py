@@ -30,7 +30,7 @@ from model.checkpoint import write_random_checkpoint
 from model.config import preset
 
 SHAPES = {  # `small` (hidden 512, expert width 512): [out, in] of its matmuls
-    "expert w1 / q|k": (1024, 512),
+    "expert w1 / q+k": (1024, 512),
     "expert w2 / v / o": (512, 512),
     "LF conv1": (256, 1024),
 }
@@ -123,7 +123,7 @@ def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "smal
         (ForwardBatch, "build", "batch index tensors"),
         (attention.LFAttention, "forward", "attention (LF, qkv, cache, attend, o)"),
         (LocalizedFilter, "forward", "  LF convolutions"),
-        (attention.LFAttention, "_qkv", "  q|k, v projections + rotary"),
+        (attention.LFAttention, "_qkv", "  q+k, v projections + rotary"),
         (attention, "_attend", "  attend (scores, softmax, values)"),
         (AttentionRouter, "forward", "router"),
         (RMSNorm, "forward", "norms"),
