@@ -29,9 +29,14 @@ TARGET static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(lo, sh));
 }
 
+/* The kernels read x rows and write y rows through pointer arrays, so a call can take rows from
+ * anywhere (the expert step's gathered tokens) and write them anywhere (its output slots). y gets
+ * its dot products, times `scale[m]` when scale is given. */
+
 /* One row of x against 8 rows of w at a time: 8 independent FMA chains keep the core busy while
  * the weights stream in. */
-TARGET static void one_row(const float *x, const float *w, float *y, int64_t O, int64_t K) {
+TARGET static void one_row(const float *x, const float *w, float *y, float s, int scaled, int64_t O,
+                           int64_t K) {
     int64_t o = 0;
     for (; o + 8 <= O; o += 8) {
         const float *r = w + o * K;
@@ -47,26 +52,32 @@ TARGET static void one_row(const float *x, const float *w, float *y, int64_t O, 
             a6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(r + 6 * K + k), a6);
             a7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(r + 7 * K + k), a7);
         }
-        y[o] = hsum(a0), y[o + 1] = hsum(a1), y[o + 2] = hsum(a2), y[o + 3] = hsum(a3);
-        y[o + 4] = hsum(a4), y[o + 5] = hsum(a5), y[o + 6] = hsum(a6), y[o + 7] = hsum(a7);
+        float h[8] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3), hsum(a4), hsum(a5), hsum(a6), hsum(a7)};
+        for (int j = 0; j < 8; j++)
+            y[o + j] = scaled ? h[j] * s : h[j];
     }
     for (; o < O; o++) {
         __m256 a = _mm256_setzero_ps();
         for (int64_t k = 0; k < K; k += 8)
             a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + o * K + k), a);
-        y[o] = hsum(a);
+        float h = hsum(a);
+        y[o] = scaled ? h * s : h;
     }
 }
 
-/* y[m, o] = sum_k x[m, k] w[o, k]: 4 rows of w by 2 rows of x at a time, then single rows. */
-TARGET static void rows(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy, int64_t M,
-                        int64_t O, int64_t K) {
+/* y[m][o] = sum_k x[m][k] w[o, k]: 4 rows of w by 2 rows of x at a time, then single rows. */
+TARGET static void dot_rows(const float *const *x, const float *w, float *const *y, const float *scale,
+                        int64_t M, int64_t O, int64_t K) {
+    if (M == 1) {
+        one_row(x[0], w, y[0], scale ? scale[0] : 1.0f, scale != NULL, O, K);
+        return;
+    }
     int64_t o = 0;
     for (; o + 4 <= O; o += 4) {
         const float *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
         int64_t m = 0;
         for (; m + 2 <= M; m += 2) {
-            const float *x0 = x + m * ldx, *x1 = x0 + ldx;
+            const float *x0 = x[m], *x1 = x[m + 1];
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
             __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
             for (int64_t k = 0; k < K; k += 8) {
@@ -80,12 +91,15 @@ TARGET static void rows(const float *x, int64_t ldx, const float *w, float *y, i
                 u = _mm256_loadu_ps(w3 + k);
                 a03 = _mm256_fmadd_ps(v0, u, a03), a13 = _mm256_fmadd_ps(v1, u, a13);
             }
-            float *y0 = y + m * ldy + o, *y1 = y0 + ldy;
-            y0[0] = hsum(a00), y0[1] = hsum(a01), y0[2] = hsum(a02), y0[3] = hsum(a03);
-            y1[0] = hsum(a10), y1[1] = hsum(a11), y1[2] = hsum(a12), y1[3] = hsum(a13);
+            float h0[4] = {hsum(a00), hsum(a01), hsum(a02), hsum(a03)};
+            float h1[4] = {hsum(a10), hsum(a11), hsum(a12), hsum(a13)};
+            for (int j = 0; j < 4; j++) {
+                y[m][o + j] = scale ? h0[j] * scale[m] : h0[j];
+                y[m + 1][o + j] = scale ? h1[j] * scale[m + 1] : h1[j];
+            }
         }
         for (; m < M; m++) {
-            const float *x0 = x + m * ldx;
+            const float *x0 = x[m];
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t k = 0; k < K; k += 8) {
                 __m256 v = _mm256_loadu_ps(x0 + k);
@@ -94,29 +108,69 @@ TARGET static void rows(const float *x, int64_t ldx, const float *w, float *y, i
                 a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w2 + k), a2);
                 a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w3 + k), a3);
             }
-            float *y0 = y + m * ldy + o;
-            y0[0] = hsum(a0), y0[1] = hsum(a1), y0[2] = hsum(a2), y0[3] = hsum(a3);
+            float h[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            for (int j = 0; j < 4; j++)
+                y[m][o + j] = scale ? h[j] * scale[m] : h[j];
         }
     }
     for (; o < O; o++)
         for (int64_t m = 0; m < M; m++) {
             __m256 a = _mm256_setzero_ps();
             for (int64_t k = 0; k < K; k += 8)
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), _mm256_loadu_ps(w + o * K + k), a);
-            y[m * ldy + o] = hsum(a);
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(x[m] + k), _mm256_loadu_ps(w + o * K + k), a);
+            float h = hsum(a);
+            y[m][o] = scale ? h * scale[m] : h;
         }
 }
 
+/* Row pointers of a strided matrix, on the stack for up to STACK_ROWS rows. */
+#define STACK_ROWS 64
+
 static void matmul(const float *x, int64_t ldx, const float *w, const float *b, float *y, int64_t ldy,
                    int64_t M, int64_t O, int64_t K) {
-    if (M == 1)
-        one_row(x, w, y, O, K);
-    else
-        rows(x, ldx, w, y, ldy, M, O, K);
+    const float *xs[STACK_ROWS];
+    float *ys[STACK_ROWS];
+    for (int64_t m0 = 0; m0 < M; m0 += STACK_ROWS) {
+        int64_t n = M - m0 < STACK_ROWS ? M - m0 : STACK_ROWS;
+        for (int64_t m = 0; m < n; m++)
+            xs[m] = x + (m0 + m) * ldx, ys[m] = y + (m0 + m) * ldy;
+        dot_rows(xs, w, ys, NULL, n, O, K);
+    }
     if (b)
         for (int64_t m = 0; m < M; m++)
             for (int64_t o = 0; o < O; o++)
                 y[m * ldy + o] += b[o];
+}
+
+/* The expert step over routed pairs, grouped by expert (docs in `model/skinny.py`). */
+static void expert_up(const float *x, int64_t ldx, const int64_t *rows, const int64_t *order,
+                      const int64_t *counts, int64_t E, const float *w1, int64_t F2, int64_t K, float *u,
+                      const float **xp, float **up) {
+    int64_t a = 0;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = counts[e];
+        for (int64_t j = 0; j < n; j++)
+            xp[j] = x + rows[order[a + j]] * ldx, up[j] = u + (a + j) * F2;
+        if (n)
+            dot_rows(xp, w1 + e * F2 * K, up, NULL, n, F2, K);
+        a += n;
+    }
+}
+
+static void expert_down(const float *act, const int64_t *order, const int64_t *counts, int64_t E,
+                        const float *w2, int64_t D, int64_t F, const float *weights, const int64_t *slots,
+                        float *out, int64_t ldo, const float **xp, float **yp, float *scale) {
+    int64_t a = 0;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = counts[e];
+        for (int64_t j = 0; j < n; j++) {
+            int64_t i = order[a + j];
+            xp[j] = act + (a + j) * F, yp[j] = out + slots[i] * ldo, scale[j] = weights[i];
+        }
+        if (n)
+            dot_rows(xp, w2 + e * D * F, yp, scale, n, D, F);
+        a += n;
+    }
 }
 
 static int supported(void) {
@@ -160,9 +214,142 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+
+PyDoc_STRVAR(group_doc,
+"group(local, R, E, order, counts) -> largest group\n\n"
+"A stable counting sort of R pairs by their expert: local (int64 [R], each in [0, E)) -> order\n"
+"(int64 [R], pair indices grouped by expert) and counts (int64 [E]). Pointers as in matmul.");
+
+static PyObject *py_group(PyObject *self, PyObject *args) {
+    unsigned long long p_local, p_order, p_counts;
+    long long R, E;
+    if (!PyArg_ParseTuple(args, "KLLKK:group", &p_local, &R, &E, &p_order, &p_counts))
+        return NULL;
+    const int64_t *local = (const int64_t *)(uintptr_t)p_local;
+    int64_t *order = (int64_t *)(uintptr_t)p_order, *counts = (int64_t *)(uintptr_t)p_counts;
+    if (R < 0 || E < 1) {
+        PyErr_SetString(PyExc_ValueError, "group: R >= 0 and E >= 1");
+        return NULL;
+    }
+    for (int64_t e = 0; e < E; e++)
+        counts[e] = 0;
+    for (int64_t i = 0; i < R; i++) {
+        if (local[i] < 0 || local[i] >= E) {
+            PyErr_Format(PyExc_ValueError, "expert_ids: pair %lld is routed to an expert this bank does not hold",
+                         (long long)i);
+            return NULL;
+        }
+        counts[local[i]]++;
+    }
+    int64_t *start = PyMem_Malloc((size_t)E * sizeof(int64_t));
+    if (!start)
+        return PyErr_NoMemory();
+    int64_t biggest = 0, a = 0;
+    for (int64_t e = 0; e < E; e++) {
+        start[e] = a, a += counts[e];
+        if (counts[e] > biggest)
+            biggest = counts[e];
+    }
+    for (int64_t i = 0; i < R; i++)
+        order[start[local[i]]++] = i;
+    PyMem_Free(start);
+    return PyLong_FromLongLong(biggest);
+}
+
+static int check_index(const int64_t *idx, const int64_t *order, int64_t R, int64_t limit, const char *name) {
+    for (int64_t j = 0; j < R; j++) {
+        int64_t i = order[j];
+        if (i < 0 || i >= R || idx[i] < 0 || idx[i] >= limit) {
+            PyErr_Format(PyExc_ValueError, "%s: pair %lld is out of range [0, %lld)", name, (long long)i,
+                         (long long)limit);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(expert_up_doc,
+"expert_up(x, ldx, T, rows, order, counts, E, w1, F2, K, u)\n\n"
+"u[j] = x[rows[order[j]]] w1[e]^T for the j-th pair of `group`'s order, e its expert: x [T, K]\n"
+"rows ldx apart, w1 [E, F2, K], u [R, F2] contiguous, R the sum of counts.");
+
+static PyObject *py_expert_up(PyObject *self, PyObject *args) {
+    unsigned long long p_x, p_rows, p_order, p_counts, p_w1, p_u;
+    long long ldx, T, E, F2, K;
+    if (!PyArg_ParseTuple(args, "KLLKKKLKLLK:expert_up", &p_x, &ldx, &T, &p_rows, &p_order, &p_counts, &E, &p_w1,
+                          &F2, &K, &p_u))
+        return NULL;
+    if (!supported() || K % 8 || ldx < K || E < 1) {
+        PyErr_SetString(PyExc_ValueError, "expert_up: unsupported CPU or shapes");
+        return NULL;
+    }
+    const int64_t *counts = (const int64_t *)(uintptr_t)p_counts, *order = (const int64_t *)(uintptr_t)p_order;
+    int64_t R = 0;
+    for (int64_t e = 0; e < E; e++)
+        R += counts[e];
+    if (check_index((const int64_t *)(uintptr_t)p_rows, order, R, T, "rows") < 0)
+        return NULL;
+    const float **xp = PyMem_Malloc((size_t)(R ? R : 1) * sizeof(float *));
+    float **up = PyMem_Malloc((size_t)(R ? R : 1) * sizeof(float *));
+    if (!xp || !up) {
+        PyMem_Free(xp), PyMem_Free(up);
+        return PyErr_NoMemory();
+    }
+#if SKINNY_X86
+    Py_BEGIN_ALLOW_THREADS
+    expert_up((const float *)(uintptr_t)p_x, ldx, (const int64_t *)(uintptr_t)p_rows, order, counts, E,
+              (const float *)(uintptr_t)p_w1, F2, K, (float *)(uintptr_t)p_u, xp, up);
+    Py_END_ALLOW_THREADS
+#endif
+    PyMem_Free(xp), PyMem_Free(up);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(expert_down_doc,
+"expert_down(act, order, counts, E, w2, D, F, weights, slots, S, out, ldo)\n\n"
+"out[slots[i]] = weights[i] * act[j] w2[e]^T for the j-th pair of `group`'s order, i = order[j],\n"
+"e its expert: act [R, F] contiguous, w2 [E, D, F], weights float32 [R], out [S, D] rows ldo apart.");
+
+static PyObject *py_expert_down(PyObject *self, PyObject *args) {
+    unsigned long long p_act, p_order, p_counts, p_w2, p_weights, p_slots, p_out;
+    long long E, D, F, S, ldo;
+    if (!PyArg_ParseTuple(args, "KKKLKLLKKLKL:expert_down", &p_act, &p_order, &p_counts, &E, &p_w2, &D, &F,
+                          &p_weights, &p_slots, &S, &p_out, &ldo))
+        return NULL;
+    if (!supported() || F % 8 || ldo < D || E < 1) {
+        PyErr_SetString(PyExc_ValueError, "expert_down: unsupported CPU or shapes");
+        return NULL;
+    }
+    const int64_t *counts = (const int64_t *)(uintptr_t)p_counts, *order = (const int64_t *)(uintptr_t)p_order;
+    int64_t R = 0;
+    for (int64_t e = 0; e < E; e++)
+        R += counts[e];
+    if (check_index((const int64_t *)(uintptr_t)p_slots, order, R, S, "slots") < 0)
+        return NULL;
+    const float **xp = PyMem_Malloc((size_t)(R ? R : 1) * sizeof(float *));
+    float **yp = PyMem_Malloc((size_t)(R ? R : 1) * sizeof(float *));
+    float *scale = PyMem_Malloc((size_t)(R ? R : 1) * sizeof(float));
+    if (!xp || !yp || !scale) {
+        PyMem_Free(xp), PyMem_Free(yp), PyMem_Free(scale);
+        return PyErr_NoMemory();
+    }
+#if SKINNY_X86
+    Py_BEGIN_ALLOW_THREADS
+    expert_down((const float *)(uintptr_t)p_act, order, counts, E, (const float *)(uintptr_t)p_w2, D, F,
+                (const float *)(uintptr_t)p_weights, (const int64_t *)(uintptr_t)p_slots,
+                (float *)(uintptr_t)p_out, ldo, xp, yp, scale);
+    Py_END_ALLOW_THREADS
+#endif
+    PyMem_Free(xp), PyMem_Free(yp), PyMem_Free(scale);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
     {"matmul", py_matmul, METH_VARARGS, matmul_doc},
+    {"group", py_group, METH_VARARGS, group_doc},
+    {"expert_up", py_expert_up, METH_VARARGS, expert_up_doc},
+    {"expert_down", py_expert_down, METH_VARARGS, expert_down_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import invariant, skinny
 from model.invariant import linear_into
 
 
@@ -55,10 +56,18 @@ class ExpertBank(nn.Module):
         """out[slots[i]] = weights[i] * expert `expert_ids[i]`(x[rows[i]]) for each pair i. Expert
         pools answer the data plane with this, writing straight into the gateway's shared outputs."""
         local = self.local_index[expert_ids]  # ids are in [0, experts): the data plane checked them
-        if not bool((local >= 0).all()):
-            raise ValueError("expert_ids: a pair is routed to an expert this bank does not hold")
-        order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
+        E = len(self.expert_ids)
+        if skinny.experts_fit(x, self.w1, self.w2, out) and not invariant.enabled():
+            order, counts, biggest = skinny.group(local, E)  # raises for a pair not held here
+            if biggest <= skinny.EXPERT_MAX_ROWS:  # decode-sized groups: three calls for the layer
+                skinny.expert_pairs(x, rows, order, counts, weights, self.w1, self.w2, out, slots)
+                return
+            counts = counts.tolist()
+        else:
+            if not bool((local >= 0).all()):
+                raise ValueError("expert_ids: a pair is routed to an expert this bank does not hold")
+            order = torch.argsort(local, stable=True)
+            counts = torch.bincount(local, minlength=E).tolist()
         # Rows and weights gathered once, grouped by expert; then two matmuls per active expert into
         # one buffer each, and one activation and one weighting over all rows (few calls: per-op
         # overhead is what small decode batches pay for).

@@ -93,3 +93,73 @@ def matmul(
     ldx, ldy = (x.stride(0), out.stride(0)) if M > 1 else (K, N)  # one row: its stride is unused
     _skinny.matmul(x.data_ptr(), ldx, weight.data_ptr(), b, out.data_ptr(), ldy, M, N, K)
     return out
+
+
+# ---- the expert step over routed pairs ----------------------------------------------------------
+EXPERT_MAX_ROWS = 32  # an expert's rows up to which the grouped call is used: its matmuls are level
+# with torch's at 32 rows (bench.kernels) and it saves ~25 torch calls a layer; prefill chunks that
+# give an expert more rows go to torch's blocked kernel.
+
+
+def experts_fit(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `expert_pairs` runs here: enabled, CPU float32, x and out rows with unit column
+    stride, stacked weights contiguous with both inner sizes multiples of 8."""
+    return (
+        _enabled
+        and x.dtype is torch.float32
+        and w1.dtype is torch.float32
+        and out.dtype is torch.float32
+        and x.device.type == "cpu"
+        and x.dim() == 2
+        and x.stride(1) == 1
+        and out.stride(1) == 1
+        and w1.is_contiguous()
+        and w2.is_contiguous()
+        and w2.dtype is torch.float32
+        and x.shape[1] % 8 == 0
+        and w2.shape[2] % 8 == 0
+        and not ((w1.requires_grad or w2.requires_grad) and torch.is_grad_enabled())
+    )
+
+
+def group(local: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Pairs grouped by expert, stably: (order `[R]`, counts `[E]`, the largest count). `local`
+    int64 `[R]`, each in [0, num_experts); ValueError names the first pair that is not."""
+    local = local.contiguous()
+    order = torch.empty_like(local)
+    counts = torch.empty(num_experts, dtype=torch.long)
+    biggest = _skinny.group(local.data_ptr(), local.numel(), num_experts, order.data_ptr(), counts.data_ptr())
+    return order, counts, biggest
+
+
+def expert_pairs(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    order: torch.Tensor,
+    counts: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    out: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """out[slots[i]] = weights[i] * w2[e] (silu(u[:F]) * u[F:]), u = w1[e] x[rows[i]], for every
+    pair i, e its expert, in `group`'s order: one call for all up-projections, torch's SwiGLU over
+    all rows (its vectorised exp), one call for all down-projections with the weighting and the
+    scatter into `out`. For tensors that `experts_fit`; rows and slots are checked in range."""
+    rows, slots = rows.contiguous(), slots.contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    E, F2, K = w1.shape
+    R = order.numel()
+    u = torch.empty(R, F2)
+    _skinny.expert_up(
+        x.data_ptr(), x.stride(0), x.shape[0], rows.data_ptr(), order.data_ptr(), counts.data_ptr(),
+        E, w1.data_ptr(), F2, K, u.data_ptr(),
+    )  # fmt: skip
+    F_ = F2 // 2
+    act = torch.nn.functional.silu(u[:, :F_]).mul_(u[:, F_:])  # [R, F]
+    D = w2.shape[1]
+    _skinny.expert_down(
+        act.data_ptr(), order.data_ptr(), counts.data_ptr(), E, w2.data_ptr(), D, F_,
+        weights.data_ptr(), slots.data_ptr(), out.shape[0], out.data_ptr(), out.stride(0),
+    )  # fmt: skip

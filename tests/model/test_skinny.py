@@ -107,3 +107,64 @@ def engine_factory(fixture_dir):
 
     base = local_engine(str(fixture_dir))
     return lambda: Engine(base.model, base.dispatcher)
+
+
+def _bank(E: int = 6, d: int = 64, F: int = 48, seed: int = 4):
+    from model.experts import ExpertBank
+
+    g = torch.Generator().manual_seed(seed)
+    bank = ExpertBank(list(range(10, 10 + E)), d, F)
+    bank.w1.data = torch.randn(bank.w1.shape, generator=g) / d**0.5
+    bank.w2.data = torch.randn(bank.w2.shape, generator=g) / F**0.5
+    return bank, g
+
+
+def _pairs(bank, g, T: int, R: int, S: int):
+    x = torch.randn(T, bank.w1.shape[2], generator=g)
+    rows = torch.randint(0, T, (R,), generator=g)
+    ids = torch.tensor(bank.expert_ids)[torch.randint(0, len(bank.expert_ids), (R,), generator=g)]
+    weights = torch.rand(R, generator=g)
+    slots = torch.randperm(S, generator=g)[:R]
+    return x, rows, ids, weights, slots
+
+
+@pytest.mark.parametrize("R", [1, 2, 7, 64, 300])  # 300 pairs over 6 experts: groups past 32 rows
+def test_grouped_expert_step_equals_the_per_expert_torch_path(R):
+    """The three-call expert step gives the bits of the per-expert path with the same kernel, and
+    stays within float32 rounding of torch's own matmuls; slots it does not own are untouched."""
+    bank, g = _bank()
+    x, rows, ids, weights, slots = _pairs(bank, g, T=max(R, 4), R=R, S=R + 5)
+    with torch.inference_mode():
+        grouped = torch.full((R + 5, 64), 9.0)
+        bank.pair_outputs(x, rows, ids, weights, grouped, slots)
+        limit = skinny.EXPERT_MAX_ROWS
+        try:
+            skinny.EXPERT_MAX_ROWS = 0  # the per-expert path, its matmuls still this kernel's below 17 rows
+            per_expert = torch.full((R + 5, 64), 9.0)
+            bank.pair_outputs(x, rows, ids, weights, per_expert, slots)
+        finally:
+            skinny.EXPERT_MAX_ROWS = limit
+        with skinny.mode(False):
+            plain = torch.full((R + 5, 64), 9.0)
+            bank.pair_outputs(x, rows, ids, weights, plain, slots)
+    counts = torch.bincount(ids - 10, minlength=6)
+    if int(counts.max()) <= skinny.MAX_ROWS:
+        assert torch.equal(grouped, per_expert)
+    assert (grouped - plain).abs().max().item() < 1e-5
+    free = torch.ones(R + 5, dtype=torch.bool)
+    free[slots] = False
+    assert torch.all(grouped[free] == 9.0)
+
+
+def test_grouped_expert_step_refuses_pairs_out_of_range():
+    bank, g = _bank()
+    x, rows, ids, weights, slots = _pairs(bank, g, T=4, R=6, S=8)
+    out = torch.zeros(8, 64)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="does not hold"):
+            bank.pair_outputs(x, rows, torch.tensor([10, 11, 12, 13, 14, 3]), weights, out, slots)
+        with pytest.raises(ValueError, match="rows"):
+            bank.pair_outputs(x, torch.tensor([0, 1, 2, 3, 0, 4]), ids, weights, out, slots)
+        with pytest.raises(ValueError, match="slots"):
+            bank.pair_outputs(x, rows, ids, weights, out, torch.tensor([0, 1, 2, 3, 4, 8]))
+    assert torch.all(out == 0), "a refused call writes nothing"
