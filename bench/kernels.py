@@ -3,8 +3,9 @@
 - matmul: time of `x @ w.T` for the `small` preset's weight shapes and 1..32 rows, the kernel and
   torch alternated in blocks, each call on another weight of a set far larger than the caches (as
   a decode step reads them: from memory); GB/s of weights streamed.
-- decode: in-process decode tokens/s on a random `small` checkpoint at 1 / 8 / 32 streams, the
-  kernel on and off alternated (`model.skinny.mode`), and whether both gave the same tokens.
+- decode: in-process decode tokens/s on a random `small` checkpoint at 1 / 8 / 32 streams, three
+  sides alternated: the kernel with the three-call expert step, the kernel with the per-expert
+  step, the kernel off (`model.skinny.mode`); and whether all gave the same tokens.
 - breakdown (`--breakdown`): where an in-process decode step's time goes at 1 and 32 streams, by
   timing the model's pieces (their methods wrapped with a clock for this run only).
 - compile (`--compile`): what `torch.compile` (inductor, dynamic shapes) does to two of the decode
@@ -85,22 +86,27 @@ def decode(streams: list[int], rounds: int, max_tokens: int = 32) -> dict:
             steps += 1
         return (time.perf_counter() - t0) / steps, [s.output_ids for s in seqs]
 
+    # "grouped": the kernel and the three-call expert step; "per expert": the kernel for each
+    # matmul, the expert step's per-expert torch path; "torch": the kernel off.
+    sides = {"grouped": (True, skinny.EXPERT_MAX_ROWS), "per expert": (True, 0), "torch": (False, 0)}
     out: dict = {}
     for b in streams:
-        best = {True: float("inf"), False: float("inf")}
+        best = {s: float("inf") for s in sides}
         tokens = {}
         run(b)  # warm-up
         for _ in range(rounds):
-            for on in (True, False):
-                with skinny.mode(on):
-                    dt, tokens[on] = run(b)
-                best[on] = min(best[on], dt)
-        out[b] = {
-            "skinny_tok_s": b / best[True],
-            "torch_tok_s": b / best[False],
-            "speedup": best[False] / best[True],
-            "same_tokens": tokens[True] == tokens[False],
-        }
+            for side, (on, group_rows) in sides.items():
+                limit, skinny.EXPERT_MAX_ROWS = skinny.EXPERT_MAX_ROWS, group_rows
+                try:
+                    with skinny.mode(on):
+                        dt, tokens[side] = run(b)
+                finally:
+                    skinny.EXPERT_MAX_ROWS = limit
+                best[side] = min(best[side], dt)
+        out[b] = {f"{side}_tok_s": b / best[side] for side in sides}
+        out[b]["speedup"] = best["torch"] / best["grouped"]
+        out[b]["grouped_over_per_expert"] = best["per expert"] / best["grouped"]
+        out[b]["same_tokens"] = tokens["grouped"] == tokens["per expert"] == tokens["torch"]
     tmp.cleanup()
     return out
 
@@ -235,17 +241,17 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {r['torch_us']:.0f} ({r['torch_gbs']:.1f}) | {r['speedup']:.2f} |"
             )
     print("\nin-process decode on small: tokens/s")
-    print("| streams | skinny on | off | on / off | same tokens |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| streams | grouped | per expert | torch | grouped / torch | grouped / per expert | same tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for b, r in res["decode"].items():
         print(
-            f"| {b} | {r['skinny_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {r['speedup']:.2f} "
-            f"| {r['same_tokens']} |"
+            f"| {b} | {r['grouped_tok_s']:.0f} | {r['per expert_tok_s']:.0f} | {r['torch_tok_s']:.0f} "
+            f"| {r['speedup']:.2f} | {r['grouped_over_per_expert']:.2f} | {r['same_tokens']} |"
         )
     if a.breakdown:
         bd = res["breakdown_ms_per_step"]
         print("\nin-process decode step on small, ms per step by piece")
-        print("| piece | " + " | ".join(f"{b} streams" for b in bd) + " |")
+        print("| piece | " + " | ".join(f"x{b}" for b in bd) + " |")
         print("| --- |" + " --- |" * len(bd))
         for label in next(iter(bd.values())):
             print(f"| {label} | " + " | ".join(f"{bd[b][label]:.2f}" for b in bd) + " |")
