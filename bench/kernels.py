@@ -168,11 +168,34 @@ def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "smal
                     eng.step()
                     steps += 1
             out[b] = {label: spent[label] / steps * 1e3 for _, _, label in pieces}
+            out[b].update(torch_ops(eng, b, max_tokens))
         tmp.cleanup()
     finally:
         for owner, name, f in saved:
             setattr(owner, name, f)
     return out
+
+
+def torch_ops(eng, streams: int, max_tokens: int) -> dict:
+    """A third decode round under torch's profiler: torch calls per step and their summed own time
+    (the C kernels are not torch calls; what is neither is Python)."""
+    from torch.profiler import profile
+
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eod=True)
+    for i in range(streams):
+        eng.add(f"q{streams}-{i}-{time.perf_counter()}", [3 + (5 * i + j) % 250 for j in range(16)], sp)
+    while eng.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.running):
+        eng.step()
+    steps = 0
+    with profile() as prof:
+        while eng.has_work:
+            eng.step()
+            steps += 1
+    events = prof.key_averages()
+    return {
+        "torch calls, every level": sum(e.count for e in events) / steps,
+        "torch calls' own time": sum(e.self_cpu_time_total for e in events) / 1e3 / steps,
+    }
 
 
 def compile_probe(rows: list[int], calls: int = 2000) -> dict:
@@ -255,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         print("| --- |" + " --- |" * len(bd))
         for label in next(iter(bd.values())):
             print(f"| {label} | " + " | ".join(f"{bd[b][label]:.2f}" for b in bd) + " |")
+        print("(torch calls: per step, with the profiler on; their own time in ms, inflated by it)")
     if a.compile:
         print("\ntorch.compile (inductor, dynamic) against eager: us per call")
         print("| piece | rows | eager | compiled | compile s |")
