@@ -256,7 +256,13 @@ static PyObject *py_group(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(biggest);
 }
 
-static int check_index(const int64_t *idx, const int64_t *order, int64_t R, int64_t limit, const char *name) {
+/* The number of pairs (the sum of counts), after checking idx[order[j]] in [0, limit) for each; -1
+ * with ValueError set when one is not. */
+static int64_t checked_pairs(const int64_t *counts, int64_t E, const int64_t *order, const int64_t *idx,
+                             int64_t limit, const char *name) {
+    int64_t R = 0;
+    for (int64_t e = 0; e < E; e++)
+        R += counts[e];
     for (int64_t j = 0; j < R; j++) {
         int64_t i = order[j];
         if (i < 0 || i >= R || idx[i] < 0 || idx[i] >= limit) {
@@ -265,6 +271,25 @@ static int check_index(const int64_t *idx, const int64_t *order, int64_t R, int6
             return -1;
         }
     }
+    return R;
+}
+
+/* Per-pair scratch for a call: R x-row pointers, R y-row pointers, R scales, in one block. */
+typedef struct {
+    const float **xp;
+    float **yp;
+    float *scale;
+} pair_buffers;
+
+static int alloc_pairs(pair_buffers *b, int64_t R) {
+    size_t n = (size_t)(R ? R : 1);
+    char *p = PyMem_Malloc(n * (sizeof(float *) * 2 + sizeof(float)));
+    if (!p) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->xp = (const float **)p, b->yp = (float **)(p + n * sizeof(float *));
+    b->scale = (float *)(p + 2 * n * sizeof(float *));
     return 0;
 }
 
@@ -284,24 +309,17 @@ static PyObject *py_expert_up(PyObject *self, PyObject *args) {
         return NULL;
     }
     const int64_t *counts = (const int64_t *)(uintptr_t)p_counts, *order = (const int64_t *)(uintptr_t)p_order;
-    int64_t R = 0;
-    for (int64_t e = 0; e < E; e++)
-        R += counts[e];
-    if (check_index((const int64_t *)(uintptr_t)p_rows, order, R, T, "rows") < 0)
+    pair_buffers b;
+    int64_t R = checked_pairs(counts, E, order, (const int64_t *)(uintptr_t)p_rows, T, "rows");
+    if (R < 0 || alloc_pairs(&b, R) < 0)
         return NULL;
-    const float **xp = PyMem_Malloc((size_t)(R ? R : 1) * sizeof(float *));
-    float **up = PyMem_Malloc((size_t)(R ? R : 1) * sizeof(float *));
-    if (!xp || !up) {
-        PyMem_Free(xp), PyMem_Free(up);
-        return PyErr_NoMemory();
-    }
 #if SKINNY_X86
     Py_BEGIN_ALLOW_THREADS
     expert_up((const float *)(uintptr_t)p_x, ldx, (const int64_t *)(uintptr_t)p_rows, order, counts, E,
-              (const float *)(uintptr_t)p_w1, F2, K, (float *)(uintptr_t)p_u, xp, up);
+              (const float *)(uintptr_t)p_w1, F2, K, (float *)(uintptr_t)p_u, b.xp, b.yp);
     Py_END_ALLOW_THREADS
 #endif
-    PyMem_Free(xp), PyMem_Free(up);
+    PyMem_Free(b.xp);
     Py_RETURN_NONE;
 }
 
@@ -321,26 +339,18 @@ static PyObject *py_expert_down(PyObject *self, PyObject *args) {
         return NULL;
     }
     const int64_t *counts = (const int64_t *)(uintptr_t)p_counts, *order = (const int64_t *)(uintptr_t)p_order;
-    int64_t R = 0;
-    for (int64_t e = 0; e < E; e++)
-        R += counts[e];
-    if (check_index((const int64_t *)(uintptr_t)p_slots, order, R, S, "slots") < 0)
+    pair_buffers b;
+    int64_t R = checked_pairs(counts, E, order, (const int64_t *)(uintptr_t)p_slots, S, "slots");
+    if (R < 0 || alloc_pairs(&b, R) < 0)
         return NULL;
-    const float **xp = PyMem_Malloc((size_t)(R ? R : 1) * sizeof(float *));
-    float **yp = PyMem_Malloc((size_t)(R ? R : 1) * sizeof(float *));
-    float *scale = PyMem_Malloc((size_t)(R ? R : 1) * sizeof(float));
-    if (!xp || !yp || !scale) {
-        PyMem_Free(xp), PyMem_Free(yp), PyMem_Free(scale);
-        return PyErr_NoMemory();
-    }
 #if SKINNY_X86
     Py_BEGIN_ALLOW_THREADS
     expert_down((const float *)(uintptr_t)p_act, order, counts, E, (const float *)(uintptr_t)p_w2, D, F,
                 (const float *)(uintptr_t)p_weights, (const int64_t *)(uintptr_t)p_slots,
-                (float *)(uintptr_t)p_out, ldo, xp, yp, scale);
+                (float *)(uintptr_t)p_out, ldo, b.xp, b.yp, b.scale);
     Py_END_ALLOW_THREADS
 #endif
-    PyMem_Free(xp), PyMem_Free(yp), PyMem_Free(scale);
+    PyMem_Free(b.xp);
     Py_RETURN_NONE;
 }
 
