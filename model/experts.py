@@ -5,7 +5,9 @@ F expert width, d hidden. u = w1 g (2F), a = silu(u[:F]) * u[F:], y = w2 a. Pair
 expert so each expert runs one matmul over all its rows (no per-token Python loop). Each pair's
 weighted output has a slot t*A + a in `[T, A, d]`, and `sum_slots` adds a token's slots in `a`
 order: the in-process dispatcher (`ExpertBank.forward`) and the gateway, whose pools fill the slots
-with the same `pair_outputs`, sum the same way, so every path gives the same bits.
+with the same `pair_outputs`, sum the same way, so every path gives the same bits. On the CPU in
+float32 the grouping and both matmuls of decode-sized groups run in C (`model.skinny.expert_pairs`):
+three calls a layer instead of two per active expert plus ~25.
 """
 
 from __future__ import annotations
