@@ -3,9 +3,10 @@
 - matmul: time of `x @ w.T` for the `small` preset's weight shapes and 1..32 rows, the kernel and
   torch alternated in blocks, each call on another weight of a set far larger than the caches (as
   a decode step reads them: from memory); GB/s of weights streamed.
-- decode: in-process decode tokens/s on a random `small` checkpoint at 1 / 8 / 32 streams, three
-  sides alternated: the kernel with the three-call expert step, the kernel with the per-expert
-  step, the kernel off (`model.skinny.mode`); and whether all gave the same tokens.
+- decode: in-process decode tokens/s on a random `small` checkpoint at 1 / 8 / 32 streams, four
+  sides alternated: everything in C (the kernel, the three-call expert step, the one-call decode
+  attention), without the decode attention, the per-expert step, the kernel off
+  (`model.skinny.mode`); and whether all gave the same tokens.
 - breakdown (`--breakdown`): where an in-process decode step's time goes at 1 and 32 streams, by
   timing the model's pieces (their methods wrapped with a clock for this run only).
 - compile (`--compile`): what `torch.compile` (inductor, dynamic shapes) does to two of the decode
@@ -86,27 +87,34 @@ def decode(streams: list[int], rounds: int, max_tokens: int = 32) -> dict:
             steps += 1
         return (time.perf_counter() - t0) / steps, [s.output_ids for s in seqs]
 
-    # "grouped": the kernel and the three-call expert step; "per expert": the kernel for each
-    # matmul, the expert step's per-expert torch path; "torch": the kernel off.
-    sides = {"grouped": (True, skinny.EXPERT_MAX_ROWS), "per expert": (True, 0), "torch": (False, 0)}
+    # "C": the kernel, the three-call expert step and the one-call decode attention; "grouped":
+    # without the decode attention; "per expert": the kernel for each matmul only; "torch": all off.
+    sides = {
+        "C": (True, skinny.EXPERT_MAX_ROWS, True),
+        "grouped": (True, skinny.EXPERT_MAX_ROWS, False),
+        "per expert": (True, 0, False),
+        "torch": (False, 0, False),
+    }
     out: dict = {}
     for b in streams:
         best = {s: float("inf") for s in sides}
         tokens = {}
         run(b)  # warm-up
         for _ in range(rounds):
-            for side, (on, group_rows) in sides.items():
+            for side, (on, group_rows, attention) in sides.items():
                 limit, skinny.EXPERT_MAX_ROWS = skinny.EXPERT_MAX_ROWS, group_rows
+                skinny.DECODE_ATTENTION = attention
                 try:
                     with skinny.mode(on):
                         dt, tokens[side] = run(b)
                 finally:
-                    skinny.EXPERT_MAX_ROWS = limit
+                    skinny.EXPERT_MAX_ROWS, skinny.DECODE_ATTENTION = limit, True
                 best[side] = min(best[side], dt)
         out[b] = {f"{side}_tok_s": b / best[side] for side in sides}
-        out[b]["speedup"] = best["torch"] / best["grouped"]
+        out[b]["speedup"] = best["torch"] / best["C"]
+        out[b]["C_over_grouped"] = best["grouped"] / best["C"]
         out[b]["grouped_over_per_expert"] = best["per expert"] / best["grouped"]
-        out[b]["same_tokens"] = tokens["grouped"] == tokens["per expert"] == tokens["torch"]
+        out[b]["same_tokens"] = tokens["C"] == tokens["grouped"] == tokens["per expert"] == tokens["torch"]
     tmp.cleanup()
     return out
 
@@ -264,13 +272,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {r['torch_us']:.0f} ({r['torch_gbs']:.1f}) | {r['speedup']:.2f} |"
             )
     print("\nin-process decode on small: tokens/s")
-    print("| streams | grouped | per expert | torch | grouped / torch | grouped / per expert | same tokens |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| streams | C | grouped | per expert | torch | C / torch | C / grouped | grouped / per expert "
+        "| same tokens |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for b, r in res["decode"].items():
-        print(
-            f"| {b} | {r['grouped_tok_s']:.0f} | {r['per expert_tok_s']:.0f} | {r['torch_tok_s']:.0f} "
-            f"| {r['speedup']:.2f} | {r['grouped_over_per_expert']:.2f} | {r['same_tokens']} |"
-        )
+        sides = " | ".join(f"{r[k + '_tok_s']:.0f}" for k in ("C", "grouped", "per expert", "torch"))
+        ratios = f"{r['speedup']:.2f} | {r['C_over_grouped']:.2f} | {r['grouped_over_per_expert']:.2f}"
+        print(f"| {b} | {sides} | {ratios} | {r['same_tokens']} |")
     if a.breakdown:
         bd = res["breakdown_ms_per_step"]
         print("\nin-process decode step on small, ms per step by piece")

@@ -13,7 +13,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -171,6 +173,122 @@ static void expert_down(const float *act, const int64_t *order, const int64_t *c
             dot_rows(xp, w2 + e * D * F, yp, scale, n, D, F);
         a += n;
     }
+}
+
+/* ---- one decode step of a layer's LF attention (docs in `model/skinny.py`, `decode_attention`) ---- */
+typedef struct {
+    const float *h, *lf, *w1, *b1, *w2, *b2, *lfnorm, *wqk, *wv, *cos, *sin;
+    float *kc, *vc, *out;
+    const int64_t *lf_read, *lf_blocks, *write, *slots;
+    const uint8_t *has_prev, *mask;
+    int64_t B, d, H, D, P, L;
+    float eps;
+} decode_t;
+
+TARGET static float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    return hsum(acc);
+}
+
+/* scratch: taps [2B, 2d], c1 [2B, d/2], c2in [B, d], c2 [B, d], qk [B, 2d], v [B, d], p [L] */
+static void decode_attention(const decode_t *c, float *scratch) {
+    const int64_t B = c->B, d = c->d, half = d / 2, H = c->H, D = c->D, L = c->L;
+    float *taps = scratch, *c1 = taps + 2 * B * 2 * d, *c2in = c1 + 2 * B * half, *c2 = c2in + B * d;
+    float *qk = c2 + B * d, *v = qk + B * 2 * d, *p = v + B * d;
+    const float *xs[STACK_ROWS];
+    float *ys[STACK_ROWS];
+    /* LF: rows [h[t-1], h[t]] for c1[t], and the state [h[t-2], h[t-1]] for c1[t-1] (read before
+     * this step writes any state: a sequence's state block may be the one it writes). */
+    for (int64_t b = 0; b < B; b++) {
+        const float *state = c->lf + c->lf_read[b] * 2 * d;
+        memcpy(taps + b * 2 * d, state + d, d * sizeof(float));
+        memcpy(taps + b * 2 * d + d, c->h + b * d, d * sizeof(float));
+        memcpy(taps + (B + b) * 2 * d, state, 2 * d * sizeof(float));
+    }
+    for (int64_t m0 = 0; m0 < 2 * B; m0 += STACK_ROWS) {
+        int64_t n = 2 * B - m0 < STACK_ROWS ? 2 * B - m0 : STACK_ROWS;
+        for (int64_t m = 0; m < n; m++)
+            xs[m] = taps + (m0 + m) * 2 * d, ys[m] = c1 + (m0 + m) * half;
+        dot_rows(xs, c->w1, ys, NULL, n, half, 2 * d);
+    }
+    for (int64_t b = 0; b < B; b++) {
+        float *first = c2in + b * d, *cur = first + half;
+        const float *now = c1 + b * half, *before = c1 + (B + b) * half;
+        for (int64_t j = 0; j < half; j++) {
+            cur[j] = now[j] + c->b1[j];
+            first[j] = c->has_prev[b] ? before[j] + c->b1[j] : 0.0f; /* zero (not b1) before position 0 */
+        }
+    }
+    for (int64_t m0 = 0; m0 < B; m0 += STACK_ROWS) {
+        int64_t n = B - m0 < STACK_ROWS ? B - m0 : STACK_ROWS;
+        for (int64_t m = 0; m < n; m++)
+            xs[m] = c2in + (m0 + m) * d, ys[m] = c2 + (m0 + m) * d;
+        dot_rows(xs, c->w2, ys, NULL, n, d, d);
+    }
+    for (int64_t b = 0; b < B; b++) { /* f = RMSNorm(c2 + b2 + h), kept in c2 */
+        float *f = c2 + b * d;
+        double ss = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            f[j] = (f[j] + c->b2[j]) + c->h[b * d + j];
+            ss += (double)f[j] * f[j];
+        }
+        float r = 1.0f / sqrtf((float)(ss / d) + c->eps);
+        for (int64_t j = 0; j < d; j++)
+            f[j] = c->lfnorm[j] * (f[j] * r);
+    }
+    /* q|k from the filtered states, v from the input */
+    for (int64_t m0 = 0; m0 < B; m0 += STACK_ROWS) {
+        int64_t n = B - m0 < STACK_ROWS ? B - m0 : STACK_ROWS;
+        for (int64_t m = 0; m < n; m++)
+            xs[m] = c2 + (m0 + m) * d, ys[m] = qk + (m0 + m) * 2 * d;
+        dot_rows(xs, c->wqk, ys, NULL, n, 2 * d, d);
+        for (int64_t m = 0; m < n; m++)
+            xs[m] = c->h + (m0 + m) * d, ys[m] = v + (m0 + m) * d;
+        dot_rows(xs, c->wv, ys, NULL, n, d, d);
+    }
+    const float root = sqrtf((float)D);
+    for (int64_t b = 0; b < B; b++) {
+        const float *cs = c->cos + b * D, *sn = c->sin + b * D;
+        for (int64_t hh = 0; hh < H; hh++) {
+            float *q = qk + b * 2 * d + hh * 2 * D, *k = q + D, rq[512], rk[512];
+            for (int64_t i = 0; i < D; i++) { /* rotate-half rotary */
+                float xq = i < D / 2 ? -q[i + D / 2] : q[i - D / 2];
+                float xk = i < D / 2 ? -k[i + D / 2] : k[i - D / 2];
+                rq[i] = q[i] * cs[i] + xq * sn[i];
+                rk[i] = k[i] * cs[i] + xk * sn[i];
+            }
+            int64_t slot = c->write[b];
+            memcpy(c->kc + (hh * c->P + slot) * D, rk, D * sizeof(float));
+            memcpy(c->vc + (hh * c->P + slot) * D, v + b * d + hh * D, D * sizeof(float));
+            memcpy(q, rq, D * sizeof(float)); /* the rotated query, for the scores below */
+        }
+        float *state = (float *)c->lf + c->lf_blocks[b] * 2 * d; /* [h[t-1], h[t]] after t */
+        memcpy(state, taps + b * 2 * d, 2 * d * sizeof(float));
+    }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t hh = 0; hh < H; hh++) {
+            const float *q = qk + b * 2 * d + hh * 2 * D;
+            float best = -INFINITY, sum = 0.0f, *o = c->out + b * d + hh * D;
+            for (int64_t l = 0; l < L; l++)
+                if (c->mask[b * L + l]) {
+                    p[l] = dot(q, c->kc + (hh * c->P + c->slots[b * L + l]) * D, D) / root;
+                    if (p[l] > best)
+                        best = p[l];
+                }
+            for (int64_t l = 0; l < L; l++)
+                if (c->mask[b * L + l])
+                    sum += (p[l] = expf(p[l] - best));
+            for (int64_t i = 0; i < D; i++)
+                o[i] = 0.0f;
+            for (int64_t l = 0; l < L; l++)
+                if (c->mask[b * L + l]) {
+                    const float w = p[l] / sum, *vv = c->vc + (hh * c->P + c->slots[b * L + l]) * D;
+                    for (int64_t i = 0; i < D; i++)
+                        o[i] += w * vv[i];
+                }
+        }
 }
 
 static int supported(void) {
@@ -354,10 +472,67 @@ static PyObject *py_expert_down(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(decode_doc,
+"decode_attention(ptrs, sizes, eps)\n\n"
+"One decode step of a layer's LF attention for B one-token chunks, before o_proj (model/skinny.py\n"
+"`decode_attention` says what each pointer is). Indices are checked in range first.");
+
+static int in_range(const int64_t *idx, int64_t n, int64_t limit, const char *name) {
+    for (int64_t i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= limit) {
+            PyErr_Format(PyExc_ValueError, "%s: entry %lld is %lld, out of range [0, %lld)", name, (long long)i,
+                         (long long)idx[i], (long long)limit);
+            return -1;
+        }
+    return 0;
+}
+
+static PyObject *py_decode(PyObject *self, PyObject *args) {
+    unsigned long long p[21];
+    long long B, d, H, D, P, L, N;
+    float eps;
+    if (!PyArg_ParseTuple(args, "(KKKKKKKKKKKKKKKKKKKKK)(LLLLLLL)f:decode_attention", &p[0], &p[1], &p[2], &p[3],
+                          &p[4], &p[5], &p[6], &p[7], &p[8], &p[9], &p[10], &p[11], &p[12], &p[13], &p[14], &p[15],
+                          &p[16], &p[17], &p[18], &p[19], &p[20], &B, &d, &H, &D, &P, &L, &N, &eps))
+        return NULL;
+    if (!supported() || d % 16 || D % 8 || D > 512 || H * D != d || B < 1 || L < 1) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: unsupported CPU or shapes");
+        return NULL;
+    }
+#if SKINNY_X86
+    decode_t c = {
+        .h = (const float *)(uintptr_t)p[0], .lf = (const float *)(uintptr_t)p[1],
+        .w1 = (const float *)(uintptr_t)p[2], .b1 = (const float *)(uintptr_t)p[3],
+        .w2 = (const float *)(uintptr_t)p[4], .b2 = (const float *)(uintptr_t)p[5],
+        .lfnorm = (const float *)(uintptr_t)p[6], .wqk = (const float *)(uintptr_t)p[7],
+        .wv = (const float *)(uintptr_t)p[8], .cos = (const float *)(uintptr_t)p[9],
+        .sin = (const float *)(uintptr_t)p[10], .kc = (float *)(uintptr_t)p[11], .vc = (float *)(uintptr_t)p[12],
+        .out = (float *)(uintptr_t)p[13], .lf_read = (const int64_t *)(uintptr_t)p[14],
+        .lf_blocks = (const int64_t *)(uintptr_t)p[15], .write = (const int64_t *)(uintptr_t)p[16],
+        .slots = (const int64_t *)(uintptr_t)p[17], .has_prev = (const uint8_t *)(uintptr_t)p[18],
+        .mask = (const uint8_t *)(uintptr_t)p[19],
+        .B = B, .d = d, .H = H, .D = D, .P = P, .L = L, .eps = eps,
+    };
+    (void)p[20];
+    if (in_range(c.lf_read, B, N, "lf_read") < 0 || in_range(c.lf_blocks, B, N, "lf_blocks") < 0 ||
+        in_range(c.write, B, P, "write_slots") < 0 || in_range(c.slots, B * L, P, "decode_slots") < 0)
+        return NULL;
+    float *scratch = PyMem_Malloc(sizeof(float) * (size_t)(2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + L));
+    if (!scratch)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    decode_attention(&c, scratch);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(scratch);
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
     {"matmul", py_matmul, METH_VARARGS, matmul_doc},
     {"group", py_group, METH_VARARGS, group_doc},
+    {"decode_attention", py_decode, METH_VARARGS, decode_doc},
     {"expert_up", py_expert_up, METH_VARARGS, expert_up_doc},
     {"expert_down", py_expert_down, METH_VARARGS, expert_down_doc},
     {NULL, NULL, 0, NULL},

@@ -163,3 +163,69 @@ def expert_pairs(
         act.data_ptr(), order.data_ptr(), counts.data_ptr(), E, w2.data_ptr(), D, F_,
         weights.data_ptr(), slots.data_ptr(), out.shape[0], out.data_ptr(), out.stride(0),
     )  # fmt: skip
+
+
+# ---- one decode step of a layer's LF attention ----------------------------------------------------
+DECODE_ATTENTION = True  # whether decode steps use `decode_attention` (benchmarks compare both)
+
+
+def decode_fits(h: torch.Tensor, batch, k_cache: torch.Tensor, num_heads: int) -> bool:
+    """Whether `decode_attention` runs here: enabled, a batch of one-token chunks only, CPU float32
+    throughout, hidden a multiple of 16 and head dim a multiple of 8 (up to 512)."""
+    d = h.shape[1]
+    return (
+        _enabled
+        and DECODE_ATTENTION
+        and isinstance(batch.decode_rows, slice)
+        and batch.decode_slots.numel() > 0
+        and h.dtype is torch.float32
+        and k_cache.dtype is torch.float32
+        and h.device.type == "cpu"
+        and h.is_contiguous()
+        and d % 16 == 0
+        and (d // num_heads) % 8 == 0
+        and d // num_heads <= 512
+        and not torch.is_grad_enabled()
+    )
+
+
+def decode_attention(attn, h, batch, cos, sin, k_cache, v_cache, lf_cache) -> torch.Tensor:
+    """`LFAttention.forward` for a batch that `decode_fits`, up to o_proj, in one C call: the LF
+    convolutions from each sequence's cached state, its RMSNorm, q|k and v, rotary, the K/V and LF
+    state writes, and attention over each sequence's cached keys. The matmuls are this module's
+    kernel (the bits of the torch path's, which uses it for these row counts); the norm, rotary and
+    softmax are written out in C, so their last bits may differ from torch's (the golden fixtures
+    are the judge). Returns the attention output `[B, d]`."""
+    lf = attn.lf
+    B, d = h.shape
+    H = attn.num_heads
+    out = torch.empty(B, d)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    slots, mask = batch.decode_slots.contiguous(), batch.decode_mask.contiguous()
+    has_prev = batch.has_prev.contiguous()
+    ptrs = (
+        h.data_ptr(),
+        lf_cache.data_ptr(),
+        lf._w1.get(lf.conv1_weight).data_ptr(),
+        lf.conv1_bias.data_ptr(),
+        lf._w2.get(lf.conv2_weight).data_ptr(),
+        lf.conv2_bias.data_ptr(),
+        lf.norm.weight.data_ptr(),
+        attn._wqk.get(attn.q_proj.weight, attn.k_proj.weight).data_ptr(),
+        attn.v_proj.weight.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        out.data_ptr(),
+        batch.lf_read.data_ptr(),
+        batch.lf_blocks.data_ptr(),
+        batch.write_slots.data_ptr(),
+        slots.data_ptr(),
+        has_prev.data_ptr(),
+        mask.data_ptr(),
+        0,
+    )
+    sizes = (B, d, H, d // H, k_cache.shape[1], slots.shape[1], lf_cache.shape[0])
+    _skinny.decode_attention(ptrs, sizes, lf.norm.eps)
+    return out

@@ -168,3 +168,76 @@ def test_grouped_expert_step_refuses_pairs_out_of_range():
         with pytest.raises(ValueError, match="slots"):
             bank.pair_outputs(x, rows, ids, weights, out, torch.tensor([0, 1, 2, 3, 4, 8]))
     assert torch.all(out == 0), "a refused call writes nothing"
+
+
+def _decode_logits(model, dispatcher, prompts, steps, on):
+    """Prefill each prompt (its own chunk), then `steps` decode forwards of all of them together;
+    the logits of every decode step `[steps * B, V]`."""
+    from model.batch import Chunk, ForwardBatch, segment_start
+
+    bs, eod = 4, model.eod_for_segments  # small blocks: decode crosses block boundaries
+    tokens = [list(p) for p in prompts]
+    width = max(len(p) for p in prompts) + steps
+    per = width // bs + 1  # blocks per sequence
+    tables = [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(len(prompts))]
+    cache = model.new_cache(1 + len(prompts) * per, bs)
+    rows = []
+    with skinny.mode(True):
+        limit, skinny.DECODE_ATTENTION = skinny.DECODE_ATTENTION, on
+        try:
+            for t, table in zip(tokens, tables):
+                if len(t) > 1:  # a one-token prompt is a decode-shaped chunk at position 0
+                    chunk = Chunk(t, 0, len(t) - 1, table, 0, logits=False)
+                    model.forward([ForwardBatch.build([chunk], bs, eod)], dispatcher, cache)
+            for _ in range(steps):
+                chunks = [
+                    Chunk(t, len(t) - 1, 1, table, segment_start(t, len(t) - 1, eod))
+                    for t, table in zip(tokens, tables)
+                ]
+                logits = model.forward([ForwardBatch.build(chunks, bs, eod)], dispatcher, cache)
+                rows.append(logits)
+                for t, nxt in zip(tokens, logits.argmax(-1).tolist()):
+                    t.append(nxt)
+        finally:
+            skinny.DECODE_ATTENTION = limit
+    return torch.cat(rows), tokens
+
+
+def test_one_call_decode_attention_matches_the_torch_layers(engine_factory, golden):
+    """Decode steps of several sequences at once (one starting at position 0 with no LF state, one
+    crossing `<eod>` segments, all crossing 4-token block boundaries): the one-call C attention
+    gives the torch layers' logits within float32 rounding and the same greedy tokens."""
+    eng = engine_factory()
+    eod = eng.model.cfg.eod_token_id
+    prompts = [c["prompt_ids"] for c in golden["cases"][:3]] + [[7], [5, 9, eod, 11, 12, eod, 13]]
+    calls = []
+    real = skinny.decode_attention
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    skinny.decode_attention = counted
+    try:
+        c_logits, c_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=True)
+    finally:
+        skinny.decode_attention = real
+    t_logits, t_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=False)
+    assert len(calls) >= 9 * eng.model.cfg.num_layers, "every decode forward took the C path"
+    assert (c_logits - t_logits).abs().max().item() < 1e-5
+    assert c_tokens == t_tokens
+
+
+def test_one_call_decode_attention_refuses_out_of_range_indices(engine_factory):
+    from model.batch import Chunk, ForwardBatch
+
+    eng = engine_factory()
+    model = eng.model
+    cache = model.new_cache(4, 4)
+    batch = ForwardBatch.build([Chunk([3, 4], 1, 1, [1], 0)], 4, None)
+    batch.write_slots = torch.tensor([4 * 4])  # past the cache's last slot
+    layer = model.layers[0]
+    h = torch.randn(1, model.cfg.hidden_size)
+    cos, sin = model.rope_cos[batch.positions], model.rope_sin[batch.positions]
+    with torch.inference_mode(), pytest.raises(ValueError, match="write_slots"):
+        skinny.decode_attention(layer.attn, h, batch, cos, sin, cache.k[0], cache.v[0], cache.lf[0])
