@@ -238,6 +238,7 @@ def run(
                 )
             }
             res = out["results"][name] = {}
+            wait_for_quiet()  # Ray's own processes start up after `connect`: not on the in-process clock
             for label, disp in engines.items():
                 res[label] = {}
                 for c in concurrency:
