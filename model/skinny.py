@@ -8,9 +8,14 @@ Above `MAX_ROWS` rows the product is compute-bound and torch's blocked kernel is
 so `fits` says no and the caller uses torch.
 
 Every output element is computed by the same operations whatever the row count, so a row's bits
-do not depend on the rest of the batch (the kernel's comment says how). `model.invariant` is the
-one caller; batch-invariant mode keeps its own rule (torch with at least 16 rows).
-Off with `YUAN_SERVE_SKINNY=0` in the environment or `set_enabled(False)` (benchmarks compare both).
+do not depend on the rest of the batch (the kernel's comment says how).
+
+Built on the same kernel, two larger calls that take a decode step's torch calls away: the expert
+step over routed pairs (`group` + `expert_pairs`, three calls a layer) and a layer's attention half
+for a step of one-token chunks (`decode_attention`, one call). Callers: `model.invariant` (matmuls),
+`model.experts` and `model.attention`; batch-invariant mode uses none of this (torch, with at
+least 16 rows per matmul). Off with `YUAN_SERVE_SKINNY=0` in the environment or `set_enabled(False)`
+(benchmarks compare both).
 """
 
 from __future__ import annotations
