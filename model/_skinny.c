@@ -291,6 +291,88 @@ static void decode_attention(const decode_t *c, float *scratch) {
         }
 }
 
+/* ---- the rest of a decode step's layer: RMSNorm rows, and o_proj + residual + norm + router ---- */
+static void rms_rows(const float *x, const float *w, float eps, float *out, int64_t B, int64_t d) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *r = x + b * d;
+        double ss = 0.0;
+        for (int64_t j = 0; j < d; j++)
+            ss += (double)r[j] * r[j];
+        float inv = 1.0f / sqrtf((float)(ss / d) + eps);
+        for (int64_t j = 0; j < d; j++)
+            out[b * d + j] = w[j] * (r[j] * inv);
+    }
+}
+
+typedef struct {
+    const float *a, *x, *wo, *post, *wqkv;
+    float *x_out, *g, *wts, *qkv;
+    int64_t *ids;
+    int64_t B, d, N, top_k;
+    int normalize;
+    float eps;
+} post_t;
+
+/* x_out = x + a wo^T; g = RMSNorm(x_out); the Attention Router on g: ids and weights of the top_k
+ * experts, most probable first (model/attention_router.py has the math). */
+static void decode_post(const post_t *c) {
+    const int64_t B = c->B, d = c->d, N = c->N;
+    const float *xs[STACK_ROWS];
+    float *ys[STACK_ROWS];
+    for (int64_t m0 = 0; m0 < B; m0 += STACK_ROWS) {
+        int64_t n = B - m0 < STACK_ROWS ? B - m0 : STACK_ROWS;
+        for (int64_t m = 0; m < n; m++)
+            xs[m] = c->a + (m0 + m) * d, ys[m] = c->x_out + (m0 + m) * d;
+        dot_rows(xs, c->wo, ys, NULL, n, d, d);
+    }
+    for (int64_t j = 0; j < B * d; j++)
+        c->x_out[j] = c->x[j] + c->x_out[j];
+    rms_rows(c->x_out, c->post, c->eps, c->g, B, d);
+    for (int64_t m0 = 0; m0 < B; m0 += STACK_ROWS) {
+        int64_t n = B - m0 < STACK_ROWS ? B - m0 : STACK_ROWS;
+        for (int64_t m = 0; m < n; m++)
+            xs[m] = c->g + (m0 + m) * d, ys[m] = c->qkv + (m0 + m) * 3 * N;
+        dot_rows(xs, c->wqkv, ys, NULL, n, 3 * N, d);
+    }
+    float p[256], prob[256];
+    for (int64_t b = 0; b < B; b++) {
+        const float *q = c->qkv + b * 3 * N, *k = q + N, *v = k + N;
+        for (int64_t i = 0; i < N; i++) { /* M = softmax_rows(Q K^T), P = M V */
+            float best = -INFINITY, sum = 0.0f, acc = 0.0f, e[256];
+            for (int64_t j = 0; j < N; j++)
+                if (q[i] * k[j] > best)
+                    best = q[i] * k[j];
+            for (int64_t j = 0; j < N; j++)
+                sum += (e[j] = expf(q[i] * k[j] - best));
+            for (int64_t j = 0; j < N; j++)
+                acc += (e[j] / sum) * v[j];
+            p[i] = acc;
+        }
+        float best = -INFINITY, sum = 0.0f;
+        for (int64_t i = 0; i < N; i++)
+            if (p[i] > best)
+                best = p[i];
+        for (int64_t i = 0; i < N; i++)
+            sum += (prob[i] = expf(p[i] - best));
+        for (int64_t i = 0; i < N; i++)
+            prob[i] /= sum;
+        float total = 0.0f;
+        for (int64_t t = 0; t < c->top_k; t++) { /* the largest left, the lower id on a tie */
+            int64_t arg = -1;
+            for (int64_t i = 0; i < N; i++)
+                if (prob[i] >= 0.0f && (arg < 0 || prob[i] > prob[arg]))
+                    arg = i;
+            c->ids[b * c->top_k + t] = arg;
+            c->wts[b * c->top_k + t] = prob[arg];
+            total += prob[arg];
+            prob[arg] = -1.0f; /* taken */
+        }
+        if (c->normalize)
+            for (int64_t t = 0; t < c->top_k; t++)
+                c->wts[b * c->top_k + t] /= total;
+    }
+}
+
 static int supported(void) {
     static int known = -1;
     if (known < 0) {
@@ -528,11 +610,64 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(rms_doc, "rms_norm(x, w, out, B, d, eps)\n\nout = w * x / sqrt(mean(x^2) + eps) per row, float32 pointers.");
+
+static PyObject *py_rms(PyObject *self, PyObject *args) {
+    unsigned long long x, w, out;
+    long long B, d;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KKKLLf:rms_norm", &x, &w, &out, &B, &d, &eps))
+        return NULL;
+#if SKINNY_X86
+    Py_BEGIN_ALLOW_THREADS
+    rms_rows((const float *)(uintptr_t)x, (const float *)(uintptr_t)w, eps, (float *)(uintptr_t)out, B, d);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(post_doc,
+"decode_post((a, x, wo, post, wqkv, x_out, g, wts, ids), (B, d, N, top_k, normalize), eps)\n\n"
+"x_out = x + a wo^T, g = RMSNorm(x_out), and the Attention Router's top_k ids and weights of g\n"
+"(model/skinny.py `decode_post` says what each pointer is).");
+
+static PyObject *py_post(PyObject *self, PyObject *args) {
+    unsigned long long p[9];
+    long long B, d, N, top_k, normalize;
+    float eps;
+    if (!PyArg_ParseTuple(args, "(KKKKKKKKK)(LLLLL)f:decode_post", &p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &p[6],
+                          &p[7], &p[8], &B, &d, &N, &top_k, &normalize, &eps))
+        return NULL;
+    if (!supported() || d % 8 || N < 1 || N > 256 || top_k < 1 || top_k > N || B < 1) {
+        PyErr_SetString(PyExc_ValueError, "decode_post: unsupported CPU or shapes");
+        return NULL;
+    }
+#if SKINNY_X86
+    float *qkv = PyMem_Malloc(sizeof(float) * (size_t)(B * 3 * N));
+    if (!qkv)
+        return PyErr_NoMemory();
+    post_t c = {
+        .a = (const float *)(uintptr_t)p[0], .x = (const float *)(uintptr_t)p[1],
+        .wo = (const float *)(uintptr_t)p[2], .post = (const float *)(uintptr_t)p[3],
+        .wqkv = (const float *)(uintptr_t)p[4], .x_out = (float *)(uintptr_t)p[5], .g = (float *)(uintptr_t)p[6],
+        .wts = (float *)(uintptr_t)p[7], .ids = (int64_t *)(uintptr_t)p[8], .qkv = qkv,
+        .B = B, .d = d, .N = N, .top_k = top_k, .normalize = (int)normalize, .eps = eps,
+    };
+    Py_BEGIN_ALLOW_THREADS
+    decode_post(&c);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(qkv);
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
     {"matmul", py_matmul, METH_VARARGS, matmul_doc},
     {"group", py_group, METH_VARARGS, group_doc},
     {"decode_attention", py_decode, METH_VARARGS, decode_doc},
+    {"rms_norm", py_rms, METH_VARARGS, rms_doc},
+    {"decode_post", py_post, METH_VARARGS, post_doc},
     {"expert_up", py_expert_up, METH_VARARGS, expert_up_doc},
     {"expert_down", py_expert_down, METH_VARARGS, expert_down_doc},
     {NULL, NULL, 0, NULL},

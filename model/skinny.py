@@ -234,3 +234,36 @@ def decode_attention(attn, h, batch, cos, sin, k_cache, v_cache, lf_cache) -> to
     sizes = (B, d, H, d // H, k_cache.shape[1], slots.shape[1], lf_cache.shape[0])
     _skinny.decode_attention(ptrs, sizes, lf.norm.eps)
     return out
+
+
+def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """`norm(x)` (an `RMSNorm`) for contiguous CPU float32 rows, in one C call."""
+    out = torch.empty_like(x)
+    _skinny.rms_norm(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], norm.eps)
+    return out
+
+
+def decode_post(layer, attn_out: torch.Tensor, x: torch.Tensor):
+    """The rest of a decode step's layer up to its expert step, in one C call: the residual stream
+    `x + o_proj(attn_out)`, its post-attention RMSNorm g, and the Attention Router's choices for g.
+    Returns (new x `[B, d]`, g `[B, d]`, expert ids `[B, A]`, weights `[B, A]`), as
+    `DecoderLayer.submit_moe` computes them (the router's softmaxes written out in C)."""
+    router = layer.router
+    B, d = x.shape
+    N, A = router.query.weight.shape[0], router.top_k
+    wqkv = router._wqkv.get(router.query.weight, router.key.weight, router.value.weight)
+    x_out, g = torch.empty(B, d), torch.empty(B, d)
+    ids, weights = torch.empty(B, A, dtype=torch.long), torch.empty(B, A)
+    ptrs = (
+        attn_out.data_ptr(),
+        x.data_ptr(),
+        layer.attn.o_proj.weight.data_ptr(),
+        layer.post_norm.weight.data_ptr(),
+        wqkv.data_ptr(),
+        x_out.data_ptr(),
+        g.data_ptr(),
+        weights.data_ptr(),
+        ids.data_ptr(),
+    )
+    _skinny.decode_post(ptrs, (B, d, N, A, int(router.norm_topk_prob)), layer.post_norm.eps)
+    return x_out, g, ids, weights

@@ -17,6 +17,7 @@ from model.batch import Chunk, ForwardBatch
 from model.cache import PagedCache
 from model.config import YuanConfig
 from model.dispatcher import Dispatcher
+from model import invariant, skinny
 from model.invariant import linear
 from model.norm import RMSNorm
 from model.rotary import rotary_tables
@@ -30,6 +31,34 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         router = AttentionRouter if cfg.router_type == "attention" else ClassicalRouter
         self.router = router(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
+
+    def decode_step(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        part: ForwardBatch,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: PagedCache,
+        dispatcher: Dispatcher,
+        lane: int,
+    ) -> tuple[torch.Tensor, object] | None:
+        """The layer for a step of one-token chunks on the CPU in float32, in C calls (`model.skinny`):
+        input norm, attention half, residual, post norm and router; then the expert step is submitted.
+        (new x, handle), or None where it does not apply (the caller runs the torch layers)."""
+        attn = self.attn
+        if (
+            invariant.enabled()
+            or not isinstance(self.router, AttentionRouter)
+            or not x.is_contiguous()
+            or not skinny.decode_fits(x, part, cache.k[layer], attn.num_heads)
+        ):
+            return None
+        h = skinny.rms_norm(x, self.input_norm)
+        k, v, lf = cache.k[layer], cache.v[layer], cache.lf[layer]
+        out = skinny.decode_attention(attn, h, part, cos, sin, k, v, lf)
+        x, g, expert_ids, weights = skinny.decode_post(self, out, x)
+        return x, dispatcher.submit(layer, g, expert_ids, weights, lane)
 
     def moe(self, layer: int, x: torch.Tensor, dispatcher: Dispatcher) -> torch.Tensor:
         return x + dispatcher.wait(self.submit_moe(layer, x, dispatcher))
@@ -89,6 +118,10 @@ class YuanModel(nn.Module):
             for m, part in enumerate(parts):
                 if pending[m] is not None:  # this part's experts of the previous layer
                     xs[m] = xs[m] + dispatcher.wait(pending[m])
+                fast = layer.decode_step(i, xs[m], part, *cs[m], cache, dispatcher, m)
+                if fast is not None:
+                    xs[m], pending[m] = fast
+                    continue
                 h = layer.input_norm(xs[m])
                 xs[m] = xs[m] + layer.attn.forward(h, part, *cs[m], cache.k[i], cache.v[i], cache.lf[i])
                 pending[m] = layer.submit_moe(i, xs[m], dispatcher, lane=m)

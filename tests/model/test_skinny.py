@@ -241,3 +241,22 @@ def test_one_call_decode_attention_refuses_out_of_range_indices(engine_factory):
     cos, sin = model.rope_cos[batch.positions], model.rope_sin[batch.positions]
     with torch.inference_mode(), pytest.raises(ValueError, match="write_slots"):
         skinny.decode_attention(layer.attn, h, batch, cos, sin, cache.k[0], cache.v[0], cache.lf[0])
+
+
+def test_decode_post_is_the_residual_norm_and_router_of_the_torch_layer(engine_factory):
+    """o_proj + residual, the post-attention norm and the Attention Router in one C call: the torch
+    layer's numbers within float32 rounding and its experts, most probable first."""
+    layer = engine_factory().model.layers[1]
+    g = torch.Generator().manual_seed(7)
+    d = layer.attn.o_proj.weight.shape[0]
+    attn_out, x = torch.randn(37, d, generator=g), torch.randn(37, d, generator=g)
+    with torch.inference_mode():
+        new_x, gn, ids, weights = skinny.decode_post(layer, attn_out, x)
+        ref_x = x + torch.nn.functional.linear(attn_out, layer.attn.o_proj.weight)
+        ref_g = layer.post_norm(ref_x)
+        ref_ids, ref_w = layer.router(ref_g)
+        normed = skinny.rms_norm(x, layer.input_norm)
+    assert (new_x - ref_x).abs().max().item() < 1e-5 and (gn - ref_g).abs().max().item() < 1e-5
+    assert torch.equal(ids, ref_ids)
+    assert (weights - ref_w).abs().max().item() < 1e-6
+    assert (normed - layer.input_norm(x)).abs().max().item() < 1e-5
