@@ -128,19 +128,17 @@ def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "smal
     from model.attention_router import AttentionRouter
     from model.batch import ForwardBatch
     from model.dispatcher import LocalDispatcher
-    from model.localized_filter import LocalizedFilter
     from model.norm import RMSNorm
+    from model.transformer import DecoderLayer
 
     spent: collections.Counter = collections.Counter()
     pieces = [
         (Engine, "step", "step"),
         (ForwardBatch, "build", "batch index tensors"),
-        (attention.LFAttention, "forward", "attention (LF, qkv, cache, attend, o)"),
-        (LocalizedFilter, "forward", "  LF convolutions"),
-        (attention.LFAttention, "_qkv", "  q+k, v projections + rotary"),
-        (attention, "_attend", "  attend (scores, softmax, values)"),
-        (AttentionRouter, "forward", "router"),
-        (RMSNorm, "forward", "norms"),
+        (DecoderLayer, "decode_step", "decode layers in C calls (expert step inside)"),
+        (attention.LFAttention, "forward", "attention half, torch layers"),
+        (AttentionRouter, "forward", "router, torch"),
+        (RMSNorm, "forward", "norms, torch"),
         (LocalDispatcher, "submit", "expert step"),
         (Engine, "_sample", "sampling"),
     ]
