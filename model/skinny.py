@@ -10,12 +10,13 @@ so `fits` says no and the caller uses torch.
 Every output element is computed by the same operations whatever the row count, so a row's bits
 do not depend on the rest of the batch (the kernel's comment says how).
 
-Built on the same kernel, two larger calls that take a decode step's torch calls away: the expert
-step over routed pairs (`group` + `expert_pairs`, three calls a layer) and a layer's attention half
-for a step of one-token chunks (`decode_attention`, one call). Callers: `model.invariant` (matmuls),
-`model.experts` and `model.attention`; batch-invariant mode uses none of this (torch, with at
-least 16 rows per matmul). Off with `YUAN_SERVE_SKINNY=0` in the environment or `set_enabled(False)`
-(benchmarks compare both).
+Built on the same kernel, larger calls that take a decode step's torch calls away: the expert step
+over routed pairs (`group` + `expert_pairs`, three calls a layer) and, for a step of one-token
+chunks, the rest of the layer (`rms_norm`, `decode_attention` for the attention half, `decode_post`
+for o_proj, the residual, the post norm and the router). Callers: `model.invariant` (matmuls),
+`model.experts`, `model.attention` and `model.transformer`; batch-invariant mode uses none of this
+(torch, with at least 16 rows per matmul). Off with `YUAN_SERVE_SKINNY=0` in the environment or
+`set_enabled(False)` (benchmarks compare both).
 """
 
 from __future__ import annotations
