@@ -175,6 +175,31 @@ static void expert_down(const float *act, const int64_t *order, const int64_t *c
     }
 }
 
+/* RMSNorm of B rows of d (out may be x): out = w * x / sqrt(mean(x^2) + eps). */
+static void rms_rows(const float *x, const float *w, float eps, float *out, int64_t B, int64_t d) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *r = x + b * d;
+        double ss = 0.0;
+        for (int64_t j = 0; j < d; j++)
+            ss += (double)r[j] * r[j];
+        float inv = 1.0f / sqrtf((float)(ss / d) + eps);
+        for (int64_t j = 0; j < d; j++)
+            out[b * d + j] = w[j] * (r[j] * inv);
+    }
+}
+
+/* x = softmax(x) over n entries, in float32: exp(x - max) / sum. */
+static void softmax(float *x, int64_t n) {
+    float best = -INFINITY, sum = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        if (x[i] > best)
+            best = x[i];
+    for (int64_t i = 0; i < n; i++)
+        sum += (x[i] = expf(x[i] - best));
+    for (int64_t i = 0; i < n; i++)
+        x[i] /= sum;
+}
+
 /* ---- one decode step of a layer's LF attention (docs in `model/skinny.py`, `decode_attention`) ---- */
 typedef struct {
     const float *h, *lf, *w1, *b1, *w2, *b2, *lfnorm, *wqk, *wv, *cos, *sin;
@@ -197,8 +222,6 @@ static void decode_attention(const decode_t *c, float *scratch) {
     const int64_t B = c->B, d = c->d, half = d / 2, H = c->H, D = c->D, L = c->L;
     float *taps = scratch, *c1 = taps + 2 * B * 2 * d, *c2in = c1 + 2 * B * half, *c2 = c2in + B * d;
     float *qk = c2 + B * d, *v = qk + B * 2 * d, *p = v + B * d;
-    const float *xs[STACK_ROWS];
-    float *ys[STACK_ROWS];
     /* LF: rows [h[t-1], h[t]] for c1[t], and the state [h[t-2], h[t-1]] for c1[t-1] (read before
      * this step writes any state: a sequence's state block may be the one it writes). */
     for (int64_t b = 0; b < B; b++) {
@@ -207,47 +230,21 @@ static void decode_attention(const decode_t *c, float *scratch) {
         memcpy(taps + b * 2 * d + d, c->h + b * d, d * sizeof(float));
         memcpy(taps + (B + b) * 2 * d, state, 2 * d * sizeof(float));
     }
-    for (int64_t m0 = 0; m0 < 2 * B; m0 += STACK_ROWS) {
-        int64_t n = 2 * B - m0 < STACK_ROWS ? 2 * B - m0 : STACK_ROWS;
-        for (int64_t m = 0; m < n; m++)
-            xs[m] = taps + (m0 + m) * 2 * d, ys[m] = c1 + (m0 + m) * half;
-        dot_rows(xs, c->w1, ys, NULL, n, half, 2 * d);
+    matmul(taps, 2 * d, c->w1, c->b1, c1, half, 2 * B, half, 2 * d);
+    for (int64_t b = 0; b < B; b++) { /* [c1[t-1], c1[t]], c1[-1] zero (not b1) before position 0 */
+        float *first = c2in + b * d;
+        memcpy(first + half, c1 + b * half, half * sizeof(float));
+        if (c->has_prev[b])
+            memcpy(first, c1 + (B + b) * half, half * sizeof(float));
+        else
+            memset(first, 0, half * sizeof(float));
     }
-    for (int64_t b = 0; b < B; b++) {
-        float *first = c2in + b * d, *cur = first + half;
-        const float *now = c1 + b * half, *before = c1 + (B + b) * half;
-        for (int64_t j = 0; j < half; j++) {
-            cur[j] = now[j] + c->b1[j];
-            first[j] = c->has_prev[b] ? before[j] + c->b1[j] : 0.0f; /* zero (not b1) before position 0 */
-        }
-    }
-    for (int64_t m0 = 0; m0 < B; m0 += STACK_ROWS) {
-        int64_t n = B - m0 < STACK_ROWS ? B - m0 : STACK_ROWS;
-        for (int64_t m = 0; m < n; m++)
-            xs[m] = c2in + (m0 + m) * d, ys[m] = c2 + (m0 + m) * d;
-        dot_rows(xs, c->w2, ys, NULL, n, d, d);
-    }
-    for (int64_t b = 0; b < B; b++) { /* f = RMSNorm(c2 + b2 + h), kept in c2 */
-        float *f = c2 + b * d;
-        double ss = 0.0;
-        for (int64_t j = 0; j < d; j++) {
-            f[j] = (f[j] + c->b2[j]) + c->h[b * d + j];
-            ss += (double)f[j] * f[j];
-        }
-        float r = 1.0f / sqrtf((float)(ss / d) + c->eps);
-        for (int64_t j = 0; j < d; j++)
-            f[j] = c->lfnorm[j] * (f[j] * r);
-    }
-    /* q|k from the filtered states, v from the input */
-    for (int64_t m0 = 0; m0 < B; m0 += STACK_ROWS) {
-        int64_t n = B - m0 < STACK_ROWS ? B - m0 : STACK_ROWS;
-        for (int64_t m = 0; m < n; m++)
-            xs[m] = c2 + (m0 + m) * d, ys[m] = qk + (m0 + m) * 2 * d;
-        dot_rows(xs, c->wqk, ys, NULL, n, 2 * d, d);
-        for (int64_t m = 0; m < n; m++)
-            xs[m] = c->h + (m0 + m) * d, ys[m] = v + (m0 + m) * d;
-        dot_rows(xs, c->wv, ys, NULL, n, d, d);
-    }
+    matmul(c2in, d, c->w2, c->b2, c2, d, B, d, d);
+    for (int64_t j = 0; j < B * d; j++) /* f = RMSNorm(c2 + h), kept in c2 */
+        c2[j] += c->h[j];
+    rms_rows(c2, c->lfnorm, c->eps, c2, B, d);
+    matmul(c2, d, c->wqk, NULL, qk, 2 * d, B, 2 * d, d); /* q|k from the filtered states */
+    matmul(c->h, d, c->wv, NULL, v, d, B, d, d);        /* v from the input */
     const float root = sqrtf((float)D);
     for (int64_t b = 0; b < B; b++) {
         const float *cs = c->cos + b * D, *sn = c->sin + b * D;
@@ -291,19 +288,7 @@ static void decode_attention(const decode_t *c, float *scratch) {
         }
 }
 
-/* ---- the rest of a decode step's layer: RMSNorm rows, and o_proj + residual + norm + router ---- */
-static void rms_rows(const float *x, const float *w, float eps, float *out, int64_t B, int64_t d) {
-    for (int64_t b = 0; b < B; b++) {
-        const float *r = x + b * d;
-        double ss = 0.0;
-        for (int64_t j = 0; j < d; j++)
-            ss += (double)r[j] * r[j];
-        float inv = 1.0f / sqrtf((float)(ss / d) + eps);
-        for (int64_t j = 0; j < d; j++)
-            out[b * d + j] = w[j] * (r[j] * inv);
-    }
-}
-
+/* ---- the rest of a decode step's layer: o_proj + residual + norm + router ---- */
 typedef struct {
     const float *a, *x, *wo, *post, *wqkv;
     float *x_out, *g, *wts, *qkv;
@@ -317,45 +302,24 @@ typedef struct {
  * experts, most probable first (model/attention_router.py has the math). */
 static void decode_post(const post_t *c) {
     const int64_t B = c->B, d = c->d, N = c->N;
-    const float *xs[STACK_ROWS];
-    float *ys[STACK_ROWS];
-    for (int64_t m0 = 0; m0 < B; m0 += STACK_ROWS) {
-        int64_t n = B - m0 < STACK_ROWS ? B - m0 : STACK_ROWS;
-        for (int64_t m = 0; m < n; m++)
-            xs[m] = c->a + (m0 + m) * d, ys[m] = c->x_out + (m0 + m) * d;
-        dot_rows(xs, c->wo, ys, NULL, n, d, d);
-    }
+    matmul(c->a, d, c->wo, NULL, c->x_out, d, B, d, d);
     for (int64_t j = 0; j < B * d; j++)
         c->x_out[j] = c->x[j] + c->x_out[j];
     rms_rows(c->x_out, c->post, c->eps, c->g, B, d);
-    for (int64_t m0 = 0; m0 < B; m0 += STACK_ROWS) {
-        int64_t n = B - m0 < STACK_ROWS ? B - m0 : STACK_ROWS;
-        for (int64_t m = 0; m < n; m++)
-            xs[m] = c->g + (m0 + m) * d, ys[m] = c->qkv + (m0 + m) * 3 * N;
-        dot_rows(xs, c->wqkv, ys, NULL, n, 3 * N, d);
-    }
-    float p[256], prob[256];
+    matmul(c->g, d, c->wqkv, NULL, c->qkv, 3 * N, B, 3 * N, d);
+    float prob[256], e[256];
     for (int64_t b = 0; b < B; b++) {
         const float *q = c->qkv + b * 3 * N, *k = q + N, *v = k + N;
         for (int64_t i = 0; i < N; i++) { /* M = softmax_rows(Q K^T), P = M V */
-            float best = -INFINITY, sum = 0.0f, acc = 0.0f, e[256];
             for (int64_t j = 0; j < N; j++)
-                if (q[i] * k[j] > best)
-                    best = q[i] * k[j];
+                e[j] = q[i] * k[j];
+            softmax(e, N);
+            float acc = 0.0f;
             for (int64_t j = 0; j < N; j++)
-                sum += (e[j] = expf(q[i] * k[j] - best));
-            for (int64_t j = 0; j < N; j++)
-                acc += (e[j] / sum) * v[j];
-            p[i] = acc;
+                acc += e[j] * v[j];
+            prob[i] = acc;
         }
-        float best = -INFINITY, sum = 0.0f;
-        for (int64_t i = 0; i < N; i++)
-            if (p[i] > best)
-                best = p[i];
-        for (int64_t i = 0; i < N; i++)
-            sum += (prob[i] = expf(p[i] - best));
-        for (int64_t i = 0; i < N; i++)
-            prob[i] /= sum;
+        softmax(prob, N); /* p = softmax(P) */
         float total = 0.0f;
         for (int64_t t = 0; t < c->top_k; t++) { /* the largest left, the lower id on a tie */
             int64_t arg = -1;
@@ -570,12 +534,12 @@ static int in_range(const int64_t *idx, int64_t n, int64_t limit, const char *na
 }
 
 static PyObject *py_decode(PyObject *self, PyObject *args) {
-    unsigned long long p[21];
+    unsigned long long p[20];
     long long B, d, H, D, P, L, N;
     float eps;
-    if (!PyArg_ParseTuple(args, "(KKKKKKKKKKKKKKKKKKKKK)(LLLLLLL)f:decode_attention", &p[0], &p[1], &p[2], &p[3],
+    if (!PyArg_ParseTuple(args, "(KKKKKKKKKKKKKKKKKKKK)(LLLLLLL)f:decode_attention", &p[0], &p[1], &p[2], &p[3],
                           &p[4], &p[5], &p[6], &p[7], &p[8], &p[9], &p[10], &p[11], &p[12], &p[13], &p[14], &p[15],
-                          &p[16], &p[17], &p[18], &p[19], &p[20], &B, &d, &H, &D, &P, &L, &N, &eps))
+                          &p[16], &p[17], &p[18], &p[19], &B, &d, &H, &D, &P, &L, &N, &eps))
         return NULL;
     if (!supported() || d % 16 || D % 8 || D > 512 || H * D != d || B < 1 || L < 1) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: unsupported CPU or shapes");
@@ -595,7 +559,6 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         .mask = (const uint8_t *)(uintptr_t)p[19],
         .B = B, .d = d, .H = H, .D = D, .P = P, .L = L, .eps = eps,
     };
-    (void)p[20];
     if (in_range(c.lf_read, B, N, "lf_read") < 0 || in_range(c.lf_blocks, B, N, "lf_blocks") < 0 ||
         in_range(c.write, B, P, "write_slots") < 0 || in_range(c.slots, B * L, P, "decode_slots") < 0)
         return NULL;
@@ -618,6 +581,10 @@ static PyObject *py_rms(PyObject *self, PyObject *args) {
     float eps;
     if (!PyArg_ParseTuple(args, "KKKLLf:rms_norm", &x, &w, &out, &B, &d, &eps))
         return NULL;
+    if (!supported() || B < 0 || d < 1) {
+        PyErr_SetString(PyExc_ValueError, "rms_norm: unsupported CPU or shapes");
+        return NULL;
+    }
 #if SKINNY_X86
     Py_BEGIN_ALLOW_THREADS
     rms_rows((const float *)(uintptr_t)x, (const float *)(uintptr_t)w, eps, (float *)(uintptr_t)out, B, d);

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import invariant, skinny
+from model import invariant
 from model.batch import ForwardBatch
 from model.derived import Derived
 from model.invariant import linear
@@ -58,9 +58,6 @@ class LFAttention(nn.Module):
         `index_select`s of whole rows, which give `[H, ..., L, D]` contiguous: the matmuls then
         need no copy (measured: 3x faster than advanced indexing, 1.3x than selecting along P)."""
         H, D = self.num_heads, self.head_dim
-        if not invariant.enabled() and skinny.decode_fits(h, batch, k_cache, H):  # one C call (CPU)
-            out = skinny.decode_attention(self, h, batch, cos, sin, k_cache, v_cache, lf_cache)
-            return linear(out, self.o_proj.weight)
         f, h_prev = self.lf(h, batch.seq_starts, lf_cache.index_select(0, batch.lf_read), batch.has_prev)
         q, k, v = self._qkv(h, f, cos, sin)
         k_cache.index_copy_(1, batch.write_slots, k.transpose(0, 1))

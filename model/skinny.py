@@ -14,7 +14,7 @@ Built on the same kernel, larger calls that take a decode step's torch calls awa
 over routed pairs (`group` + `expert_pairs`, three calls a layer) and, for a step of one-token
 chunks, the rest of the layer (`rms_norm`, `decode_attention` for the attention half, `decode_post`
 for o_proj, the residual, the post norm and the router). Callers: `model.invariant` (matmuls),
-`model.experts`, `model.attention` and `model.transformer`; batch-invariant mode uses none of this
+`model.experts` and `model.transformer` (`DecoderLayer.decode_step`); batch-invariant mode uses none of this
 (torch, with at least 16 rows per matmul). Off with `YUAN_SERVE_SKINNY=0` in the environment or
 `set_enabled(False)` (benchmarks compare both).
 """
@@ -172,7 +172,7 @@ def expert_pairs(
 
 
 # ---- one decode step of a layer's LF attention ----------------------------------------------------
-DECODE_ATTENTION = True  # whether decode steps use `decode_attention` (benchmarks compare both)
+DECODE_LAYER = True  # whether decode steps run their layers in C calls (benchmarks compare both)
 
 
 def decode_fits(h: torch.Tensor, batch, k_cache: torch.Tensor, num_heads: int) -> bool:
@@ -181,7 +181,7 @@ def decode_fits(h: torch.Tensor, batch, k_cache: torch.Tensor, num_heads: int) -
     d = h.shape[1]
     return (
         _enabled
-        and DECODE_ATTENTION
+        and DECODE_LAYER
         and isinstance(batch.decode_rows, slice)
         and batch.decode_slots.numel() > 0
         and h.dtype is torch.float32
@@ -196,12 +196,12 @@ def decode_fits(h: torch.Tensor, batch, k_cache: torch.Tensor, num_heads: int) -
 
 
 def decode_attention(attn, h, batch, cos, sin, k_cache, v_cache, lf_cache) -> torch.Tensor:
-    """`LFAttention.forward` for a batch that `decode_fits`, up to o_proj, in one C call: the LF
-    convolutions from each sequence's cached state, its RMSNorm, q|k and v, rotary, the K/V and LF
-    state writes, and attention over each sequence's cached keys. The matmuls are this module's
-    kernel (the bits of the torch path's, which uses it for these row counts); the norm, rotary and
-    softmax are written out in C, so their last bits may differ from torch's (the golden fixtures
-    are the judge). Returns the attention output `[B, d]`."""
+    """`LFAttention.forward` (h the normed input) for a batch that `decode_fits`, up to o_proj,
+    in one C call: the LF convolutions from each sequence's cached state, its RMSNorm, q|k and v,
+    rotary, the K/V and LF state writes, and attention over each sequence's cached keys. The
+    matmuls are this module's kernel (the bits of the torch path's, which uses it for these row
+    counts); the norm, rotary and softmax are written out in C, so their last bits may differ from
+    torch's (the golden fixtures are the judge). Returns the attention output `[B, d]`."""
     lf = attn.lf
     B, d = h.shape
     H = attn.num_heads
@@ -230,7 +230,6 @@ def decode_attention(attn, h, batch, cos, sin, k_cache, v_cache, lf_cache) -> to
         slots.data_ptr(),
         has_prev.data_ptr(),
         mask.data_ptr(),
-        0,
     )
     sizes = (B, d, H, d // H, k_cache.shape[1], slots.shape[1], lf_cache.shape[0])
     _skinny.decode_attention(ptrs, sizes, lf.norm.eps)

@@ -44,19 +44,18 @@ class DecoderLayer(nn.Module):
         lane: int,
     ) -> tuple[torch.Tensor, object] | None:
         """The layer for a step of one-token chunks on the CPU in float32, in C calls (`model.skinny`):
-        input norm, attention half, residual, post norm and router; then the expert step is submitted.
-        (new x, handle), or None where it does not apply (the caller runs the torch layers)."""
+        input norm, attention half, then o_proj, residual, post norm and the Attention Router (the
+        classical router's step stays torch's); then the expert step is submitted. (new x, handle),
+        or None where it does not apply (the caller runs the torch layers)."""
         attn = self.attn
-        if (
-            invariant.enabled()
-            or not isinstance(self.router, AttentionRouter)
-            or not x.is_contiguous()
-            or not skinny.decode_fits(x, part, cache.k[layer], attn.num_heads)
-        ):
+        if invariant.enabled() or not skinny.decode_fits(x, part, cache.k[layer], attn.num_heads):
             return None
         h = skinny.rms_norm(x, self.input_norm)
         k, v, lf = cache.k[layer], cache.v[layer], cache.lf[layer]
         out = skinny.decode_attention(attn, h, part, cos, sin, k, v, lf)
+        if not isinstance(self.router, AttentionRouter):
+            x = x + linear(out, attn.o_proj.weight)
+            return x, self.submit_moe(layer, x, dispatcher, lane)
         x, g, expert_ids, weights = skinny.decode_post(self, out, x)
         return x, dispatcher.submit(layer, g, expert_ids, weights, lane)
 

@@ -183,7 +183,7 @@ def _decode_logits(model, dispatcher, prompts, steps, on):
     cache = model.new_cache(1 + len(prompts) * per, bs)
     rows = []
     with skinny.mode(True):
-        limit, skinny.DECODE_ATTENTION = skinny.DECODE_ATTENTION, on
+        limit, skinny.DECODE_LAYER = skinny.DECODE_LAYER, on
         try:
             for t, table in zip(tokens, tables):
                 if len(t) > 1:  # a one-token prompt is a decode-shaped chunk at position 0
@@ -199,7 +199,7 @@ def _decode_logits(model, dispatcher, prompts, steps, on):
                 for t, nxt in zip(tokens, logits.argmax(-1).tolist()):
                     t.append(nxt)
         finally:
-            skinny.DECODE_ATTENTION = limit
+            skinny.DECODE_LAYER = limit
     return torch.cat(rows), tokens
 
 
