@@ -69,6 +69,24 @@ def matmul(rows: list[int], rounds: int, calls: int = 100, mbytes: int = 256) ->
     return out
 
 
+def _prefill(eng, prompts: list[list[int]], max_tokens: int, tag: str) -> list:
+    """Add the prompts and run their prefill (not timed); their sequences."""
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eod=True)
+    seqs = [eng.add(f"{tag}-{i}-{time.perf_counter()}", p, sp) for i, p in enumerate(prompts)]
+    while eng.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.running):
+        eng.step()
+    return seqs
+
+
+def _decode(eng) -> int:
+    """Steps until every sequence has finished; how many."""
+    steps = 0
+    while eng.has_work:
+        eng.step()
+        steps += 1
+    return steps
+
+
 def decode(streams: list[int], rounds: int, max_tokens: int = 32) -> dict:
     tmp = tempfile.TemporaryDirectory()
     ckpt = write_random_checkpoint(preset("small"), f"{tmp.name}/small", seed=0)
@@ -77,14 +95,9 @@ def decode(streams: list[int], rounds: int, max_tokens: int = 32) -> dict:
     def run(b: int) -> tuple[float, list[list[int]]]:
         g = torch.Generator().manual_seed(b)
         prompts = [torch.randint(0, 256, (16,), generator=g).tolist() for _ in range(b)]
-        sp = SamplingParams(max_tokens=max_tokens, ignore_eod=True)
-        seqs = [eng.add(f"b{b}-{i}-{time.perf_counter()}", p, sp) for i, p in enumerate(prompts)]
-        while eng.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.running):
-            eng.step()  # prefill: not timed
-        t0, steps = time.perf_counter(), 0
-        while eng.has_work:
-            eng.step()
-            steps += 1
+        seqs = _prefill(eng, prompts, max_tokens, f"b{b}")
+        t0 = time.perf_counter()
+        steps = _decode(eng)
         return (time.perf_counter() - t0) / steps, [s.output_ids for s in seqs]
 
     # "C": the kernel, the three-call expert step and the one-call decode attention; "grouped":
@@ -103,12 +116,12 @@ def decode(streams: list[int], rounds: int, max_tokens: int = 32) -> dict:
         for _ in range(rounds):
             for side, (on, group_rows, attention) in sides.items():
                 limit, skinny.EXPERT_MAX_ROWS = skinny.EXPERT_MAX_ROWS, group_rows
-                skinny.DECODE_ATTENTION = attention
+                skinny.DECODE_LAYER = attention
                 try:
                     with skinny.mode(on):
                         dt, tokens[side] = run(b)
                 finally:
-                    skinny.EXPERT_MAX_ROWS, skinny.DECODE_ATTENTION = limit, True
+                    skinny.EXPERT_MAX_ROWS, skinny.DECODE_LAYER = limit, True
                 best[side] = min(best[side], dt)
         out[b] = {f"{side}_tok_s": b / best[side] for side in sides}
         out[b]["speedup"] = best["torch"] / best["C"]
@@ -163,16 +176,10 @@ def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "smal
         eng = local_engine(str(ckpt), limits=EngineLimits(max_running=max(streams), max_tokens=max_tokens))
         for b in streams:
             for _ in range(2):  # the first round warms up
-                sp = SamplingParams(max_tokens=max_tokens, ignore_eod=True)
-                for i in range(b):
-                    eng.add(f"p{b}-{i}-{time.perf_counter()}", [3 + (7 * i + j) % 250 for j in range(16)], sp)
-                while eng.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.running):
-                    eng.step()
+                prompts = [[3 + (7 * i + j) % 250 for j in range(16)] for i in range(b)]
+                _prefill(eng, prompts, max_tokens, f"p{b}")
                 spent.clear()
-                steps = 0
-                while eng.has_work:
-                    eng.step()
-                    steps += 1
+                steps = _decode(eng)
             out[b] = {label: spent[label] / steps * 1e3 for _, _, label in pieces}
             out[b].update(torch_ops(eng, b, max_tokens))
         tmp.cleanup()
@@ -187,16 +194,10 @@ def torch_ops(eng, streams: int, max_tokens: int) -> dict:
     (the C kernels are not torch calls; what is neither is Python)."""
     from torch.profiler import profile
 
-    sp = SamplingParams(max_tokens=max_tokens, ignore_eod=True)
-    for i in range(streams):
-        eng.add(f"q{streams}-{i}-{time.perf_counter()}", [3 + (5 * i + j) % 250 for j in range(16)], sp)
-    while eng.waiting or any(s.num_computed < len(s.prompt_ids) for s in eng.running):
-        eng.step()
-    steps = 0
+    prompts = [[3 + (5 * i + j) % 250 for j in range(16)] for i in range(streams)]
+    _prefill(eng, prompts, max_tokens, f"q{streams}")
     with profile() as prof:
-        while eng.has_work:
-            eng.step()
-            steps += 1
+        steps = _decode(eng)
     events = prof.key_averages()
     return {
         "torch calls, every level": sum(e.count for e in events) / steps,
