@@ -99,7 +99,14 @@ def test_golden_requests_on_separate_connections_are_exact_and_both_gateways_ser
     assert seen == set(ray.get(controller.status.remote())["gateways"]), f"both gateways served: {seen}"
     with connection(target) as ch:
         info = pb_grpc.YuanServingStub(ch).ModelInfo(pb.ModelInfoRequest())
-        stats = pb_grpc.YuanServingStub(ch).Stats(pb.StatsRequest())
+        # Other gateways' rows are their last report to the controller (every 0.25 s): wait, with a
+        # deadline, until the last admissions have been reported.
+        deadline = time.monotonic() + 10
+        while True:
+            stats = pb_grpc.YuanServingStub(ch).Stats(pb.StatsRequest())
+            if sum(g.admitted for g in stats.gateways) >= len(results) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert {g.gateway for g in info.gateways} == seen and info.gateway in seen
     assert {g.gateway for g in stats.gateways} == seen and sum(g.admitted for g in stats.gateways) >= len(
         results
