@@ -5,8 +5,9 @@
   a decode step reads them: from memory); GB/s of weights streamed.
 - decode: in-process decode tokens/s on a random `small` checkpoint at 1 / 8 / 32 streams, four
   sides alternated: everything in C (the kernel, the three-call expert step, the one-call decode
-  attention), without the decode attention, the per-expert step, the kernel off
-  (`model.skinny.mode`); and whether all gave the same tokens.
+  layer), without the decode layer, the per-expert step, the kernel off (`model.skinny.mode`);
+  with `--threads` above 1 a fifth, everything in C on one thread; and whether all gave the same
+  tokens.
 - breakdown (`--breakdown`): where an in-process decode step's time goes at 1 and 32 streams, by
   timing the model's pieces (their methods wrapped with a clock for this run only).
 - compile (`--compile`): what `torch.compile` (inductor, dynamic shapes) does to two of the decode
@@ -87,7 +88,7 @@ def _decode(eng) -> int:
     return steps
 
 
-def decode(streams: list[int], rounds: int, max_tokens: int = 32) -> dict:
+def decode(streams: list[int], rounds: int, threads: int, max_tokens: int = 32) -> dict:
     tmp = tempfile.TemporaryDirectory()
     ckpt = write_random_checkpoint(preset("small"), f"{tmp.name}/small", seed=0)
     eng = local_engine(str(ckpt), limits=EngineLimits(max_running=max(streams), max_tokens=max_tokens))
@@ -100,34 +101,41 @@ def decode(streams: list[int], rounds: int, max_tokens: int = 32) -> dict:
         steps = _decode(eng)
         return (time.perf_counter() - t0) / steps, [s.output_ids for s in seqs]
 
-    # "C": the kernel, the three-call expert step and the one-call decode attention; "grouped":
-    # without the decode attention; "per expert": the kernel for each matmul only; "torch": all off.
+    # "C": the kernel, the three-call expert step and the C decode layer; "grouped": without the
+    # decode layer; "per expert": the kernel for each matmul only; "torch": all off; "C, 1 thread":
+    # the first on one thread (when the run has more).
     sides = {
-        "C": (True, skinny.EXPERT_MAX_ROWS, True),
-        "grouped": (True, skinny.EXPERT_MAX_ROWS, False),
-        "per expert": (True, 0, False),
-        "torch": (False, 0, False),
+        "C": (True, skinny.EXPERT_MAX_ROWS, True, threads),
+        "grouped": (True, skinny.EXPERT_MAX_ROWS, False, threads),
+        "per expert": (True, 0, False, threads),
+        "torch": (False, 0, False, threads),
     }
+    if threads > 1:
+        sides["C, 1 thread"] = (True, skinny.EXPERT_MAX_ROWS, True, 1)
     out: dict = {}
     for b in streams:
         best = {s: float("inf") for s in sides}
         tokens = {}
         run(b)  # warm-up
         for _ in range(rounds):
-            for side, (on, group_rows, attention) in sides.items():
+            for side, (on, group_rows, attention, n) in sides.items():
                 limit, skinny.EXPERT_MAX_ROWS = skinny.EXPERT_MAX_ROWS, group_rows
                 skinny.DECODE_LAYER = attention
+                torch.set_num_threads(n)
                 try:
                     with skinny.mode(on):
                         dt, tokens[side] = run(b)
                 finally:
                     skinny.EXPERT_MAX_ROWS, skinny.DECODE_LAYER = limit, True
+                    torch.set_num_threads(threads)
                 best[side] = min(best[side], dt)
         out[b] = {f"{side}_tok_s": b / best[side] for side in sides}
         out[b]["speedup"] = best["torch"] / best["C"]
         out[b]["C_over_grouped"] = best["grouped"] / best["C"]
         out[b]["grouped_over_per_expert"] = best["per expert"] / best["grouped"]
-        out[b]["same_tokens"] = tokens["C"] == tokens["grouped"] == tokens["per expert"] == tokens["torch"]
+        if threads > 1:
+            out[b]["threads_over_one"] = best["C, 1 thread"] / best["C"]
+        out[b]["same_tokens"] = all(t == tokens["C"] for t in tokens.values())
     tmp.cleanup()
     return out
 
@@ -252,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("model._skinny is not built or this CPU lacks AVX2/FMA: nothing to compare")
     torch.set_num_threads(a.threads)
     res = {"threads": a.threads, "matmul": matmul(a.rows, a.rounds)}  # past MAX_ROWS too
-    res["decode"] = decode(a.streams, a.rounds)
+    res["openmp"] = skinny.threaded()
+    res["decode"] = decode(a.streams, a.rounds, a.threads)
     if a.breakdown:
         res["breakdown_ms_per_step"] = breakdown([1, 32])
     if a.compile:
@@ -270,15 +279,19 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {name} [{n}, {k}] | {m} | {r['skinny_us']:.0f} ({r['skinny_gbs']:.1f}) "
                 f"| {r['torch_us']:.0f} ({r['torch_gbs']:.1f}) | {r['speedup']:.2f} |"
             )
-    print("\nin-process decode on small: tokens/s")
+    more = a.threads > 1
+    print(f"\nin-process decode on small: tokens/s, {a.threads} thread(s), OpenMP kernel: {res['openmp']}")
     print(
         "| streams | C | grouped | per expert | torch | C / torch | C / grouped | grouped / per expert "
-        "| same tokens |"
+        + ("| C, 1 thread | C / C, 1 thread " if more else "")
+        + "| same tokens |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if more else "") + " --- |")
     for b, r in res["decode"].items():
         sides = " | ".join(f"{r[k + '_tok_s']:.0f}" for k in ("C", "grouped", "per expert", "torch"))
         ratios = f"{r['speedup']:.2f} | {r['C_over_grouped']:.2f} | {r['grouped_over_per_expert']:.2f}"
+        if more:
+            ratios += f" | {r['C, 1 thread_tok_s']:.0f} | {r['threads_over_one']:.2f}"
         print(f"| {b} | {sides} | {ratios} | {r['same_tokens']} |")
     if a.breakdown:
         bd = res["breakdown_ms_per_step"]

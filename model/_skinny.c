@@ -16,6 +16,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -67,14 +70,16 @@ TARGET static void one_row(const float *x, const float *w, float *y, float s, in
     }
 }
 
-/* y[m][o] = sum_k x[m][k] w[o, k]: 4 rows of w by 2 rows of x at a time, then single rows. */
+/* y[m][o] = sum_k x[m][k] w[o, k] for o in [o0, o1): 4 rows of w by 2 rows of x at a time, then
+ * single rows. Any split of [0, O) into ranges gives the same bits (each element's operations are
+ * the same in a block and in the tail). */
 TARGET static void dot_rows(const float *const *x, const float *w, float *const *y, const float *scale,
-                        int64_t M, int64_t O, int64_t K) {
+                        int64_t M, int64_t o0, int64_t O, int64_t K) {
     if (M == 1) {
-        one_row(x[0], w, y[0], scale ? scale[0] : 1.0f, scale != NULL, O, K);
+        one_row(x[0], w + o0 * K, y[0] + o0, scale ? scale[0] : 1.0f, scale != NULL, O - o0, K);
         return;
     }
-    int64_t o = 0;
+    int64_t o = o0;
     for (; o + 4 <= O; o += 4) {
         const float *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
         int64_t m = 0;
@@ -125,18 +130,50 @@ TARGET static void dot_rows(const float *const *x, const float *w, float *const 
         }
 }
 
+/* Threads: a call whose weights are at least PAR_FLOATS floats is cut into ranges of output rows
+ * (multiples of 8) shared by `threads` OpenMP threads, the team torch's own parallel regions use
+ * (the module links the libgomp that torch loaded). The caller passes torch's thread count; 1 runs
+ * serially. The split does not change any bit (dot_rows). */
+#define PAR_FLOATS (64 * 1024)
+
+static int64_t team(int threads, int64_t floats) {
+#ifdef _OPENMP
+    return threads > 1 && floats >= PAR_FLOATS ? threads : 1;
+#else
+    return 1;
+#endif
+}
+
+/* The t-th of n ranges of [0, O), cut at multiples of 8. */
+static void cut(int64_t O, int64_t n, int64_t t, int64_t *o0, int64_t *o1) {
+    int64_t step = ((O + n - 1) / n + 7) / 8 * 8;
+    *o0 = t * step < O ? t * step : O;
+    *o1 = (t + 1) * step < O ? (t + 1) * step : O;
+}
+
 /* Row pointers of a strided matrix, on the stack for up to STACK_ROWS rows. */
 #define STACK_ROWS 64
 
 static void matmul(const float *x, int64_t ldx, const float *w, const float *b, float *y, int64_t ldy,
-                   int64_t M, int64_t O, int64_t K) {
+                   int64_t M, int64_t O, int64_t K, int threads) {
     const float *xs[STACK_ROWS];
     float *ys[STACK_ROWS];
+    const int64_t n_threads = team(threads, O * K);
     for (int64_t m0 = 0; m0 < M; m0 += STACK_ROWS) {
         int64_t n = M - m0 < STACK_ROWS ? M - m0 : STACK_ROWS;
         for (int64_t m = 0; m < n; m++)
             xs[m] = x + (m0 + m) * ldx, ys[m] = y + (m0 + m) * ldy;
-        dot_rows(xs, w, ys, NULL, n, O, K);
+        if (n_threads == 1) {
+            dot_rows(xs, w, ys, NULL, n, 0, O, K);
+            continue;
+        }
+#pragma omp parallel for num_threads(n_threads) schedule(static, 1)
+        for (int64_t t = 0; t < n_threads; t++) {
+            int64_t o0, o1;
+            cut(O, n_threads, t, &o0, &o1);
+            if (o0 < o1)
+                dot_rows(xs, w, ys, NULL, n, o0, o1, K);
+        }
     }
     if (b)
         for (int64_t m = 0; m < M; m++)
@@ -144,35 +181,57 @@ static void matmul(const float *x, int64_t ldx, const float *w, const float *b, 
                 y[m * ldy + o] += b[o];
 }
 
-/* The expert step over routed pairs, grouped by expert (docs in `model/skinny.py`). */
+/* The expert step over routed pairs, grouped by expert (docs in `model/skinny.py`). The pairs' row
+ * pointers are laid out first (xp, yp, scale: R each); then each expert's matmul, cut into ranges of
+ * CHUNK_FLOATS of its weights, is a work item shared by the threads. */
+#define CHUNK_FLOATS (64 * 1024)
+
+static void expert_items(const float *const *xp, float *const *yp, const float *scale, const int64_t *counts,
+                         int64_t E, const float *w, int64_t O, int64_t K, int threads) {
+    int64_t pieces = O * K / CHUNK_FLOATS > 1 ? O * K / CHUNK_FLOATS : 1, busy = 0, a = 0;
+    for (int64_t e = 0; e < E; e++)
+        busy += counts[e] > 0;
+    const int64_t n_threads = team(threads, busy * O * K);
+    if (n_threads == 1) {
+        for (int64_t e = 0; e < E; e++) {
+            if (counts[e])
+                dot_rows(xp + a, w + e * O * K, yp + a, scale ? scale + a : NULL, counts[e], 0, O, K);
+            a += counts[e];
+        }
+        return;
+    }
+    int64_t start[E + 1]; /* first pair of each expert */
+    for (int64_t e = 0; e < E; e++)
+        start[e] = a, a += counts[e];
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
+    for (int64_t item = 0; item < E * pieces; item++) {
+        int64_t e = item / pieces, o0, o1;
+        if (!counts[e])
+            continue;
+        cut(O, pieces, item % pieces, &o0, &o1);
+        if (o0 < o1)
+            dot_rows(xp + start[e], w + e * O * K, yp + start[e], scale ? scale + start[e] : NULL, counts[e], o0,
+                     o1, K);
+    }
+}
+
 static void expert_up(const float *x, int64_t ldx, const int64_t *rows, const int64_t *order,
                       const int64_t *counts, int64_t E, const float *w1, int64_t F2, int64_t K, float *u,
-                      const float **xp, float **up) {
-    int64_t a = 0;
-    for (int64_t e = 0; e < E; e++) {
-        int64_t n = counts[e];
-        for (int64_t j = 0; j < n; j++)
-            xp[j] = x + rows[order[a + j]] * ldx, up[j] = u + (a + j) * F2;
-        if (n)
-            dot_rows(xp, w1 + e * F2 * K, up, NULL, n, F2, K);
-        a += n;
-    }
+                      const float **xp, float **up, int64_t R, int threads) {
+    for (int64_t j = 0; j < R; j++)
+        xp[j] = x + rows[order[j]] * ldx, up[j] = u + j * F2;
+    expert_items(xp, up, NULL, counts, E, w1, F2, K, threads);
 }
 
 static void expert_down(const float *act, const int64_t *order, const int64_t *counts, int64_t E,
                         const float *w2, int64_t D, int64_t F, const float *weights, const int64_t *slots,
-                        float *out, int64_t ldo, const float **xp, float **yp, float *scale) {
-    int64_t a = 0;
-    for (int64_t e = 0; e < E; e++) {
-        int64_t n = counts[e];
-        for (int64_t j = 0; j < n; j++) {
-            int64_t i = order[a + j];
-            xp[j] = act + (a + j) * F, yp[j] = out + slots[i] * ldo, scale[j] = weights[i];
-        }
-        if (n)
-            dot_rows(xp, w2 + e * D * F, yp, scale, n, D, F);
-        a += n;
+                        float *out, int64_t ldo, const float **xp, float **yp, float *scale, int64_t R,
+                        int threads) {
+    for (int64_t j = 0; j < R; j++) {
+        int64_t i = order[j];
+        xp[j] = act + j * F, yp[j] = out + slots[i] * ldo, scale[j] = weights[i];
     }
+    expert_items(xp, yp, scale, counts, E, w2, D, F, threads);
 }
 
 /* RMSNorm of B rows of d (out may be x): out = w * x / sqrt(mean(x^2) + eps). */
@@ -208,6 +267,7 @@ typedef struct {
     const uint8_t *has_prev, *mask;
     int64_t B, d, H, D, P, L;
     float eps;
+    int threads;
 } decode_t;
 
 TARGET static float dot(const float *a, const float *b, int64_t n) {
@@ -230,7 +290,7 @@ static void decode_attention(const decode_t *c, float *scratch) {
         memcpy(taps + b * 2 * d + d, c->h + b * d, d * sizeof(float));
         memcpy(taps + (B + b) * 2 * d, state, 2 * d * sizeof(float));
     }
-    matmul(taps, 2 * d, c->w1, c->b1, c1, half, 2 * B, half, 2 * d);
+    matmul(taps, 2 * d, c->w1, c->b1, c1, half, 2 * B, half, 2 * d, c->threads);
     for (int64_t b = 0; b < B; b++) { /* [c1[t-1], c1[t]], c1[-1] zero (not b1) before position 0 */
         float *first = c2in + b * d;
         memcpy(first + half, c1 + b * half, half * sizeof(float));
@@ -239,12 +299,12 @@ static void decode_attention(const decode_t *c, float *scratch) {
         else
             memset(first, 0, half * sizeof(float));
     }
-    matmul(c2in, d, c->w2, c->b2, c2, d, B, d, d);
+    matmul(c2in, d, c->w2, c->b2, c2, d, B, d, d, c->threads);
     for (int64_t j = 0; j < B * d; j++) /* f = RMSNorm(c2 + h), kept in c2 */
         c2[j] += c->h[j];
     rms_rows(c2, c->lfnorm, c->eps, c2, B, d);
-    matmul(c2, d, c->wqk, NULL, qk, 2 * d, B, 2 * d, d); /* q|k from the filtered states */
-    matmul(c->h, d, c->wv, NULL, v, d, B, d, d);        /* v from the input */
+    matmul(c2, d, c->wqk, NULL, qk, 2 * d, B, 2 * d, d, c->threads); /* q|k from the filtered states */
+    matmul(c->h, d, c->wv, NULL, v, d, B, d, d, c->threads);        /* v from the input */
     const float root = sqrtf((float)D);
     for (int64_t b = 0; b < B; b++) {
         const float *cs = c->cos + b * D, *sn = c->sin + b * D;
@@ -294,7 +354,7 @@ typedef struct {
     float *x_out, *g, *wts, *qkv;
     int64_t *ids;
     int64_t B, d, N, top_k;
-    int normalize;
+    int normalize, threads;
     float eps;
 } post_t;
 
@@ -302,11 +362,11 @@ typedef struct {
  * experts, most probable first (model/attention_router.py has the math). */
 static void decode_post(const post_t *c) {
     const int64_t B = c->B, d = c->d, N = c->N;
-    matmul(c->a, d, c->wo, NULL, c->x_out, d, B, d, d);
+    matmul(c->a, d, c->wo, NULL, c->x_out, d, B, d, d, c->threads);
     for (int64_t j = 0; j < B * d; j++)
         c->x_out[j] = c->x[j] + c->x_out[j];
     rms_rows(c->x_out, c->post, c->eps, c->g, B, d);
-    matmul(c->g, d, c->wqkv, NULL, c->qkv, 3 * N, B, 3 * N, d);
+    matmul(c->g, d, c->wqkv, NULL, c->qkv, 3 * N, B, 3 * N, d, c->threads);
     float prob[256], e[256];
     for (int64_t b = 0; b < B; b++) {
         const float *q = c->qkv + b * 3 * N, *k = q + N, *v = k + N;
@@ -354,8 +414,18 @@ PyDoc_STRVAR(available_doc, "available() -> bool\n\nWhether this CPU runs the ke
 
 static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(supported()); }
 
+PyDoc_STRVAR(openmp_doc, "openmp() -> bool\n\nWhether the module was built with OpenMP (its large calls shared by threads).");
+
+static PyObject *openmp(PyObject *self, PyObject *args) {
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 PyDoc_STRVAR(matmul_doc,
-"matmul(x, ldx, w, b, y, ldy, M, O, K)\n\n"
+"matmul(x, ldx, w, b, y, ldy, M, O, K, threads)\n\n"
 "y[m, o] = sum_k x[m, k] w[o, k] (+ b[o]) for m < M, o < O, float32. x, w, b, y are data pointers\n"
 "(b 0 for none); x rows ldx floats apart, y rows ldy apart, w [O, K] contiguous, K a multiple of 8.\n"
 "The caller (model/skinny.py) has checked the tensors; the GIL is released while it runs.");
@@ -363,7 +433,8 @@ PyDoc_STRVAR(matmul_doc,
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     unsigned long long x, w, b, y;
     long long ldx, ldy, M, O, K;
-    if (!PyArg_ParseTuple(args, "KLKKKLLLL:matmul", &x, &ldx, &w, &b, &y, &ldy, &M, &O, &K))
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLKKKLLLLi:matmul", &x, &ldx, &w, &b, &y, &ldy, &M, &O, &K, &threads))
         return NULL;
     if (!supported() || K % 8 || M < 0 || O < 0 || K < 0 || ldx < K || ldy < O) {
         PyErr_SetString(PyExc_ValueError, "matmul: unsupported CPU or shapes (K a multiple of 8, ldx >= K, ldy >= O)");
@@ -372,7 +443,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
 #if SKINNY_X86
     Py_BEGIN_ALLOW_THREADS
     matmul((const float *)(uintptr_t)x, ldx, (const float *)(uintptr_t)w, (const float *)(uintptr_t)b,
-           (float *)(uintptr_t)y, ldy, M, O, K);
+           (float *)(uintptr_t)y, ldy, M, O, K, threads);
     Py_END_ALLOW_THREADS
 #endif
     Py_RETURN_NONE;
@@ -458,15 +529,16 @@ static int alloc_pairs(pair_buffers *b, int64_t R) {
 }
 
 PyDoc_STRVAR(expert_up_doc,
-"expert_up(x, ldx, T, rows, order, counts, E, w1, F2, K, u)\n\n"
+"expert_up(x, ldx, T, rows, order, counts, E, w1, F2, K, u, threads)\n\n"
 "u[j] = x[rows[order[j]]] w1[e]^T for the j-th pair of `group`'s order, e its expert: x [T, K]\n"
 "rows ldx apart, w1 [E, F2, K], u [R, F2] contiguous, R the sum of counts.");
 
 static PyObject *py_expert_up(PyObject *self, PyObject *args) {
     unsigned long long p_x, p_rows, p_order, p_counts, p_w1, p_u;
     long long ldx, T, E, F2, K;
-    if (!PyArg_ParseTuple(args, "KLLKKKLKLLK:expert_up", &p_x, &ldx, &T, &p_rows, &p_order, &p_counts, &E, &p_w1,
-                          &F2, &K, &p_u))
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLLKKKLKLLKi:expert_up", &p_x, &ldx, &T, &p_rows, &p_order, &p_counts, &E, &p_w1,
+                          &F2, &K, &p_u, &threads))
         return NULL;
     if (!supported() || K % 8 || ldx < K || E < 1) {
         PyErr_SetString(PyExc_ValueError, "expert_up: unsupported CPU or shapes");
@@ -480,7 +552,7 @@ static PyObject *py_expert_up(PyObject *self, PyObject *args) {
 #if SKINNY_X86
     Py_BEGIN_ALLOW_THREADS
     expert_up((const float *)(uintptr_t)p_x, ldx, (const int64_t *)(uintptr_t)p_rows, order, counts, E,
-              (const float *)(uintptr_t)p_w1, F2, K, (float *)(uintptr_t)p_u, b.xp, b.yp);
+              (const float *)(uintptr_t)p_w1, F2, K, (float *)(uintptr_t)p_u, b.xp, b.yp, R, threads);
     Py_END_ALLOW_THREADS
 #endif
     PyMem_Free(b.xp);
@@ -488,15 +560,16 @@ static PyObject *py_expert_up(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(expert_down_doc,
-"expert_down(act, order, counts, E, w2, D, F, weights, slots, S, out, ldo)\n\n"
+"expert_down(act, order, counts, E, w2, D, F, weights, slots, S, out, ldo, threads)\n\n"
 "out[slots[i]] = weights[i] * act[j] w2[e]^T for the j-th pair of `group`'s order, i = order[j],\n"
 "e its expert: act [R, F] contiguous, w2 [E, D, F], weights float32 [R], out [S, D] rows ldo apart.");
 
 static PyObject *py_expert_down(PyObject *self, PyObject *args) {
     unsigned long long p_act, p_order, p_counts, p_w2, p_weights, p_slots, p_out;
     long long E, D, F, S, ldo;
-    if (!PyArg_ParseTuple(args, "KKKLKLLKKLKL:expert_down", &p_act, &p_order, &p_counts, &E, &p_w2, &D, &F,
-                          &p_weights, &p_slots, &S, &p_out, &ldo))
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKLKLLKKLKLi:expert_down", &p_act, &p_order, &p_counts, &E, &p_w2, &D, &F,
+                          &p_weights, &p_slots, &S, &p_out, &ldo, &threads))
         return NULL;
     if (!supported() || F % 8 || ldo < D || E < 1) {
         PyErr_SetString(PyExc_ValueError, "expert_down: unsupported CPU or shapes");
@@ -511,7 +584,7 @@ static PyObject *py_expert_down(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     expert_down((const float *)(uintptr_t)p_act, order, counts, E, (const float *)(uintptr_t)p_w2, D, F,
                 (const float *)(uintptr_t)p_weights, (const int64_t *)(uintptr_t)p_slots,
-                (float *)(uintptr_t)p_out, ldo, b.xp, b.yp, b.scale);
+                (float *)(uintptr_t)p_out, ldo, b.xp, b.yp, b.scale, R, threads);
     Py_END_ALLOW_THREADS
 #endif
     PyMem_Free(b.xp);
@@ -519,7 +592,7 @@ static PyObject *py_expert_down(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(decode_doc,
-"decode_attention(ptrs, sizes, eps)\n\n"
+"decode_attention(ptrs, sizes, eps, threads)\n\n"
 "One decode step of a layer's LF attention for B one-token chunks, before o_proj (model/skinny.py\n"
 "`decode_attention` says what each pointer is). Indices are checked in range first.");
 
@@ -537,9 +610,10 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     unsigned long long p[20];
     long long B, d, H, D, P, L, N;
     float eps;
-    if (!PyArg_ParseTuple(args, "(KKKKKKKKKKKKKKKKKKKK)(LLLLLLL)f:decode_attention", &p[0], &p[1], &p[2], &p[3],
+    int threads;
+    if (!PyArg_ParseTuple(args, "(KKKKKKKKKKKKKKKKKKKK)(LLLLLLL)fi:decode_attention", &p[0], &p[1], &p[2], &p[3],
                           &p[4], &p[5], &p[6], &p[7], &p[8], &p[9], &p[10], &p[11], &p[12], &p[13], &p[14], &p[15],
-                          &p[16], &p[17], &p[18], &p[19], &B, &d, &H, &D, &P, &L, &N, &eps))
+                          &p[16], &p[17], &p[18], &p[19], &B, &d, &H, &D, &P, &L, &N, &eps, &threads))
         return NULL;
     if (!supported() || d % 16 || D % 8 || D > 512 || H * D != d || B < 1 || L < 1) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: unsupported CPU or shapes");
@@ -557,7 +631,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         .lf_blocks = (const int64_t *)(uintptr_t)p[15], .write = (const int64_t *)(uintptr_t)p[16],
         .slots = (const int64_t *)(uintptr_t)p[17], .has_prev = (const uint8_t *)(uintptr_t)p[18],
         .mask = (const uint8_t *)(uintptr_t)p[19],
-        .B = B, .d = d, .H = H, .D = D, .P = P, .L = L, .eps = eps,
+        .B = B, .d = d, .H = H, .D = D, .P = P, .L = L, .eps = eps, .threads = threads,
     };
     if (in_range(c.lf_read, B, N, "lf_read") < 0 || in_range(c.lf_blocks, B, N, "lf_blocks") < 0 ||
         in_range(c.write, B, P, "write_slots") < 0 || in_range(c.slots, B * L, P, "decode_slots") < 0)
@@ -594,7 +668,7 @@ static PyObject *py_rms(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(post_doc,
-"decode_post((a, x, wo, post, wqkv, x_out, g, wts, ids), (B, d, N, top_k, normalize), eps)\n\n"
+"decode_post((a, x, wo, post, wqkv, x_out, g, wts, ids), (B, d, N, top_k, normalize), eps, threads)\n\n"
 "x_out = x + a wo^T, g = RMSNorm(x_out), and the Attention Router's top_k ids and weights of g\n"
 "(model/skinny.py `decode_post` says what each pointer is).");
 
@@ -602,8 +676,9 @@ static PyObject *py_post(PyObject *self, PyObject *args) {
     unsigned long long p[9];
     long long B, d, N, top_k, normalize;
     float eps;
-    if (!PyArg_ParseTuple(args, "(KKKKKKKKK)(LLLLL)f:decode_post", &p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &p[6],
-                          &p[7], &p[8], &B, &d, &N, &top_k, &normalize, &eps))
+    int threads;
+    if (!PyArg_ParseTuple(args, "(KKKKKKKKK)(LLLLL)fi:decode_post", &p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &p[6],
+                          &p[7], &p[8], &B, &d, &N, &top_k, &normalize, &eps, &threads))
         return NULL;
     if (!supported() || d % 8 || N < 1 || N > 256 || top_k < 1 || top_k > N || B < 1) {
         PyErr_SetString(PyExc_ValueError, "decode_post: unsupported CPU or shapes");
@@ -618,7 +693,7 @@ static PyObject *py_post(PyObject *self, PyObject *args) {
         .wo = (const float *)(uintptr_t)p[2], .post = (const float *)(uintptr_t)p[3],
         .wqkv = (const float *)(uintptr_t)p[4], .x_out = (float *)(uintptr_t)p[5], .g = (float *)(uintptr_t)p[6],
         .wts = (float *)(uintptr_t)p[7], .ids = (int64_t *)(uintptr_t)p[8], .qkv = qkv,
-        .B = B, .d = d, .N = N, .top_k = top_k, .normalize = (int)normalize, .eps = eps,
+        .B = B, .d = d, .N = N, .top_k = top_k, .normalize = (int)normalize, .threads = (int)threads, .eps = eps,
     };
     Py_BEGIN_ALLOW_THREADS
     decode_post(&c);
@@ -630,6 +705,7 @@ static PyObject *py_post(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
+    {"openmp", openmp, METH_NOARGS, openmp_doc},
     {"matmul", py_matmul, METH_VARARGS, matmul_doc},
     {"group", py_group, METH_VARARGS, group_doc},
     {"decode_attention", py_decode, METH_VARARGS, decode_doc},

@@ -10,6 +10,12 @@ so `fits` says no and the caller uses torch.
 Every output element is computed by the same operations whatever the row count, so a row's bits
 do not depend on the rest of the batch (the kernel's comment says how).
 
+Threads: every call passes `torch.get_num_threads()`; a call over at least 64K floats of weights is
+cut into ranges of output rows (experts: pieces of each expert's matmul) shared by that many
+OpenMP threads, the team torch's own parallel regions run on (the module links the libgomp torch
+loaded, so no second pool of threads spins against torch's). The split changes no bit (tested);
+the gateway and pools run one thread each, the in-process engine torch's default (all cores).
+
 Built on the same kernel, larger calls that take a decode step's torch calls away: the expert step
 over routed pairs (`group` + `expert_pairs`, three calls a layer) and, for a step of one-token
 chunks, the rest of the layer (`rms_norm`, `decode_attention` for the attention half, `decode_post`
@@ -40,6 +46,12 @@ _enabled = _available and os.environ.get("YUAN_SERVE_SKINNY", "1") != "0"
 def available() -> bool:
     """Whether the kernel is built and this CPU runs it (x86-64 with AVX2 and FMA)."""
     return _available
+
+
+def threaded() -> bool:
+    """Whether calls over at least 64K floats of weights are shared by torch's threads (the module
+    was built with OpenMP; it runs on the team torch's own parallel regions use)."""
+    return bool(_available and _skinny.openmp())
 
 
 def enabled() -> bool:
@@ -97,7 +109,8 @@ def matmul(
             raise ValueError(f"bias: expected contiguous float32 [{N}], got {bias.dtype} {list(bias.shape)}")
         b = bias.data_ptr()
     ldx, ldy = (x.stride(0), out.stride(0)) if M > 1 else (K, N)  # one row: its stride is unused
-    _skinny.matmul(x.data_ptr(), ldx, weight.data_ptr(), b, out.data_ptr(), ldy, M, N, K)
+    threads = torch.get_num_threads()
+    _skinny.matmul(x.data_ptr(), ldx, weight.data_ptr(), b, out.data_ptr(), ldy, M, N, K, threads)
     return out
 
 
@@ -156,18 +169,18 @@ def expert_pairs(
     rows, slots = rows.contiguous(), slots.contiguous()
     weights = weights.to(torch.float32).contiguous()
     E, F2, K = w1.shape
-    R = order.numel()
+    R, threads = order.numel(), torch.get_num_threads()
     u = torch.empty(R, F2)
     _skinny.expert_up(
         x.data_ptr(), x.stride(0), x.shape[0], rows.data_ptr(), order.data_ptr(), counts.data_ptr(),
-        E, w1.data_ptr(), F2, K, u.data_ptr(),
+        E, w1.data_ptr(), F2, K, u.data_ptr(), threads,
     )  # fmt: skip
     F_ = F2 // 2
     act = torch.nn.functional.silu(u[:, :F_]).mul_(u[:, F_:])  # [R, F]
     D = w2.shape[1]
     _skinny.expert_down(
         act.data_ptr(), order.data_ptr(), counts.data_ptr(), E, w2.data_ptr(), D, F_,
-        weights.data_ptr(), slots.data_ptr(), out.shape[0], out.data_ptr(), out.stride(0),
+        weights.data_ptr(), slots.data_ptr(), out.shape[0], out.data_ptr(), out.stride(0), threads,
     )  # fmt: skip
 
 
@@ -232,7 +245,7 @@ def decode_attention(attn, h, batch, cos, sin, k_cache, v_cache, lf_cache) -> to
         mask.data_ptr(),
     )
     sizes = (B, d, H, d // H, k_cache.shape[1], slots.shape[1], lf_cache.shape[0])
-    _skinny.decode_attention(ptrs, sizes, lf.norm.eps)
+    _skinny.decode_attention(ptrs, sizes, lf.norm.eps, torch.get_num_threads())
     return out
 
 
@@ -265,5 +278,6 @@ def decode_post(layer, attn_out: torch.Tensor, x: torch.Tensor):
         weights.data_ptr(),
         ids.data_ptr(),
     )
-    _skinny.decode_post(ptrs, (B, d, N, A, int(router.norm_topk_prob)), layer.post_norm.eps)
+    sizes = (B, d, N, A, int(router.norm_topk_prob))
+    _skinny.decode_post(ptrs, sizes, layer.post_norm.eps, torch.get_num_threads())
     return x_out, g, ids, weights

@@ -260,3 +260,56 @@ def test_decode_post_is_the_residual_norm_and_router_of_the_torch_layer(engine_f
     assert torch.equal(ids, ref_ids)
     assert (weights - ref_w).abs().max().item() < 1e-6
     assert (normed - layer.input_norm(x)).abs().max().item() < 1e-5
+
+
+# ---- threads: large calls are shared by torch's OpenMP team; the split changes no bit ------------
+def _with_threads(n: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("threads", [2, 3, 7])  # more threads than cores, and splits not a power of 2
+def test_threads_give_the_same_bits_as_one(rows, threads):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 512, generator=g)
+    w = torch.randn(300, 512, generator=g)  # 153,600 floats: past the size the split starts at
+    b = torch.randn(300, generator=g)
+    one = _with_threads(1, lambda: skinny.matmul(x, w, b))
+    many = _with_threads(threads, lambda: skinny.matmul(x, w, b))
+    assert torch.equal(one, many)
+    assert (one.double() - _reference(x, w, b)).abs().max().item() < 1e-3
+
+
+def test_threaded_expert_step_has_the_bits_of_one_thread():
+    bank, g = _bank(E=5, d=512, F=256, seed=8)  # w1 per expert [512, 512]: several pieces each
+    x, rows, ids, weights, slots = _pairs(bank, g, T=40, R=80, S=90)
+
+    def step():
+        out = torch.full((90, 512), 9.0)
+        with torch.inference_mode():
+            bank.pair_outputs(x, rows, ids, weights, out, slots)
+        return out
+
+    one, two = _with_threads(1, step), _with_threads(2, step)
+    assert torch.equal(one, two)
+    assert torch.all(two[[i for i in range(90) if i not in set(slots.tolist())]] == 9.0)
+
+
+def test_threaded_decode_steps_have_the_bits_of_one_thread(tmp_path):
+    """Decode steps of a model wide enough that every C call of the layer is split among threads
+    (hidden 512): the logits of 2 threads are those of 1, bit for bit."""
+    from gateway.engine import local_engine
+    from model.checkpoint import write_random_checkpoint
+    from model.config import preset
+
+    cfg = preset("small").with_(num_layers=1, num_experts=4, vocab_size=320)
+    eng = local_engine(str(write_random_checkpoint(cfg, tmp_path / "wide", seed=3)))
+    prompts = [[1, 2, 3], [7], [40, 41, 42, 43, 44, 45]]
+    one = _with_threads(1, lambda: _decode_logits(eng.model, eng.dispatcher, prompts, 5, on=True))
+    two = _with_threads(2, lambda: _decode_logits(eng.model, eng.dispatcher, prompts, 5, on=True))
+    assert torch.equal(one[0], two[0]) and one[1] == two[1]
