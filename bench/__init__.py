@@ -54,5 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=4.0,
         help="router skew of the rebalancing run (4 pools, before/after); 0 skips it",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of this process: the in-process engine, the gateway half of the pool "
+        "runs and the bandwidth measure (pools run their configured 1); the machine's cores for "
+        "the in-process engine at full speed",
+    )
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--plot", default=None, help="write a PNG of throughput vs concurrency here")

@@ -211,8 +211,9 @@ def run(
     dispatch_iters: int = 200,
     overlap: bool = True,
     skew: float = 0.0,
+    threads: int = 1,
 ) -> dict:
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     connect(num_cpus=16)
     out: dict = {
         "config": {
@@ -221,6 +222,7 @@ def run(
             "concurrency": concurrency,
             "prompt_len": prompt_len,
             "max_tokens": max_tokens,
+            "threads": threads,
         },
         "results": {},
         "throughput_ratio": {},
@@ -313,7 +315,10 @@ def table(out: dict) -> str:
                     f"{b['transport_and_waiting']:.2f})"
                 )
         bw = out.get("bandwidth_gbs", 0)
-        lines.append(f"  roofline (decode tokens/s over the bandwidth bound, {bw:.1f} GB/s read):")
+        th = out["config"].get("threads", 1)
+        lines.append(
+            f"  roofline (decode tokens/s over the bandwidth bound, {bw:.1f} GB/s read, {th} thread(s)):"
+        )
         for label, by_c in res.items():
             for c, r in by_c.items():
                 f = r["roofline"]
@@ -379,6 +384,7 @@ def run_cli(args: argparse.Namespace) -> None:
         args.dispatch_pools,
         overlap=not args.no_overlap,
         skew=args.skew,
+        threads=args.threads,
     )
     if args.plot:
         plot(out, args.plot)

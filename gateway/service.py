@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from gateway.engine import Engine, Sequence
 from gateway.errors import InvalidRequest, QueueFull
 from gateway.sampling import SamplingParams
+from model import skinny
 
 
 @dataclass
@@ -122,6 +123,10 @@ class Gateway:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        # Steps run on the engine thread; this (event-loop) thread's OpenMP team, left over from
+        # loading the model or an idle-time torch call, would make libgomp stop spin-waiting and
+        # cost every parallel region of a step a wake-up (`skinny.release_team`).
+        skinny.release_team()
         while True:
             self._apply_inbox()
             if not self.engine.has_work:
@@ -129,6 +134,7 @@ class Gateway:
                 if self._inbox:
                     continue
                 await self._wake.wait()
+                skinny.release_team()
                 continue
             faults = getattr(self.engine.dispatcher, "faults", 0)
             try:

@@ -424,6 +424,18 @@ static PyObject *openmp(PyObject *self, PyObject *args) {
 #endif
 }
 
+PyDoc_STRVAR(release_doc, "release_team() -> bool\n\n"
+"Frees the calling thread's OpenMP team (its idle worker threads exit), as omp_pause_resource_all\n"
+"does for the host; False where there is no OpenMP or the thread is inside a parallel region.");
+
+static PyObject *release_team(PyObject *self, PyObject *args) {
+#ifdef _OPENMP
+    return PyBool_FromLong(omp_pause_resource_all(omp_pause_soft) == 0);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 PyDoc_STRVAR(matmul_doc,
 "matmul(x, ldx, w, b, y, ldy, M, O, K, threads)\n\n"
 "y[m, o] = sum_k x[m, k] w[o, k] (+ b[o]) for m < M, o < O, float32. x, w, b, y are data pointers\n"
@@ -706,6 +718,7 @@ static PyObject *py_post(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
     {"openmp", openmp, METH_NOARGS, openmp_doc},
+    {"release_team", release_team, METH_NOARGS, release_doc},
     {"matmul", py_matmul, METH_VARARGS, matmul_doc},
     {"group", py_group, METH_VARARGS, group_doc},
     {"decode_attention", py_decode, METH_VARARGS, decode_doc},

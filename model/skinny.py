@@ -54,6 +54,19 @@ def threaded() -> bool:
     return bool(_available and _skinny.openmp())
 
 
+def release_team() -> bool:
+    """Free the calling thread's OpenMP team, so that the thread that runs engine steps has the
+    process's only one (call it from the others, e.g. the one that loaded the model). libgomp keeps
+    a team of workers per thread that ever ran a parallel region, and when its threads outnumber the
+    CPUs it stops spin-waiting between regions: every region then pays a futex wake-up. Measured
+    on this 2-core box with 2 threads: 1-stream decode on the Gateway's engine thread 8.0 ms a
+    step with the loading thread's team alive, 3.8 ms after this (docs/PERFORMANCE.md). Torch's
+    own parallel regions run on the same teams (the module links torch's libgomp). Does nothing
+    (False) without the OpenMP build or inside a parallel region; a later parallel region on this
+    thread makes a new team."""
+    return bool(_skinny is not None and _skinny.openmp() and _skinny.release_team())
+
+
 def enabled() -> bool:
     return _enabled
 

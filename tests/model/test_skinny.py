@@ -313,3 +313,27 @@ def test_threaded_decode_steps_have_the_bits_of_one_thread(tmp_path):
     one = _with_threads(1, lambda: _decode_logits(eng.model, eng.dispatcher, prompts, 5, on=True))
     two = _with_threads(2, lambda: _decode_logits(eng.model, eng.dispatcher, prompts, 5, on=True))
     assert torch.equal(one[0], two[0]) and one[1] == two[1]
+
+
+def _os_threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not skinny.threaded(), reason="model._skinny was built without OpenMP")
+def test_release_team_ends_this_threads_openmp_workers():
+    """The thread that loaded a model lets its OpenMP workers go, so that the engine thread's team
+    is the only one (libgomp stops spin-waiting when teams outnumber the CPUs)."""
+    import time
+
+    x, w = torch.randn(4, 512), torch.randn(1024, 512)
+    _with_threads(3, lambda: skinny.matmul(x, w))  # a team of 3 on this thread: 2 workers
+    with_team = _os_threads()
+    assert skinny.release_team()
+    deadline = time.monotonic() + 5
+    while _os_threads() > with_team - 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _os_threads() <= with_team - 2, "the two workers of this thread's team exited"
+    y = _with_threads(3, lambda: skinny.matmul(x, w))  # a later region makes a new team
+    assert torch.equal(y, skinny.matmul(x, w))
