@@ -58,9 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch threads of this process: the in-process engine, the gateway half of the pool "
-        "runs and the bandwidth measure (pools run their configured 1); the machine's cores for "
-        "the in-process engine at full speed",
+        help="torch threads of the in-process engine and of the bandwidth measure (the pool runs' "
+        "gateway half and each pool run 1, as served); this machine's cores for the in-process "
+        "engine at full speed",
     )
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--plot", default=None, help="write a PNG of throughput vs concurrency here")

@@ -4,7 +4,9 @@ For each preset (random checkpoints in the real layout), each engine (in-process
 over the data plane) and each concurrency, C streams of the same prompts run through the same
 `Gateway` class the server uses. Reported: tokens/s, TTFT and TPOT p50/p99, the expert step's
 round trip per layer p50/p99, and a step breakdown. Numbers are printed, never asserted.
-Usage: yuan-serve bench [--presets tiny small] [--pools 1 2 4] [--concurrency 1 8 32] [--json] [--plot FILE]
+The in-process engine and the bandwidth measure run on `--threads` torch threads (1 by default);
+the pool runs' gateway half and each pool on one, as served by default.
+Usage: yuan-serve bench [--presets tiny small] [--pools 1 2 4] [--concurrency 1 8 32] [--threads 1] [--json]
 """
 
 from __future__ import annotations
@@ -241,12 +243,17 @@ def run(
             }
             res = out["results"][name] = {}
             wait_for_quiet()  # Ray's own processes start up after `connect`: not on the in-process clock
+            torch.set_num_threads(threads)
             for label, disp in engines.items():
                 res[label] = {}
                 for c in concurrency:
                     progress(f"{name} {label} x{c}")
                     timed = TimedDispatcher(disp)
                     res[label][c] = measure(Engine(model, timed, limits), timed, c, prompt_len, max_tokens)
+            # The pool runs' gateway half runs on one thread, as a served gateway does by default
+            # (`gateway_threads`): with more, its OpenMP workers spin-wait after each parallel
+            # region on the cores its co-located pools need (docs/PERFORMANCE.md).
+            torch.set_num_threads(1)
             for P in pools:
                 ps = PoolSet(PoolConfig(str(ckpt), pools=P))
                 ps.start()
