@@ -130,6 +130,45 @@ TARGET static void dot_rows(const float *const *x, const float *w, float *const 
         }
 }
 
+/* The same for MANY_ROWS rows or more (compute-bound: a decode layer's projections at 16+ streams):
+ * 3 rows of w by 4 rows of x at a time, 12 accumulators, 7 loads per 12 FMAs where the 4 x 2 block
+ * does 6 per 8 (1.04-1.17x at 16-64 rows, docs/PERFORMANCE.md); rows and outputs it leaves go to
+ * dot_rows. The same operations per element (8 lanes of FMAs over k, one add tree): the same bits. */
+#define MANY_ROWS 16
+TARGET static void dot_rows_many(const float *const *x, const float *w, float *const *y, const float *scale,
+                                 int64_t M, int64_t o0, int64_t O, int64_t K) {
+    const int64_t M4 = M / 4 * 4;
+    int64_t o = o0;
+    for (; o + 3 <= O; o += 3) {
+        const float *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K;
+        for (int64_t m = 0; m < M4; m += 4) {
+            const float *x0 = x[m], *x1 = x[m + 1], *x2 = x[m + 2], *x3 = x[m + 3];
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+            __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+            for (int64_t k = 0; k < K; k += 8) {
+                __m256 u0 = _mm256_loadu_ps(w0 + k), u1 = _mm256_loadu_ps(w1 + k), u2 = _mm256_loadu_ps(w2 + k);
+                __m256 v = _mm256_loadu_ps(x0 + k);
+                a00 = _mm256_fmadd_ps(v, u0, a00), a01 = _mm256_fmadd_ps(v, u1, a01), a02 = _mm256_fmadd_ps(v, u2, a02);
+                v = _mm256_loadu_ps(x1 + k);
+                a10 = _mm256_fmadd_ps(v, u0, a10), a11 = _mm256_fmadd_ps(v, u1, a11), a12 = _mm256_fmadd_ps(v, u2, a12);
+                v = _mm256_loadu_ps(x2 + k);
+                a20 = _mm256_fmadd_ps(v, u0, a20), a21 = _mm256_fmadd_ps(v, u1, a21), a22 = _mm256_fmadd_ps(v, u2, a22);
+                v = _mm256_loadu_ps(x3 + k);
+                a30 = _mm256_fmadd_ps(v, u0, a30), a31 = _mm256_fmadd_ps(v, u1, a31), a32 = _mm256_fmadd_ps(v, u2, a32);
+            }
+            float h[4][3] = {{hsum(a00), hsum(a01), hsum(a02)}, {hsum(a10), hsum(a11), hsum(a12)},
+                             {hsum(a20), hsum(a21), hsum(a22)}, {hsum(a30), hsum(a31), hsum(a32)}};
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 3; j++)
+                    y[m + i][o + j] = scale ? h[i][j] * scale[m + i] : h[i][j];
+        }
+    }
+    if (o < O && M4)
+        dot_rows(x, w, y, scale, M4, o, O, K);
+    if (M4 < M)
+        dot_rows(x + M4, w, y + M4, scale ? scale + M4 : NULL, M - M4, o0, O, K);
+}
+
 /* Threads: a call whose weights are at least PAR_FLOATS floats is cut into ranges of output rows
  * (multiples of 8) shared by `threads` OpenMP threads, the team torch's own parallel regions use
  * (the module links the libgomp that torch loaded). The caller passes torch's thread count; 1 runs
@@ -164,7 +203,7 @@ static void matmul(const float *x, int64_t ldx, const float *w, const float *b, 
         for (int64_t m = 0; m < n; m++)
             xs[m] = x + (m0 + m) * ldx, ys[m] = y + (m0 + m) * ldy;
         if (n_threads == 1) {
-            dot_rows(xs, w, ys, NULL, n, 0, O, K);
+            (n >= MANY_ROWS ? dot_rows_many : dot_rows)(xs, w, ys, NULL, n, 0, O, K);
             continue;
         }
 #pragma omp parallel for num_threads(n_threads) schedule(static, 1)
@@ -172,7 +211,7 @@ static void matmul(const float *x, int64_t ldx, const float *w, const float *b, 
             int64_t o0, o1;
             cut(O, n_threads, t, &o0, &o1);
             if (o0 < o1)
-                dot_rows(xs, w, ys, NULL, n, o0, o1, K);
+                (n >= MANY_ROWS ? dot_rows_many : dot_rows)(xs, w, ys, NULL, n, o0, o1, K);
         }
     }
     if (b)
