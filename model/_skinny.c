@@ -642,6 +642,135 @@ static PyObject *py_expert_down(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- a whole bank's expert step over [T, A] routing, for the in-process dispatcher ---- */
+PyDoc_STRVAR(bank_up_doc,
+"bank_up(x, ldx, T, A, ids, lookup, L, E, w1, F2, K, u, order, counts, max_rows, threads) -> (largest, R)\n\n"
+"The pairs of a [T, A] routing (ids int64 [T*A], global expert ids, -1 for a pair held elsewhere)\n"
+"that this bank holds (lookup int64 [L]: global id -> local index or -1), grouped by local expert\n"
+"stably: order (int64 [T*A]) gets their pair indices t*A+a, counts (int64 [E]) their sizes; then,\n"
+"unless the largest group has more than max_rows rows, u[j] = x[order[j] / A] w1[e]^T (u [T*A, F2]).\n"
+"ValueError names a pair routed to an expert the bank does not hold.");
+
+static PyObject *py_bank_up(PyObject *self, PyObject *args) {
+    unsigned long long p_x, p_ids, p_lookup, p_w1, p_u, p_order, p_counts;
+    long long ldx, T, A, L, E, F2, K, max_rows;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLLLKKLLKLLKKKLi:bank_up", &p_x, &ldx, &T, &A, &p_ids, &p_lookup, &L, &E, &p_w1,
+                          &F2, &K, &p_u, &p_order, &p_counts, &max_rows, &threads))
+        return NULL;
+    if (!supported() || K % 8 || ldx < K || E < 1 || T < 0 || A < 1) {
+        PyErr_SetString(PyExc_ValueError, "bank_up: unsupported CPU or shapes");
+        return NULL;
+    }
+    const int64_t *ids = (const int64_t *)(uintptr_t)p_ids, *lookup = (const int64_t *)(uintptr_t)p_lookup;
+    int64_t *order = (int64_t *)(uintptr_t)p_order, *counts = (int64_t *)(uintptr_t)p_counts;
+    const int64_t P = T * A;
+    int64_t *local = PyMem_Malloc((size_t)(P + E + 1) * sizeof(int64_t));
+    if (!local)
+        return PyErr_NoMemory();
+    int64_t *start = local + P, R = 0, biggest = 0;
+    for (int64_t e = 0; e < E; e++)
+        counts[e] = 0;
+    for (int64_t i = 0; i < P; i++) {
+        int64_t id = ids[i], e = id >= 0 && id < L ? lookup[id] : -1;
+        if (id >= 0 && (e < 0 || e >= E)) {
+            PyErr_Format(PyExc_ValueError, "expert_ids: pair %lld is routed to expert %lld, which this bank "
+                         "does not hold", (long long)i, (long long)id);
+            PyMem_Free(local);
+            return NULL;
+        }
+        local[i] = id < 0 ? -1 : e;
+        if (id >= 0)
+            counts[e]++, R++;
+    }
+    for (int64_t e = 0, a = 0; e < E; e++) {
+        start[e] = a, a += counts[e];
+        if (counts[e] > biggest)
+            biggest = counts[e];
+    }
+    for (int64_t i = 0; i < P; i++)
+        if (local[i] >= 0)
+            order[start[local[i]]++] = i;
+    PyMem_Free(local);
+    if (biggest <= max_rows && R > 0) {
+        pair_buffers b;
+        if (alloc_pairs(&b, R) < 0)
+            return NULL;
+#if SKINNY_X86
+        const float *x = (const float *)(uintptr_t)p_x;
+        float *u = (float *)(uintptr_t)p_u;
+        Py_BEGIN_ALLOW_THREADS
+        for (int64_t j = 0; j < R; j++)
+            b.xp[j] = x + order[j] / A * ldx, b.yp[j] = u + j * F2;
+        expert_items(b.xp, b.yp, NULL, counts, E, (const float *)(uintptr_t)p_w1, F2, K, threads);
+        Py_END_ALLOW_THREADS
+#endif
+        PyMem_Free(b.xp);
+    }
+    return Py_BuildValue("LL", (long long)biggest, (long long)R);
+}
+
+PyDoc_STRVAR(bank_down_doc,
+"bank_down(act, order, counts, E, w2, D, F, weights, T, A, out, threads)\n\n"
+"out[t] = sum over a of weights[t*A+a] * act[j] w2[e]^T, j the pair's row in `bank_up`'s order and e\n"
+"its expert, the A terms added in a order (a pair held elsewhere adds 0), as `sum_slots` adds a\n"
+"token's slots: act [R, F], w2 [E, D, F], weights float32 [T*A], out [T, D], all contiguous.");
+
+static PyObject *py_bank_down(PyObject *self, PyObject *args) {
+    unsigned long long p_act, p_order, p_counts, p_w2, p_weights, p_out;
+    long long E, D, F, T, A;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKLKLLKLLKi:bank_down", &p_act, &p_order, &p_counts, &E, &p_w2, &D, &F,
+                          &p_weights, &T, &A, &p_out, &threads))
+        return NULL;
+    if (!supported() || F % 8 || E < 1 || T < 0 || A < 1) {
+        PyErr_SetString(PyExc_ValueError, "bank_down: unsupported CPU or shapes");
+        return NULL;
+    }
+    const int64_t *counts = (const int64_t *)(uintptr_t)p_counts, *order = (const int64_t *)(uintptr_t)p_order;
+    const int64_t P = T * A;
+    int64_t R = 0;
+    for (int64_t e = 0; e < E; e++)
+        R += counts[e];
+    for (int64_t j = 0; j < R; j++)
+        if (order[j] < 0 || order[j] >= P) {
+            PyErr_Format(PyExc_ValueError, "order: entry %lld is out of range [0, %lld)", (long long)j, (long long)P);
+            return NULL;
+        }
+    float *slots = PyMem_Calloc((size_t)(P ? P : 1) * (size_t)D, sizeof(float)); /* unheld pairs: 0 */
+    pair_buffers b;
+    if (!slots)
+        return PyErr_NoMemory();
+    if (alloc_pairs(&b, R) < 0) {
+        PyMem_Free(slots);
+        return NULL;
+    }
+#if SKINNY_X86
+    const float *act = (const float *)(uintptr_t)p_act, *weights = (const float *)(uintptr_t)p_weights;
+    float *out = (float *)(uintptr_t)p_out;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t j = 0; j < R; j++)
+        b.xp[j] = act + j * F, b.yp[j] = slots + order[j] * D, b.scale[j] = weights[order[j]];
+    expert_items(b.xp, b.yp, b.scale, counts, E, (const float *)(uintptr_t)p_w2, D, F, threads);
+    for (int64_t t = 0; t < T; t++) { /* slot 0 + slot 1, then += the rest: sum_slots' adds */
+        const float *s = slots + t * A * D;
+        float *o = out + t * D;
+        if (A == 1)
+            memcpy(o, s, (size_t)D * sizeof(float));
+        else
+            for (int64_t i = 0; i < D; i++)
+                o[i] = s[i] + s[D + i];
+        for (int64_t a = 2; a < A; a++)
+            for (int64_t i = 0; i < D; i++)
+                o[i] += s[a * D + i];
+    }
+    Py_END_ALLOW_THREADS
+#endif
+    PyMem_Free(b.xp);
+    PyMem_Free(slots);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(decode_doc,
 "decode_attention(ptrs, sizes, eps, threads)\n\n"
 "One decode step of a layer's LF attention for B one-token chunks, before o_proj (model/skinny.py\n"
@@ -765,6 +894,8 @@ static PyMethodDef methods[] = {
     {"decode_post", py_post, METH_VARARGS, post_doc},
     {"expert_up", py_expert_up, METH_VARARGS, expert_up_doc},
     {"expert_down", py_expert_down, METH_VARARGS, expert_down_doc},
+    {"bank_up", py_bank_up, METH_VARARGS, bank_up_doc},
+    {"bank_down", py_bank_down, METH_VARARGS, bank_down_doc},
     {NULL, NULL, 0, NULL},
 };
 

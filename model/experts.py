@@ -7,7 +7,8 @@ weighted output has a slot t*A + a in `[T, A, d]`, and `sum_slots` adds a token'
 order: the in-process dispatcher (`ExpertBank.forward`) and the gateway, whose pools fill the slots
 with the same `pair_outputs`, sum the same way, so every path gives the same bits. On the CPU in
 float32 the grouping and both matmuls of decode-sized groups run in C (`model.skinny.expert_pairs`):
-three calls a layer instead of two per active expert plus ~25.
+three calls a layer instead of two per active expert plus ~25; `forward` (in-process) does it in
+two C calls and the activation, the slot sum included (`model.skinny.bank_forward`, the same bits).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class ExpertBank(nn.Module):
         x `[T, d]`, expert_ids `[T, A]` global ids (-1: a pair computed elsewhere), weights `[T, A]`
         -> `[T, d]` = sum over held pairs of weight * expert(x), in `a` order (`sum_slots`).
         """
+        if skinny.experts_fit(x, self.w1, self.w2) and not invariant.enabled():
+            out = skinny.bank_forward(x, expert_ids, weights, self.local_index, self.w1, self.w2)
+            if out is not None:  # decode-sized groups: two C calls and the activation
+                return out
         (T, A), flat = expert_ids.shape, expert_ids.reshape(-1)
         pairs = (flat >= 0).nonzero().squeeze(1)  # [R] token-major
         alloc = torch.empty if pairs.numel() == T * A else torch.zeros  # slots of pairs held elsewhere stay 0

@@ -133,18 +133,18 @@ EXPERT_MAX_ROWS = 32  # an expert's rows up to which the grouped call is used: i
 # give an expert more rows go to torch's blocked kernel.
 
 
-def experts_fit(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether `expert_pairs` runs here: enabled, CPU float32, x and out rows with unit column
-    stride, stacked weights contiguous with both inner sizes multiples of 8."""
+def experts_fit(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None = None) -> bool:
+    """Whether `expert_pairs` (with `out`) or `bank_forward` (a new output) runs here: enabled, CPU
+    float32, x and out rows with unit column stride, stacked weights contiguous with both inner
+    sizes multiples of 8."""
     return (
         _enabled
         and x.dtype is torch.float32
         and w1.dtype is torch.float32
-        and out.dtype is torch.float32
+        and (out is None or (out.dtype is torch.float32 and out.stride(1) == 1))
         and x.device.type == "cpu"
         and x.dim() == 2
         and x.stride(1) == 1
-        and out.stride(1) == 1
         and w1.is_contiguous()
         and w2.is_contiguous()
         and w2.dtype is torch.float32
@@ -195,6 +195,44 @@ def expert_pairs(
         act.data_ptr(), order.data_ptr(), counts.data_ptr(), E, w2.data_ptr(), D, F_,
         weights.data_ptr(), slots.data_ptr(), out.shape[0], out.data_ptr(), out.stride(0), threads,
     )  # fmt: skip
+
+
+def bank_forward(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    lookup: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor | None:
+    """`ExpertBank.forward` in two C calls and torch's SwiGLU, for tensors that `experts_fit`: the
+    held pairs of the `[T, A]` routing grouped by expert and their up-projections (`bank_up`), the
+    activation, then the down-projections, the weighting and each token's sum of its A slots in `a`
+    order (`bank_down`). The same bits as `pair_outputs` + `sum_slots` (the same kernel and adds);
+    what it saves is the bookkeeping between them (~20 torch calls a layer). None, having computed
+    nothing, when an expert has more than `EXPERT_MAX_ROWS` rows (the caller's grouped torch path
+    takes those). ValueError names a pair routed to an expert the bank does not hold."""
+    T, A = expert_ids.shape
+    E, F2, K = w1.shape
+    D, F_ = w2.shape[1], F2 // 2
+    ids = expert_ids.reshape(-1).contiguous()
+    weights = weights.reshape(-1).to(torch.float32).contiguous()
+    u = torch.empty(T * A, F2)
+    order, counts = torch.empty(T * A, dtype=torch.long), torch.empty(E, dtype=torch.long)
+    threads = torch.get_num_threads()
+    biggest, R = _skinny.bank_up(
+        x.data_ptr(), x.stride(0), T, A, ids.data_ptr(), lookup.data_ptr(), lookup.numel(), E,
+        w1.data_ptr(), F2, K, u.data_ptr(), order.data_ptr(), counts.data_ptr(), EXPERT_MAX_ROWS, threads,
+    )  # fmt: skip
+    if biggest > EXPERT_MAX_ROWS:
+        return None
+    act = torch.nn.functional.silu(u[:R, :F_]).mul_(u[:R, F_:])  # [R, F]
+    out = torch.empty(T, D)
+    _skinny.bank_down(
+        act.data_ptr(), order.data_ptr(), counts.data_ptr(), E, w2.data_ptr(), D, F_,
+        weights.data_ptr(), T, A, out.data_ptr(), threads,
+    )  # fmt: skip
+    return out
 
 
 # ---- one decode step of a layer's LF attention ----------------------------------------------------

@@ -337,3 +337,48 @@ def test_release_team_ends_this_threads_openmp_workers():
     assert _os_threads() <= with_team - 2, "the two workers of this thread's team exited"
     y = _with_threads(3, lambda: skinny.matmul(x, w))  # a later region makes a new team
     assert torch.equal(y, skinny.matmul(x, w))
+
+
+@pytest.mark.parametrize("T", [1, 5, 40, 200])  # 200 tokens over 6 experts: groups past 32 rows
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bank_forward_in_two_calls_has_the_bits_of_pair_outputs_and_sum_slots(T, threads):
+    """The in-process expert step (`ExpertBank.forward`: `bank_forward` when groups are
+    decode-sized) against the pools' road (`pair_outputs` into slots, `sum_slots`), bit for bit,
+    with some pairs held elsewhere (-1: they add nothing)."""
+    from model.experts import sum_slots
+
+    bank, g = _bank(E=6, d=512, F=256, seed=T)
+    x = torch.randn(T, 512, generator=g)
+    ids = torch.tensor(bank.expert_ids)[torch.randint(0, 6, (T, 2), generator=g)]
+    ids[torch.rand(T, 2, generator=g) < 0.2] = -1
+    weights = torch.rand(T, 2, generator=g)
+    calls = []
+    real = skinny.bank_forward
+
+    def counted(*a):
+        out = real(*a)
+        calls.append(out is not None)
+        return out
+
+    with torch.inference_mode():
+        skinny.bank_forward = counted
+        try:
+            got = _with_threads(threads, lambda: bank(x, ids, weights))
+        finally:
+            skinny.bank_forward = real
+        flat = ids.reshape(-1)
+        pairs = (flat >= 0).nonzero().squeeze(1)
+        slots = torch.zeros(T * 2, 512)
+        bank.pair_outputs(x, pairs // 2, flat[pairs], weights.reshape(-1)[pairs], slots, pairs)
+        want = sum_slots(slots.view(T, 2, 512))
+    assert calls == [T < 100], "two C calls for decode-sized groups, the grouped path past 32 rows"
+    assert torch.equal(got, want)
+
+
+def test_bank_forward_names_a_pair_routed_to_an_expert_not_held():
+    bank, g = _bank()
+    x = torch.randn(3, 64, generator=g)
+    with torch.inference_mode(), pytest.raises(ValueError, match="pair 4 is routed to expert 3"):
+        bank(x, torch.tensor([[10, 11], [12, 13], [3, 14]]), torch.ones(3, 2))
+    with torch.inference_mode(), pytest.raises(ValueError, match="pair 1 is routed to expert 99"):
+        bank(x, torch.tensor([[10, 99], [12, 13], [11, 14]]), torch.ones(3, 2))
