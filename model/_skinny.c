@@ -464,12 +464,13 @@ static PyObject *openmp(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(release_doc, "release_team() -> bool\n\n"
-"Frees the calling thread's OpenMP team (its idle worker threads exit), as omp_pause_resource_all\n"
-"does for the host; False where there is no OpenMP or the thread is inside a parallel region.");
+"Frees the calling thread's OpenMP team (its idle worker threads exit): omp_pause_resource for the\n"
+"host; False where there is no OpenMP or the thread is inside a parallel region.");
 
 static PyObject *release_team(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
-    return PyBool_FromLong(omp_pause_resource_all(omp_pause_soft) == 0);
+    /* the host only: omp_pause_resource_all would also start any offload plugins */
+    return PyBool_FromLong(omp_pause_resource(omp_pause_soft, omp_get_initial_device()) == 0);
 #else
     Py_RETURN_FALSE;
 #endif
