@@ -20,7 +20,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 GREEDY16 = SamplingParams(max_tokens=16, ignore_eod=True)
 
 
-@pytest.mark.parametrize("pools, replicas", [(2, 1), (8, 1), (4, 2)])  # one pool: test_autoscale starts at 1
+# One pool: test_autoscale starts at 1. 4 x 2 starts as many workers as 8 x 1 did (dropped for
+# the suite's time: ~16 s of actor starts for the same check on another partition).
+@pytest.mark.parametrize("pools, replicas", [(2, 1), (4, 2)])
 def test_tokens_equal_golden_and_pools_hold_only_their_share(
     cluster_app, fixture_dir, golden, pools, replicas
 ):
