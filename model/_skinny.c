@@ -254,11 +254,13 @@ static void expert_items(const float *const *xp, float *const *yp, const float *
     }
 }
 
-static void expert_up(const float *x, int64_t ldx, const int64_t *rows, const int64_t *order,
+/* The j-th pair of the order reads x row rows[order[j]] (rows NULL: row order[j] / A, the token of
+ * pair t*A + a) and writes u[j]. */
+static void expert_up(const float *x, int64_t ldx, const int64_t *rows, int64_t A, const int64_t *order,
                       const int64_t *counts, int64_t E, const float *w1, int64_t F2, int64_t K, float *u,
                       const float **xp, float **up, int64_t R, int threads) {
     for (int64_t j = 0; j < R; j++)
-        xp[j] = x + rows[order[j]] * ldx, up[j] = u + j * F2;
+        xp[j] = x + (rows ? rows[order[j]] : order[j] / A) * ldx, up[j] = u + j * F2;
     expert_items(xp, up, NULL, counts, E, w1, F2, K, threads);
 }
 
@@ -266,9 +268,9 @@ static void expert_down(const float *act, const int64_t *order, const int64_t *c
                         const float *w2, int64_t D, int64_t F, const float *weights, const int64_t *slots,
                         float *out, int64_t ldo, const float **xp, float **yp, float *scale, int64_t R,
                         int threads) {
-    for (int64_t j = 0; j < R; j++) {
+    for (int64_t j = 0; j < R; j++) { /* slots NULL: pair i writes out row i */
         int64_t i = order[j];
-        xp[j] = act + j * F, yp[j] = out + slots[i] * ldo, scale[j] = weights[i];
+        xp[j] = act + j * F, yp[j] = out + (slots ? slots[i] : i) * ldo, scale[j] = weights[i];
     }
     expert_items(xp, yp, scale, counts, E, w2, D, F, threads);
 }
@@ -502,6 +504,33 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
 }
 
 
+/* A stable counting sort of P pairs by expert: local[i] in [0, E), or < 0 for a pair left out;
+ * order gets the pair indices grouped by expert, counts each group's size. The largest group, or
+ * -1 with MemoryError set. */
+static int64_t sort_by_expert(const int64_t *local, int64_t P, int64_t E, int64_t *order, int64_t *counts) {
+    for (int64_t e = 0; e < E; e++)
+        counts[e] = 0;
+    for (int64_t i = 0; i < P; i++)
+        if (local[i] >= 0)
+            counts[local[i]]++;
+    int64_t *start = PyMem_Malloc((size_t)E * sizeof(int64_t));
+    if (!start) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int64_t biggest = 0, a = 0;
+    for (int64_t e = 0; e < E; e++) {
+        start[e] = a, a += counts[e];
+        if (counts[e] > biggest)
+            biggest = counts[e];
+    }
+    for (int64_t i = 0; i < P; i++)
+        if (local[i] >= 0)
+            order[start[local[i]]++] = i;
+    PyMem_Free(start);
+    return biggest;
+}
+
 PyDoc_STRVAR(group_doc,
 "group(local, R, E, order, counts) -> largest group\n\n"
 "A stable counting sort of R pairs by their expert: local (int64 [R], each in [0, E)) -> order\n"
@@ -518,29 +547,14 @@ static PyObject *py_group(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "group: R >= 0 and E >= 1");
         return NULL;
     }
-    for (int64_t e = 0; e < E; e++)
-        counts[e] = 0;
-    for (int64_t i = 0; i < R; i++) {
+    for (int64_t i = 0; i < R; i++)
         if (local[i] < 0 || local[i] >= E) {
             PyErr_Format(PyExc_ValueError, "expert_ids: pair %lld is routed to an expert this bank does not hold",
                          (long long)i);
             return NULL;
         }
-        counts[local[i]]++;
-    }
-    int64_t *start = PyMem_Malloc((size_t)E * sizeof(int64_t));
-    if (!start)
-        return PyErr_NoMemory();
-    int64_t biggest = 0, a = 0;
-    for (int64_t e = 0; e < E; e++) {
-        start[e] = a, a += counts[e];
-        if (counts[e] > biggest)
-            biggest = counts[e];
-    }
-    for (int64_t i = 0; i < R; i++)
-        order[start[local[i]]++] = i;
-    PyMem_Free(start);
-    return PyLong_FromLongLong(biggest);
+    int64_t biggest = sort_by_expert(local, R, E, order, counts);
+    return biggest < 0 ? NULL : PyLong_FromLongLong(biggest);
 }
 
 /* The number of pairs (the sum of counts), after checking idx[order[j]] in [0, limit) for each; -1
@@ -603,7 +617,7 @@ static PyObject *py_expert_up(PyObject *self, PyObject *args) {
         return NULL;
 #if SKINNY_X86
     Py_BEGIN_ALLOW_THREADS
-    expert_up((const float *)(uintptr_t)p_x, ldx, (const int64_t *)(uintptr_t)p_rows, order, counts, E,
+    expert_up((const float *)(uintptr_t)p_x, ldx, (const int64_t *)(uintptr_t)p_rows, 1, order, counts, E,
               (const float *)(uintptr_t)p_w1, F2, K, (float *)(uintptr_t)p_u, b.xp, b.yp, R, threads);
     Py_END_ALLOW_THREADS
 #endif
@@ -666,13 +680,10 @@ static PyObject *py_bank_up(PyObject *self, PyObject *args) {
     const int64_t *ids = (const int64_t *)(uintptr_t)p_ids, *lookup = (const int64_t *)(uintptr_t)p_lookup;
     int64_t *order = (int64_t *)(uintptr_t)p_order, *counts = (int64_t *)(uintptr_t)p_counts;
     const int64_t P = T * A;
-    int64_t *local = PyMem_Malloc((size_t)(P + E + 1) * sizeof(int64_t));
+    int64_t *local = PyMem_Malloc((size_t)(P ? P : 1) * sizeof(int64_t)), R = 0;
     if (!local)
         return PyErr_NoMemory();
-    int64_t *start = local + P, R = 0, biggest = 0;
-    for (int64_t e = 0; e < E; e++)
-        counts[e] = 0;
-    for (int64_t i = 0; i < P; i++) {
+    for (int64_t i = 0; i < P; i++) { /* global id -> this bank's index; -1: held elsewhere */
         int64_t id = ids[i], e = id >= 0 && id < L ? lookup[id] : -1;
         if (id >= 0 && (e < 0 || e >= E)) {
             PyErr_Format(PyExc_ValueError, "expert_ids: pair %lld is routed to expert %lld, which this bank "
@@ -681,29 +692,20 @@ static PyObject *py_bank_up(PyObject *self, PyObject *args) {
             return NULL;
         }
         local[i] = id < 0 ? -1 : e;
-        if (id >= 0)
-            counts[e]++, R++;
+        R += id >= 0;
     }
-    for (int64_t e = 0, a = 0; e < E; e++) {
-        start[e] = a, a += counts[e];
-        if (counts[e] > biggest)
-            biggest = counts[e];
-    }
-    for (int64_t i = 0; i < P; i++)
-        if (local[i] >= 0)
-            order[start[local[i]]++] = i;
+    int64_t biggest = sort_by_expert(local, P, E, order, counts);
     PyMem_Free(local);
+    if (biggest < 0)
+        return NULL;
     if (biggest <= max_rows && R > 0) {
         pair_buffers b;
         if (alloc_pairs(&b, R) < 0)
             return NULL;
 #if SKINNY_X86
-        const float *x = (const float *)(uintptr_t)p_x;
-        float *u = (float *)(uintptr_t)p_u;
         Py_BEGIN_ALLOW_THREADS
-        for (int64_t j = 0; j < R; j++)
-            b.xp[j] = x + order[j] / A * ldx, b.yp[j] = u + j * F2;
-        expert_items(b.xp, b.yp, NULL, counts, E, (const float *)(uintptr_t)p_w1, F2, K, threads);
+        expert_up((const float *)(uintptr_t)p_x, ldx, NULL, A, order, counts, E, (const float *)(uintptr_t)p_w1,
+                  F2, K, (float *)(uintptr_t)p_u, b.xp, b.yp, R, threads);
         Py_END_ALLOW_THREADS
 #endif
         PyMem_Free(b.xp);
@@ -747,12 +749,10 @@ static PyObject *py_bank_down(PyObject *self, PyObject *args) {
         return NULL;
     }
 #if SKINNY_X86
-    const float *act = (const float *)(uintptr_t)p_act, *weights = (const float *)(uintptr_t)p_weights;
     float *out = (float *)(uintptr_t)p_out;
     Py_BEGIN_ALLOW_THREADS
-    for (int64_t j = 0; j < R; j++)
-        b.xp[j] = act + j * F, b.yp[j] = slots + order[j] * D, b.scale[j] = weights[order[j]];
-    expert_items(b.xp, b.yp, b.scale, counts, E, (const float *)(uintptr_t)p_w2, D, F, threads);
+    expert_down((const float *)(uintptr_t)p_act, order, counts, E, (const float *)(uintptr_t)p_w2, D, F,
+                (const float *)(uintptr_t)p_weights, NULL, slots, D, b.xp, b.yp, b.scale, R, threads);
     for (int64_t t = 0; t < T; t++) { /* slot 0 + slot 1, then += the rest: sum_slots' adds */
         const float *s = slots + t * A * D;
         float *o = out + t * D;
