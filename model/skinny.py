@@ -64,7 +64,7 @@ def release_team() -> bool:
     own parallel regions run on the same teams (the module links torch's libgomp). Does nothing
     (False) without the OpenMP build or inside a parallel region; a later parallel region on this
     thread makes a new team."""
-    return bool(_skinny is not None and _skinny.openmp() and _skinny.release_team())
+    return bool(_skinny is not None and _skinny.release_team())
 
 
 def enabled() -> bool:

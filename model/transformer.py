@@ -42,14 +42,12 @@ class DecoderLayer(nn.Module):
         cache: PagedCache,
         dispatcher: Dispatcher,
         lane: int,
-    ) -> tuple[torch.Tensor, object] | None:
-        """The layer for a step of one-token chunks on the CPU in float32, in C calls (`model.skinny`):
-        input norm, attention half, then o_proj, residual, post norm and the Attention Router (the
-        classical router's step stays torch's); then the expert step is submitted. (new x, handle),
-        or None where it does not apply (the caller runs the torch layers)."""
+    ) -> tuple[torch.Tensor, object]:
+        """The layer for a step of one-token chunks on the CPU in float32, in C calls (`model.skinny`),
+        for a part that `skinny.decode_fits` (`YuanModel.forward` asks once a step): input norm,
+        attention half, then o_proj, residual, post norm and the Attention Router (the classical
+        router's step stays torch's); then the expert step is submitted. (new x, handle)."""
         attn = self.attn
-        if invariant.enabled() or not skinny.decode_fits(x, part, cache.k[layer], attn.num_heads):
-            return None
         h = skinny.rms_norm(x, self.input_norm)
         k, v, lf = cache.k[layer], cache.v[layer], cache.lf[layer]
         out = skinny.decode_attention(attn, h, part, cos, sin, k, v, lf)
@@ -113,13 +111,18 @@ class YuanModel(nn.Module):
         cs = [(self.rope_cos[p.positions], self.rope_sin[p.positions]) for p in parts]
         xs = [self.embed(p.token_ids) for p in parts]
         pending: list[object | None] = [None] * n
+        # Decode parts on the CPU in float32 run their layers in C calls; what decides it (the
+        # part, x's dtype and layout, the cache's dtype) is the same in every layer.
+        in_c = [
+            not invariant.enabled() and skinny.decode_fits(x, p, cache.k[0], self.cfg.num_heads)
+            for x, p in zip(xs, parts)
+        ]
         for i, layer in enumerate(self.layers):
             for m, part in enumerate(parts):
                 if pending[m] is not None:  # this part's experts of the previous layer
                     xs[m] = xs[m] + dispatcher.wait(pending[m])
-                fast = layer.decode_step(i, xs[m], part, *cs[m], cache, dispatcher, m)
-                if fast is not None:
-                    xs[m], pending[m] = fast
+                if in_c[m]:
+                    xs[m], pending[m] = layer.decode_step(i, xs[m], part, *cs[m], cache, dispatcher, m)
                     continue
                 h = layer.input_norm(xs[m])
                 xs[m] = xs[m] + layer.attn.forward(h, part, *cs[m], cache.k[i], cache.v[i], cache.lf[i])
