@@ -7,21 +7,24 @@ needs libgomp.so.1, the library torch's CPU build loads, so both run on one team
 compiler without OpenMP builds it serial."""
 
 import os
+import shlex
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 from setuptools import Extension, setup
 
 
 def openmp_flags() -> list[str]:
-    """["-fopenmp"] when the C compiler builds and links a shared object with it, else []."""
-    cc = os.environ.get("CC", "cc")
+    """["-fopenmp"] when the C compiler that builds the extensions (setuptools takes $CC, else
+    Python's own) builds and links a shared object with it, else []."""
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
             f.write("#include <omp.h>\nint probe(void) { return omp_get_max_threads(); }\n")
-        cmd = [cc, "-fopenmp", "-shared", "-fPIC", src, "-o", os.path.join(tmp, "probe.so")]
+        cmd = [*cc, "-fopenmp", "-shared", "-fPIC", src, "-o", os.path.join(tmp, "probe.so")]
         try:
             ok = subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
         except (OSError, subprocess.SubprocessError):
