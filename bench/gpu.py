@@ -1,6 +1,7 @@
 """GPU check: a few-layer m32-shaped random checkpoint served by a gateway engine on the GPU and
 expert pools (on the GPU too, sharing it, when Ray sees one): decode tokens/s per batch size and the
-per-layer expert step round trip as the gateway sees it (submit to result, over the data plane).
+per-layer expert step round trip as the gateway sees it (submit to result, over the data plane),
+and beside them the in-process engine on the same checkpoint and device (all experts local).
 
 It runs on a CPU as well, with small shapes (`--preset tiny`), which is how its code is checked on
 machines without a GPU. `scripts/gpu_check.sh` runs it after the CUDA golden test.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 
@@ -21,7 +23,7 @@ from bench import percentiles
 from bench.serving import TimedDispatcher
 from cluster.pools import PoolConfig, PoolSet
 from cluster.ray_cluster import connect
-from gateway.engine import Engine, EngineLimits
+from gateway.engine import Engine, EngineLimits, local_engine
 from gateway.pool_dispatcher import PoolDispatcher
 from gateway.sampling import SamplingParams
 from model.checkpoint import load_model, write_random_checkpoint
@@ -55,6 +57,33 @@ def decode(
     }
 
 
+def staging(hidden: int, dtype: torch.dtype, batches: list[int], reps: int = 200) -> dict:
+    """What one layer's expert rows cost to move GPU -> host -> GPU (the pools' data plane), by host
+    buffer kind: pageable, or pinned with non-blocking copies. Median microseconds per round trip."""
+    out = {}
+    for b in batches:
+        dev = torch.randn(b * 2, hidden, device="cuda").to(dtype)  # [B*A, D]: two routed rows a token
+        for kind in ("pageable", "pinned"):
+            host = torch.empty(dev.shape, dtype=dtype, pin_memory=kind == "pinned")
+            back = torch.empty_like(dev)
+            times = []
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                host.copy_(dev, non_blocking=kind == "pinned")
+                torch.cuda.current_stream().synchronize()
+                back.copy_(host, non_blocking=kind == "pinned")
+                torch.cuda.current_stream().synchronize()
+                times.append(time.perf_counter() - t0)
+            out[f"{kind}_b{b}"] = sorted(times)[len(times) // 2] * 1e6
+    return out
+
+
+def progress(what: str, t0: float) -> None:
+    """A line on stderr as each stage ends, so a run stopped at its time limit still says how far it got."""
+    print(f"bench.gpu: {what} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="m32")
@@ -65,6 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--device", default=None, help="the gateway's device; default: cuda when there is one")
+    p.add_argument(
+        "--no-in-process",
+        dest="in_process",
+        action="store_false",
+        help="skip the side-by-side run of the in-process engine (all experts on the gateway's device)",
+    )
     a = p.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = preset(a.preset).with_(num_layers=a.layers, torch_dtype=a.dtype)
@@ -78,10 +113,15 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         ckpt = write_random_checkpoint(cfg, f"{tmp}/ckpt", seed=0)
         out["checkpoint_s"] = time.perf_counter() - t0
+        progress("checkpoint written", t0)
+        if device.type == "cuda":
+            out["staging_us"] = staging(cfg.hidden_size, getattr(torch, a.dtype), a.batches)
+            progress(f"staging round trips (us): {out['staging_us']}", t0)
         started = connect(num_cpus=max(8, a.pools + 4))
         ps = PoolSet(PoolConfig(str(ckpt), pools=a.pools, dtype=a.dtype, limits=limits))
         try:
             ps.start()
+            progress("pools started", t0)
             out["pool_devices"] = sorted(
                 {i["device"] for i in ray.get([h.info.remote() for h in ps.handles])}
             )
@@ -89,18 +129,32 @@ def main(argv: list[str] | None = None) -> None:
             model.to(device)
             disp = PoolDispatcher(ps.table, ps.handles, num_layers=cfg.num_layers)
             timed = TimedDispatcher(disp)
-            out["runs"] = [decode(model, timed, b, a.prompt_len, a.tokens, limits) for b in a.batches]
+            out["runs"] = []
+            for b in a.batches:
+                out["runs"].append(decode(model, timed, b, a.prompt_len, a.tokens, limits))
+                progress(f"pools, batch {b}: {out['runs'][-1]['tokens_per_s']:.1f} tokens/s", t0)
             disp.close()
+            del model
         finally:
             ps.shutdown()
             if started:
                 ray.shutdown()
-    for r in out["runs"]:
-        rt = r["expert_round_trip_ms"]
-        print(
-            f"batch {r['batch']:3d}: {r['tokens_per_s']:9.1f} tokens/s, step {r['step_ms']:.2f} ms, "
-            f"expert step per layer p50 {rt['p50']:.3f} ms p99 {rt['p99']:.3f} ms"
-        )
+        if a.in_process:  # the same checkpoint, all experts beside the gateway's model
+            ref = local_engine(str(ckpt), a.dtype, limits, device=str(device))
+            timed = TimedDispatcher(ref.dispatcher)
+            out["in_process_runs"] = []
+            for b in a.batches:
+                r = decode(ref.model, timed, b, a.prompt_len, a.tokens, limits)
+                out["in_process_runs"].append(r)
+                progress(f"in-process, batch {b}: {r['tokens_per_s']:.1f} tokens/s", t0)
+    for name, key in (("pools", "runs"), ("in-process", "in_process_runs")):
+        for r in out.get(key, []):
+            rt = r["expert_round_trip_ms"]
+            print(
+                f"{name:10s} batch {r['batch']:3d}: {r['tokens_per_s']:9.1f} tokens/s, "
+                f"step {r['step_ms']:.2f} ms, expert step per layer "
+                f"p50 {rt['p50']:.3f} ms p99 {rt['p99']:.3f} ms"
+            )
     print(json.dumps(out))
 
 
