@@ -244,7 +244,6 @@ class Engine:
         return self._sample(sampled, logits)
 
     def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
-        logits = logits.cpu()  # sampling, with each request's CPU generator, runs here
         for i, (seq, token) in enumerate(
             zip(batch, sample(logits, [s.params for s in batch], [s.generator for s in batch]))
         ):

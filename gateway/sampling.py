@@ -83,14 +83,18 @@ class SampleError(RuntimeError):
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int | SampleError]:
-    """logits `[B, V]` -> one token id per row, or a `SampleError` for a row that failed."""
+    """logits `[B, V]` -> one token id per row, or a `SampleError` for a row that failed.
+
+    The greedy argmax runs where the logits are (on a GPU only the B ids come back); rows that
+    sample come to the host, since each request's generator is a CPU one."""
     out: list[int | SampleError] = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if not p.greedy:
-            try:
-                out[i] = _sample_row(logits[i].float(), p, generators[i])
-            except (RuntimeError, ValueError) as e:
-                out[i] = SampleError(f"sampling failed: {e}")
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    host = logits[rows].float().cpu() if rows and logits.device.type != "cpu" else None
+    for j, i in enumerate(rows):
+        try:
+            out[i] = _sample_row(logits[i].float() if host is None else host[j], params[i], generators[i])
+        except (RuntimeError, ValueError) as e:
+            out[i] = SampleError(f"sampling failed: {e}")
     return out
 
 
