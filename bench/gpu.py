@@ -31,30 +31,64 @@ from model.config import preset
 
 
 def decode(
-    model, disp: TimedDispatcher, batch: int, prompt_len: int, tokens: int, limits: EngineLimits
+    model,
+    disp: TimedDispatcher,
+    batch: int,
+    prompt_len: int,
+    tokens: int,
+    limits: EngineLimits,
+    profile_steps: int = 0,
 ) -> dict:
     g = torch.Generator().manual_seed(batch)
     vocab = min(model.cfg.vocab_size, 256)
     prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     eng = Engine(model, disp, limits)
-    params = SamplingParams(max_tokens=tokens + 1, ignore_eod=True)
+    params = SamplingParams(max_tokens=tokens + 1 + profile_steps, ignore_eod=True)
     seqs = [eng.add(f"b{i}", p, params) for i, p in enumerate(prompts)]
     while any(not s.output_ids for s in seqs):  # prefill (and the first token) is not timed
         eng.step()
     disp.times.clear()
     disp.routed.clear()
-    if model.embed.weight.is_cuda:
+    cuda = model.embed.weight.is_cuda
+    if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    while eng.has_work:
+    for _ in range(tokens):  # one token a sequence each step
         eng.step()
     wall = time.perf_counter() - t0
-    return {
+    out = {
         "batch": batch,
         "tokens_per_s": batch * tokens / wall,
         "step_ms": wall / tokens * 1e3,
         "expert_round_trip_ms": percentiles(disp.times),
     }
+    if profile_steps:
+        out["profile"] = profile(eng, profile_steps, cuda)
+    while eng.has_work:
+        eng.step()
+    return out
+
+
+def profile(eng: Engine, steps: int, cuda: bool) -> dict:
+    """torch.profiler over `steps` decode steps: the device's busy time and the kernel launches a
+    step (what a launch-bound step is made of), and the ops that cost the host most."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            eng.step()
+        if cuda:
+            torch.cuda.synchronize()
+    ka = prof.key_averages()
+    launches = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+    top = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    out = {"host_top_ms": {e.key: e.self_cpu_time_total / steps / 1e3 for e in top}}
+    if cuda:
+        out["device_busy_ms"] = sum(getattr(e, "self_device_time_total", 0) for e in ka) / steps / 1e3
+        out["launches_per_step"] = sum(e.count for e in ka if e.key in launches) / steps
+    return out
 
 
 def staging(hidden: int, dtype: torch.dtype, batches: list[int], reps: int = 200) -> dict:
@@ -95,6 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--device", default=None, help="the gateway's device; default: cuda when there is one")
     p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also profile this many in-process decode steps a batch (device busy time, launches)",
+    )
+    p.add_argument(
         "--no-in-process",
         dest="in_process",
         action="store_false",
@@ -105,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = preset(a.preset).with_(num_layers=a.layers, torch_dtype=a.dtype)
     limits = EngineLimits(
         max_running=max(a.batches),
-        max_tokens=a.tokens + 1,
+        max_tokens=a.tokens + 1 + a.profile,
         max_num_batched_tokens=max(256, max(a.batches) * a.prompt_len),
     )
     out = {"preset": a.preset, "layers": a.layers, "dtype": a.dtype, "pools": a.pools, "device": str(device)}
@@ -144,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             timed = TimedDispatcher(ref.dispatcher)
             out["in_process_runs"] = []
             for b in a.batches:
-                r = decode(ref.model, timed, b, a.prompt_len, a.tokens, limits)
+                r = decode(ref.model, timed, b, a.prompt_len, a.tokens, limits, a.profile)
                 out["in_process_runs"].append(r)
                 progress(f"in-process, batch {b}: {r['tokens_per_s']:.1f} tokens/s", t0)
     for name, key in (("pools", "runs"), ("in-process", "in_process_runs")):
@@ -155,6 +196,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"step {r['step_ms']:.2f} ms, expert step per layer "
                 f"p50 {rt['p50']:.3f} ms p99 {rt['p99']:.3f} ms"
             )
+            if "device_busy_ms" in r.get("profile", {}):
+                pr = r["profile"]
+                print(
+                    f"{'':10s} profiled: device busy {pr['device_busy_ms']:.2f} ms a step, "
+                    f"{pr['launches_per_step']:.0f} kernel launches a step"
+                )
     print(json.dumps(out))
 
 

@@ -19,6 +19,6 @@ if not torch.cuda.is_available():
     raise SystemExit("gpu_check: no CUDA device visible to torch")
 PYEOF
 timeout 120 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
-timeout 170 "$PY" -m bench.gpu --preset m32 --layers 2 --dtype bfloat16 --pools 4 --batches 1 64 \
+timeout 170 "$PY" -m bench.gpu --preset m32 --layers 2 --dtype bfloat16 --pools 4 --batches 1 64 --profile 8 \
   | tee "${OUT:-/tmp}/gpu_check.log"
 tail -1 "${OUT:-/tmp}/gpu_check.log" > "${OUT:-/tmp}/gpu_check.json"
