@@ -183,6 +183,24 @@ static int64_t team(int threads, int64_t floats) {
 #endif
 }
 
+/* The per-token loops of a decode layer (attention over the cache, the router) are shared by the
+ * threads at LOOP_WORK multiply-adds or more: below that the team's wake-up costs more. */
+#define LOOP_WORK (32 * 1024)
+
+static int64_t loop_team(int threads, int64_t work) {
+#ifdef _OPENMP
+    return threads > 1 && work >= LOOP_WORK ? threads : 1;
+#else
+    return 1;
+#endif
+}
+
+#ifdef _OPENMP
+#define THREAD_NUM() omp_get_thread_num()
+#else
+#define THREAD_NUM() 0
+#endif
+
 /* The t-th of n ranges of [0, O), cut at multiples of 8. */
 static void cut(int64_t O, int64_t n, int64_t t, int64_t *o0, int64_t *o1) {
     int64_t step = ((O + n - 1) / n + 7) / 8 * 8;
@@ -318,7 +336,7 @@ TARGET static float dot(const float *a, const float *b, int64_t n) {
     return hsum(acc);
 }
 
-/* scratch: taps [2B, 2d], c1 [2B, d/2], c2in [B, d], c2 [B, d], qk [B, 2d], v [B, d], p [L] */
+/* scratch: taps [2B, 2d], c1 [2B, d/2], c2in [B, d], c2 [B, d], qk [B, 2d], v [B, d], p [threads, L] */
 static void decode_attention(const decode_t *c, float *scratch) {
     const int64_t B = c->B, d = c->d, half = d / 2, H = c->H, D = c->D, L = c->L;
     float *taps = scratch, *c1 = taps + 2 * B * 2 * d, *c2in = c1 + 2 * B * half, *c2 = c2in + B * d;
@@ -346,47 +364,49 @@ static void decode_attention(const decode_t *c, float *scratch) {
     rms_rows(c2, c->lfnorm, c->eps, c2, B, d);
     matmul(c2, d, c->wqk, NULL, qk, 2 * d, B, 2 * d, d, c->threads); /* q|k from the filtered states */
     matmul(c->h, d, c->wv, NULL, v, d, B, d, d, c->threads);        /* v from the input */
-    const float root = sqrtf((float)D);
-    for (int64_t b = 0; b < B; b++) {
-        const float *cs = c->cos + b * D, *sn = c->sin + b * D;
-        for (int64_t hh = 0; hh < H; hh++) {
-            float *q = qk + b * 2 * d + hh * 2 * D, *k = q + D, rq[512], rk[512];
-            for (int64_t i = 0; i < D; i++) { /* rotate-half rotary */
-                float xq = i < D / 2 ? -q[i + D / 2] : q[i - D / 2];
-                float xk = i < D / 2 ? -k[i + D / 2] : k[i - D / 2];
-                rq[i] = q[i] * cs[i] + xq * sn[i];
-                rk[i] = k[i] * cs[i] + xk * sn[i];
-            }
-            int64_t slot = c->write[b];
-            memcpy(c->kc + (hh * c->P + slot) * D, rk, D * sizeof(float));
-            memcpy(c->vc + (hh * c->P + slot) * D, v + b * d + hh * D, D * sizeof(float));
-            memcpy(q, rq, D * sizeof(float)); /* the rotated query, for the scores below */
-        }
-        float *state = (float *)c->lf + c->lf_blocks[b] * 2 * d; /* [h[t-1], h[t]] after t */
+    for (int64_t b = 0; b < B; b++) { /* the LF state [h[t-1], h[t]] after t (its reads were taps') */
+        float *state = (float *)c->lf + c->lf_blocks[b] * 2 * d;
         memcpy(state, taps + b * 2 * d, 2 * d * sizeof(float));
     }
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t hh = 0; hh < H; hh++) {
-            const float *q = qk + b * 2 * d + hh * 2 * D;
-            float best = -INFINITY, sum = 0.0f, *o = c->out + b * d + hh * D;
-            for (int64_t l = 0; l < L; l++)
-                if (c->mask[b * L + l]) {
-                    p[l] = dot(q, c->kc + (hh * c->P + c->slots[b * L + l]) * D, D) / root;
-                    if (p[l] > best)
-                        best = p[l];
-                }
-            for (int64_t l = 0; l < L; l++)
-                if (c->mask[b * L + l])
-                    sum += (p[l] = expf(p[l] - best));
-            for (int64_t i = 0; i < D; i++)
-                o[i] = 0.0f;
-            for (int64_t l = 0; l < L; l++)
-                if (c->mask[b * L + l]) {
-                    const float w = p[l] / sum, *vv = c->vc + (hh * c->P + c->slots[b * L + l]) * D;
-                    for (int64_t i = 0; i < D; i++)
-                        o[i] += w * vv[i];
-                }
+    /* Each (sequence, head) alone: rotate its q and k, write its k and v to the cache, then attend
+     * over its cache slots (its own new one among them; a sequence writes only slots of its own
+     * blocks). Shared by the threads when there is enough of it; each pair's operations are the
+     * same either way, so the bits are too. */
+    const float root = sqrtf((float)D);
+    const int64_t n_threads = loop_team(c->threads, B * H * (L + 1) * D);
+#pragma omp parallel for if (n_threads > 1) num_threads(n_threads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, hh = bh % H;
+        const float *cs = c->cos + b * D, *sn = c->sin + b * D;
+        float *q = qk + b * 2 * d + hh * 2 * D, *k = q + D, rq[512], rk[512];
+        for (int64_t i = 0; i < D; i++) { /* rotate-half rotary */
+            float xq = i < D / 2 ? -q[i + D / 2] : q[i - D / 2];
+            float xk = i < D / 2 ? -k[i + D / 2] : k[i - D / 2];
+            rq[i] = q[i] * cs[i] + xq * sn[i];
+            rk[i] = k[i] * cs[i] + xk * sn[i];
         }
+        const int64_t slot = c->write[b];
+        memcpy(c->kc + (hh * c->P + slot) * D, rk, D * sizeof(float));
+        memcpy(c->vc + (hh * c->P + slot) * D, v + b * d + hh * D, D * sizeof(float));
+        float *pl = p + THREAD_NUM() * L, best = -INFINITY, sum = 0.0f, *o = c->out + b * d + hh * D;
+        for (int64_t l = 0; l < L; l++)
+            if (c->mask[b * L + l]) {
+                pl[l] = dot(rq, c->kc + (hh * c->P + c->slots[b * L + l]) * D, D) / root;
+                if (pl[l] > best)
+                    best = pl[l];
+            }
+        for (int64_t l = 0; l < L; l++)
+            if (c->mask[b * L + l])
+                sum += (pl[l] = expf(pl[l] - best));
+        for (int64_t i = 0; i < D; i++)
+            o[i] = 0.0f;
+        for (int64_t l = 0; l < L; l++)
+            if (c->mask[b * L + l]) {
+                const float w = pl[l] / sum, *vv = c->vc + (hh * c->P + c->slots[b * L + l]) * D;
+                for (int64_t i = 0; i < D; i++)
+                    o[i] += w * vv[i];
+            }
+    }
 }
 
 /* ---- the rest of a decode step's layer: o_proj + residual + norm + router ---- */
@@ -408,8 +428,10 @@ static void decode_post(const post_t *c) {
         c->x_out[j] = c->x[j] + c->x_out[j];
     rms_rows(c->x_out, c->post, c->eps, c->g, B, d);
     matmul(c->g, d, c->wqkv, NULL, c->qkv, 3 * N, B, 3 * N, d, c->threads);
-    float prob[256], e[256];
-    for (int64_t b = 0; b < B; b++) {
+    const int64_t n_threads = loop_team(c->threads, 16 * B * N * N); /* an expf ~ 16 multiply-adds */
+#pragma omp parallel for if (n_threads > 1) num_threads(n_threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) { /* each token alone: the same bits on any number of threads */
+        float prob[256], e[256];
         const float *q = c->qkv + b * 3 * N, *k = q + N, *v = k + N;
         for (int64_t i = 0; i < N; i++) { /* M = softmax_rows(Q K^T), P = M V */
             for (int64_t j = 0; j < N; j++)
@@ -817,7 +839,9 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     if (in_range(c.lf_read, B, N, "lf_read") < 0 || in_range(c.lf_blocks, B, N, "lf_blocks") < 0 ||
         in_range(c.write, B, P, "write_slots") < 0 || in_range(c.slots, B * L, P, "decode_slots") < 0)
         return NULL;
-    float *scratch = PyMem_Malloc(sizeof(float) * (size_t)(2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + L));
+    int64_t n_threads = threads > 1 ? threads : 1; /* a p row [L] for each thread */
+    float *scratch =
+        PyMem_Malloc(sizeof(float) * (size_t)(2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + n_threads * L));
     if (!scratch)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS

@@ -315,6 +315,23 @@ def test_threaded_decode_steps_have_the_bits_of_one_thread(tmp_path):
     assert torch.equal(one[0], two[0]) and one[1] == two[1]
 
 
+def test_threaded_token_loops_have_the_bits_of_one_thread(tmp_path):
+    """Enough streams and context that the per-token loops of the C decode layer (rotary, cache
+    writes and attention per sequence and head; the Attention Router per token) are shared by the
+    threads: the logits and the routing of 2 and 3 threads are those of 1, bit for bit."""
+    from gateway.engine import local_engine
+    from model.checkpoint import write_random_checkpoint
+    from model.config import preset
+
+    cfg = preset("small").with_(num_layers=1, ffn_hidden_size=64, vocab_size=320)  # 32 experts
+    eng = local_engine(str(write_random_checkpoint(cfg, tmp_path / "streams", seed=4)))
+    prompts = [[3 + (7 * i + j) % 250 for j in range(1 + 3 * i)] for i in range(8)]  # 8 streams
+    one = _with_threads(1, lambda: _decode_logits(eng.model, eng.dispatcher, prompts, 4, on=True))
+    for n in (2, 3):
+        many = _with_threads(n, lambda: _decode_logits(eng.model, eng.dispatcher, prompts, 4, on=True))
+        assert torch.equal(one[0], many[0]) and one[1] == many[1], f"{n} threads"
+
+
 def _os_threads() -> int:
     import os
 
