@@ -70,6 +70,10 @@ TARGET static void one_row(const float *x, const float *w, float *y, float s, in
     }
 }
 
+#ifndef PF_BLOCKS
+#define PF_BLOCKS 2
+#endif
+
 /* y[m][o] = sum_k x[m][k] w[o, k] for o in [o0, o1): 4 rows of w by 2 rows of x at a time, then
  * single rows. Any split of [0, O) into ranges gives the same bits (each element's operations are
  * the same in a block and in the tail). */
@@ -85,9 +89,16 @@ TARGET static void dot_rows(const float *const *x, const float *w, float *const 
         int64_t m = 0;
         for (; m + 2 <= M; m += 2) {
             const float *x0 = x[m], *x1 = x[m + 1];
+            /* the first pair streams this block from memory: ask for the block PF_BLOCKS ahead
+             * meanwhile (4K floats over K/8 steps: 2 cache lines a step) */
+            const char *pf = m ? NULL : (const char *)(w0 + PF_BLOCKS * 4 * K);
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
             __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
             for (int64_t k = 0; k < K; k += 8) {
+                if (pf) {
+                    _mm_prefetch(pf + 16 * k, _MM_HINT_T0);
+                    _mm_prefetch(pf + 16 * k + 64, _MM_HINT_T0);
+                }
                 __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
                 __m256 u = _mm256_loadu_ps(w0 + k);
                 a00 = _mm256_fmadd_ps(v0, u, a00), a10 = _mm256_fmadd_ps(v1, u, a10);
