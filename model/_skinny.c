@@ -186,21 +186,14 @@ TARGET static void dot_rows_many(const float *const *x, const float *w, float *c
  * serially. The split does not change any bit (dot_rows). */
 #define PAR_FLOATS (64 * 1024)
 
-static int64_t team(int threads, int64_t floats) {
-#ifdef _OPENMP
-    return threads > 1 && floats >= PAR_FLOATS ? threads : 1;
-#else
-    return 1;
-#endif
-}
-
 /* The per-token loops of a decode layer (attention over the cache, the router) are shared by the
  * threads at LOOP_WORK multiply-adds or more: below that the team's wake-up costs more. */
 #define LOOP_WORK (32 * 1024)
 
-static int64_t loop_team(int threads, int64_t work) {
+/* How many threads a piece of work gets: all of `threads` from `least` on, else one. */
+static int64_t team(int threads, int64_t work, int64_t least) {
 #ifdef _OPENMP
-    return threads > 1 && work >= LOOP_WORK ? threads : 1;
+    return threads > 1 && work >= least ? threads : 1;
 #else
     return 1;
 #endif
@@ -226,7 +219,7 @@ static void matmul(const float *x, int64_t ldx, const float *w, const float *b, 
                    int64_t M, int64_t O, int64_t K, int threads) {
     const float *xs[STACK_ROWS];
     float *ys[STACK_ROWS];
-    const int64_t n_threads = team(threads, O * K);
+    const int64_t n_threads = team(threads, O * K, PAR_FLOATS);
     for (int64_t m0 = 0; m0 < M; m0 += STACK_ROWS) {
         int64_t n = M - m0 < STACK_ROWS ? M - m0 : STACK_ROWS;
         for (int64_t m = 0; m < n; m++)
@@ -259,7 +252,7 @@ static void expert_items(const float *const *xp, float *const *yp, const float *
     int64_t pieces = O * K / CHUNK_FLOATS > 1 ? O * K / CHUNK_FLOATS : 1, busy = 0, a = 0;
     for (int64_t e = 0; e < E; e++)
         busy += counts[e] > 0;
-    const int64_t n_threads = team(threads, busy * O * K);
+    const int64_t n_threads = team(threads, busy * O * K, PAR_FLOATS);
     if (n_threads == 1) {
         for (int64_t e = 0; e < E; e++) {
             if (counts[e])
@@ -384,7 +377,7 @@ static void decode_attention(const decode_t *c, float *scratch) {
      * blocks). Shared by the threads when there is enough of it; each pair's operations are the
      * same either way, so the bits are too. */
     const float root = sqrtf((float)D);
-    const int64_t n_threads = loop_team(c->threads, B * H * (L + 1) * D);
+    const int64_t n_threads = team(c->threads, B * H * (L + 1) * D, LOOP_WORK);
 #pragma omp parallel for if (n_threads > 1) num_threads(n_threads) schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t b = bh / H, hh = bh % H;
@@ -439,7 +432,7 @@ static void decode_post(const post_t *c) {
         c->x_out[j] = c->x[j] + c->x_out[j];
     rms_rows(c->x_out, c->post, c->eps, c->g, B, d);
     matmul(c->g, d, c->wqkv, NULL, c->qkv, 3 * N, B, 3 * N, d, c->threads);
-    const int64_t n_threads = loop_team(c->threads, 16 * B * N * N); /* an expf ~ 16 multiply-adds */
+    const int64_t n_threads = team(c->threads, 16 * B * N * N, LOOP_WORK); /* an expf ~ 16 multiply-adds */
 #pragma omp parallel for if (n_threads > 1) num_threads(n_threads) schedule(static)
     for (int64_t b = 0; b < B; b++) { /* each token alone: the same bits on any number of threads */
         float prob[256], e[256];
