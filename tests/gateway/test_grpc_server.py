@@ -142,20 +142,26 @@ def test_drain_says_not_serving_refuses_new_and_lets_in_flight_finish(fixture_di
 
 
 def test_queue_full_is_resource_exhausted_and_others_finish(fixture_dir):
+    """One request runs (max_running 1) and one waits (max_queue 1): the next is refused with
+    RESOURCE_EXHAUSTED, and the two accepted ones both finish. Ordered by what the server reports,
+    not by timing: the first is running once its first token is out, the second queued once Stats
+    says so; the first's 600 tokens (~0.6 s) outlast the refused call."""
     running = Running(lambda: local_backend(str(fixture_dir), EngineLimits(max_running=1, max_queue=1)))
     try:
         running.server.wait_ready(60)
-        req = pb.GenerateRequest(token_ids=[3, 4], max_tokens=300, ignore_eod=True)
-        calls = [running.stub.Generate.future(req, timeout=60) for _ in range(4)]
-        codes = []
-        for c in calls:
-            try:
-                codes.append(len(c.result().token_ids))
-            except grpc.RpcError as e:
-                codes.append(e.code())
-        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-        assert all(c == 300 for c in codes if c != grpc.StatusCode.RESOURCE_EXHAUSTED)
-        assert sum(c == 300 for c in codes) >= 2, "the running and the queued request both finish"
+        req = pb.GenerateRequest(token_ids=[3, 4], max_tokens=600, ignore_eod=True)
+        first = running.stub.GenerateStream(req, timeout=60)
+        assert next(first).index == 0  # running
+        second = running.stub.Generate.future(req, timeout=60)
+        deadline = time.monotonic() + 30
+        while running.stub.Stats(pb.StatsRequest(), timeout=5).waiting < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.002)
+        code, details = code_of(lambda: running.stub.Generate(req, timeout=10))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        rest = list(first)
+        assert len(rest) == 599 and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert len(second.result().token_ids) == 600
     finally:
         running.close()
 
