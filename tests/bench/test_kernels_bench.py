@@ -27,6 +27,7 @@ def test_breakdown_times_every_piece_and_puts_the_methods_back():
     res = kernels.breakdown([2], max_tokens=3, preset_name="tiny")
     assert (RMSNorm.forward, AttentionRouter.forward) == before, "the clock wrappers are removed"
     pieces = res[2]
-    assert pieces["step"] > 0 and pieces["expert step"] > 0 and pieces["norms, torch"] > 0
+    assert pieces["step"] > 0 and pieces["expert step"] > 0
+    assert pieces["norms, torch"] == 0.0  # decode steps whose layers run in C take the final norm in C
     layers = pieces["decode layers in C calls (expert step inside)"]
     assert pieces["step"] >= layers >= pieces["expert step"] > 0  # decode steps: the C layers
