@@ -89,10 +89,10 @@ def sample(
     sample come to the host, since each request's generator is a CPU one."""
     out: list[int | SampleError] = logits.argmax(dim=-1).tolist()
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    host = logits[rows].float().cpu() if rows and logits.device.type != "cpu" else None
+    host = logits[rows].float().cpu() if rows else None  # the rows that sample, on the host
     for j, i in enumerate(rows):
         try:
-            out[i] = _sample_row(logits[i].float() if host is None else host[j], params[i], generators[i])
+            out[i] = _sample_row(host[j], params[i], generators[i])
         except (RuntimeError, ValueError) as e:
             out[i] = SampleError(f"sampling failed: {e}")
     return out
