@@ -70,9 +70,7 @@ TARGET static void one_row(const float *x, const float *w, float *y, float s, in
     }
 }
 
-#ifndef PF_BLOCKS
-#define PF_BLOCKS 2
-#endif
+#define PF_BLOCKS 2 /* how far ahead dot_rows asks for weight blocks */
 
 /* y[m][o] = sum_k x[m][k] w[o, k] for o in [o0, o1): 4 rows of w by 2 rows of x at a time, then
  * single rows. Any split of [0, O) into ranges gives the same bits (each element's operations are
