@@ -113,6 +113,15 @@ def staging(hidden: int, dtype: torch.dtype, batches: list[int], reps: int = 200
     return out
 
 
+def sweep(name: str, model, timed: TimedDispatcher, a, limits: EngineLimits, t0: float, profile_steps=0):
+    """`decode` at each of the batch sizes asked for, a progress line after each."""
+    runs = []
+    for b in a.batches:
+        runs.append(decode(model, timed, b, a.prompt_len, a.tokens, limits, profile_steps))
+        progress(f"{name}, batch {b}: {runs[-1]['tokens_per_s']:.1f} tokens/s", t0)
+    return runs
+
+
 def progress(what: str, t0: float) -> None:
     """A line on stderr as each stage ends, so a run stopped at its time limit still says how far it got."""
     print(f"bench.gpu: {what} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
@@ -170,10 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             model.to(device)
             disp = PoolDispatcher(ps.table, ps.handles, num_layers=cfg.num_layers)
             timed = TimedDispatcher(disp)
-            out["runs"] = []
-            for b in a.batches:
-                out["runs"].append(decode(model, timed, b, a.prompt_len, a.tokens, limits))
-                progress(f"pools, batch {b}: {out['runs'][-1]['tokens_per_s']:.1f} tokens/s", t0)
+            out["runs"] = sweep("pools", model, timed, a, limits, t0)
             disp.close()
             del model
         finally:
@@ -183,11 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.in_process:  # the same checkpoint, all experts beside the gateway's model
             ref = local_engine(str(ckpt), a.dtype, limits, device=str(device))
             timed = TimedDispatcher(ref.dispatcher)
-            out["in_process_runs"] = []
-            for b in a.batches:
-                r = decode(ref.model, timed, b, a.prompt_len, a.tokens, limits, a.profile)
-                out["in_process_runs"].append(r)
-                progress(f"in-process, batch {b}: {r['tokens_per_s']:.1f} tokens/s", t0)
+            out["in_process_runs"] = sweep("in-process", ref.model, timed, a, limits, t0, a.profile)
     for name, key in (("pools", "runs"), ("in-process", "in_process_runs")):
         for r in out.get(key, []):
             rt = r["expert_round_trip_ms"]
