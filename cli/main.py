@@ -124,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop_token_ids=tuple(cli_args.token_ids(args.stop_token_ids or "", "--stop-token-ids")),
     )
     from cli.config_flags import given
-    from cluster.serve_app import EngineArgs
+    from cluster.app_args import EngineArgs
     from gateway.engine import check_request
 
     args.limits = EngineArgs(**given(args, EngineArgs)).limits()
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     s.add_argument("--json", action="store_true")
     from cli.config_flags import add_flags
-    from cluster.serve_app import EngineArgs
+    from cluster.app_args import EngineArgs
 
     add_flags(s, EngineArgs)  # the engine's cache and scheduling settings, as `up` has them
     s.set_defaults(func=cmd_generate)
@@ -296,11 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors that are the user's (bad flags, files, placements): one line, exit 2. Read from the modules
+# that raised them, so a command that never loaded torch (client, stats) does not load it here.
+USER_ERRORS = (
+    ("model.config", "ConfigError"),
+    ("model.checkpoint", "CheckpointError"),
+    ("router.table", "PlacementError"),
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    loaded = tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules)
+    return loaded + (ValueError, TimeoutError)
+
+
 def main(argv: list[str] | None = None) -> None:
-    from router.table import PlacementError
     from gateway.errors import InvalidRequest
-    from model.checkpoint import CheckpointError
-    from model.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
@@ -308,7 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     except InvalidRequest as e:  # also when re-raised from a Ray actor: print the cause alone
         print(f"error: {e.field}: {e.message}", file=sys.stderr)
         sys.exit(2)
-    except (ConfigError, CheckpointError, PlacementError, ValueError, TimeoutError) as e:
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -14,7 +14,6 @@ import grpc
 from cli.client import channel
 from protos import serving_pb2 as pb
 from protos import serving_pb2_grpc as pb_grpc
-from router.load import max_over_mean
 
 
 def fetch(target: str, token: str | None = None, tls_ca: str | None = None) -> pb.StatsResponse:
@@ -52,6 +51,8 @@ def plot(stats: pb.StatsResponse, path: str) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
+    from router.load import max_over_mean  # torch: only for this command, not for every one
+
     try:
         stats = fetch(args.target, args.token, args.tls_ca)
     except grpc.RpcError as e:

@@ -106,7 +106,7 @@ def cmd_up(args: argparse.Namespace) -> None:
 
 def add_parser(sub) -> None:
     from cli.config_flags import add_flags
-    from cluster.serve_app import AppArgs
+    from cluster.app_args import AppArgs
 
     s = sub.add_parser("up", help="start the cluster and serve over gRPC until Ctrl-C")
     s.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")

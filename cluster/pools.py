@@ -12,15 +12,15 @@ has a deadline.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.pool_config import PoolConfig
 from cluster.ray_cluster import connect
 from experts.actor import ExpertPoolActor
-from gateway.engine import EngineLimits
 from model.config import YuanConfig
 from router.table import RoutingTable, plan_pools
 
@@ -29,24 +29,6 @@ NAMESPACE = "yuan-serve"
 
 class DeploymentError(RuntimeError):
     """Placement or start-up did not finish in time (the message says what was waiting)."""
-
-
-@dataclass
-class PoolConfig:
-    model_dir: str
-    pools: int = 4
-    replicas: int = 1
-    dtype: str | None = None
-    limits: EngineLimits = field(default_factory=EngineLimits)  # bounds what a pool's data plane accepts
-    address: str | None = None  # None: embedded local cluster
-    transport: str = "dataplane"  # gateway <-> pool bytes: "dataplane" or "ray" (docs/TRANSPORT.md)
-    micro_batches: int = 1  # 2: decode in two halves, one's attention overlapping the other's experts
-    pool_max_restarts: int = 5  # Ray restarts a dead pool process this many times
-    pool_resources: dict[str, float] = field(default_factory=dict)  # custom resources each pool needs
-    start_timeout_s: float = 180.0
-    gateways: int = 1  # gateways that share the cluster's GPUs with the pools (`gpu_share`)
-    pool_threads: int = 1  # torch threads of each pool worker (its CPU share stays as placed)
-    gateway_threads: int | None = None  # torch threads of a gateway's engine; None: Ray's default (1)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from gateway.engine import Engine
+from gateway.options import ServerOptions
 from gateway.service import Gateway
 from gateway.servicer import SERVICE as SERVICE_DESCRIPTOR
 from gateway.servicer import ServingState, YuanServingServicer, add_to_server
@@ -35,26 +36,6 @@ from gateway.tokenizer import Tokenizer
 SERVICE = SERVICE_DESCRIPTOR.full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 CANCEL_WAIT_S = 2.0  # after the grace period: time cancelled calls get to send their final message
-
-
-@dataclass
-class ServerOptions:
-    host: str = "127.0.0.1"  # loopback unless asked otherwise
-    port: int = 50051  # 0: any free port (tests)
-    token: str | None = None  # bearer token required on every call but health
-    tls_cert: str | None = None  # PEM paths; both or neither
-    tls_key: str | None = None
-    grace_s: float = 10.0  # drain: time in-flight calls get before they are cancelled
-    start_timeout_s: float = 300.0
-    # Bind only once the backend is up. Gateways sharing a port (SO_REUSEPORT) need this: a replica
-    # still loading would otherwise take its share of new connections and refuse them all.
-    bind_when_ready: bool = False
-    http_port: int = 0  # the OpenAI-compatible HTTP API and /metrics on this port of `host`; 0: off
-    served_model_name: str | None = None  # the `model` HTTP clients name; default: the checkpoint's folder
-
-    def __post_init__(self) -> None:
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key: give both or neither")
 
 
 @dataclass
