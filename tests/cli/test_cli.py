@@ -149,3 +149,15 @@ def test_plan_m32_on_eight_gpus():
     assert 0 < plan["tokens_per_s_bound_memory"] < plan["tokens_per_s_bound_link"]
     small = json.loads(run("plan", "--preset", "m32", "--gpus", "2", "--gpu-mem", "24", "--json").stdout)
     assert not small["fits"]
+
+
+def test_the_parser_and_the_client_load_neither_torch_nor_ray():
+    """Every command builds the whole parser first; `client` and `stats` are gRPC clients. Neither
+    should pay for torch or Ray (~2 s a call): the config models live in light modules."""
+    probe = (
+        "import sys; from cli.main import build_parser; build_parser(); import cli.client; "
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"loaded: {out.stdout.strip()}"
