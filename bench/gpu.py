@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 
@@ -20,7 +19,7 @@ import ray
 import torch
 
 from bench import percentiles
-from bench.serving import TimedDispatcher
+from bench.serving import TimedDispatcher, progress
 from cluster.pools import PoolConfig, PoolSet
 from cluster.ray_cluster import connect
 from gateway.engine import Engine, EngineLimits, local_engine
@@ -118,13 +117,13 @@ def sweep(name: str, model, timed: TimedDispatcher, a, limits: EngineLimits, t0:
     runs = []
     for b in a.batches:
         runs.append(decode(model, timed, b, a.prompt_len, a.tokens, limits, profile_steps))
-        progress(f"{name}, batch {b}: {runs[-1]['tokens_per_s']:.1f} tokens/s", t0)
+        stage(f"{name}, batch {b}: {runs[-1]['tokens_per_s']:.1f} tokens/s", t0)
     return runs
 
 
-def progress(what: str, t0: float) -> None:
-    """A line on stderr as each stage ends, so a run stopped at its time limit still says how far it got."""
-    print(f"bench.gpu: {what} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+def stage(what: str, t0: float) -> None:
+    """A progress line as each stage ends, so a run stopped at its time limit still says how far it got."""
+    progress(f"gpu: {what} ({time.perf_counter() - t0:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,15 +162,15 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         ckpt = write_random_checkpoint(cfg, f"{tmp}/ckpt", seed=0)
         out["checkpoint_s"] = time.perf_counter() - t0
-        progress("checkpoint written", t0)
+        stage("checkpoint written", t0)
         if device.type == "cuda":
             out["staging_us"] = staging(cfg.hidden_size, getattr(torch, a.dtype), a.batches)
-            progress(f"staging round trips (us): {out['staging_us']}", t0)
+            stage(f"staging round trips (us): {out['staging_us']}", t0)
         started = connect(num_cpus=max(8, a.pools + 4))
         ps = PoolSet(PoolConfig(str(ckpt), pools=a.pools, dtype=a.dtype, limits=limits))
         try:
             ps.start()
-            progress("pools started", t0)
+            stage("pools started", t0)
             out["pool_devices"] = sorted(
                 {i["device"] for i in ray.get([h.info.remote() for h in ps.handles])}
             )

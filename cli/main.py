@@ -296,18 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Errors that are the user's (bad flags, files, placements): one line, exit 2. Read from the modules
-# that raised them, so a command that never loaded torch (client, stats) does not load it here.
-USER_ERRORS = (
-    ("model.config", "ConfigError"),
-    ("model.checkpoint", "CheckpointError"),
-    ("router.table", "PlacementError"),
-)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
-    loaded = tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules)
-    return loaded + (ValueError, TimeoutError)
+    """Errors that are the user's (bad flags, files, placements): one line, exit 2. `ConfigError` and
+    `PlacementError` are ValueErrors; `CheckpointError` is read from its module only when a command
+    loaded it, so one that never loads torch (client, stats) does not load it here."""
+    checkpoint = sys.modules.get("model.checkpoint")
+    return (ValueError, TimeoutError) + ((checkpoint.CheckpointError,) if checkpoint else ())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -529,20 +529,14 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
 
 
 /* A stable counting sort of P pairs by expert: local[i] in [0, E), or < 0 for a pair left out;
- * order gets the pair indices grouped by expert, counts each group's size. The largest group, or
- * -1 with MemoryError set. */
+ * order gets the pair indices grouped by expert, counts each group's size. The largest group. */
 static int64_t sort_by_expert(const int64_t *local, int64_t P, int64_t E, int64_t *order, int64_t *counts) {
     for (int64_t e = 0; e < E; e++)
         counts[e] = 0;
     for (int64_t i = 0; i < P; i++)
         if (local[i] >= 0)
             counts[local[i]]++;
-    int64_t *start = PyMem_Malloc((size_t)E * sizeof(int64_t));
-    if (!start) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    int64_t biggest = 0, a = 0;
+    int64_t start[E], biggest = 0, a = 0; /* each expert's next place in order (E: a bank's experts) */
     for (int64_t e = 0; e < E; e++) {
         start[e] = a, a += counts[e];
         if (counts[e] > biggest)
@@ -551,7 +545,6 @@ static int64_t sort_by_expert(const int64_t *local, int64_t P, int64_t E, int64_
     for (int64_t i = 0; i < P; i++)
         if (local[i] >= 0)
             order[start[local[i]]++] = i;
-    PyMem_Free(start);
     return biggest;
 }
 
@@ -577,8 +570,7 @@ static PyObject *py_group(PyObject *self, PyObject *args) {
                          (long long)i);
             return NULL;
         }
-    int64_t biggest = sort_by_expert(local, R, E, order, counts);
-    return biggest < 0 ? NULL : PyLong_FromLongLong(biggest);
+    return PyLong_FromLongLong(sort_by_expert(local, R, E, order, counts));
 }
 
 /* The number of pairs (the sum of counts), after checking idx[order[j]] in [0, limit) for each; -1
@@ -720,8 +712,6 @@ static PyObject *py_bank_up(PyObject *self, PyObject *args) {
     }
     int64_t biggest = sort_by_expert(local, P, E, order, counts);
     PyMem_Free(local);
-    if (biggest < 0)
-        return NULL;
     if (biggest <= max_rows && R > 0) {
         pair_buffers b;
         if (alloc_pairs(&b, R) < 0)

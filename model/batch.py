@@ -115,7 +115,8 @@ class ForwardBatch:
                 t = torch.tensor(table[: (L + bs - 1) // bs], dtype=torch.long)
                 ctx = (t[:, None] * bs + torch.arange(bs)).reshape(-1)[:L]
                 seg = _segment_starts(c.token_ids, s, n, c.seg_start, eod_token_id)
-                prefills.append(PrefillAttention(slice(row, row + n), ctx, _mask(torch.arange(s, L), seg, L)))
+                mask = _mask(torch.arange(s, L), seg, torch.arange(L))
+                prefills.append(PrefillAttention(slice(row, row + n), ctx, mask))
             if c.logits:
                 logits_rows.append(row + n - 1)
             row += n
@@ -125,12 +126,11 @@ class ForwardBatch:
             width = max(len(t) for t in dec_tables)
             tables = np.array([t + [NULL_BLOCK] * (width - len(t)) for t in dec_tables], dtype=np.int64)
             slots = (tables[:, :, None] * bs + np.arange(bs)).reshape(Bd, -1)[:, :L]
-            keys, q_pos = np.arange(L)[None, :], np.array(dec_pos, dtype=np.int64)[:, None]
+            keys, q_pos = np.arange(L), np.array(dec_pos, dtype=np.int64)
             # Past a sequence's own position its last block holds stale values (maybe not even
             # finite): read the null block there, as for padding, so masked keys add exact zeros.
-            decode_slots = torch.from_numpy(np.where(keys <= q_pos, slots, 0))
-            seg = np.array(dec_seg, dtype=np.int64)[:, None]
-            decode_mask = torch.from_numpy((keys <= q_pos) & (keys >= seg))  # as `_mask`
+            decode_slots = torch.from_numpy(np.where(keys[None, :] <= q_pos[:, None], slots, 0))
+            decode_mask = torch.from_numpy(_mask(q_pos, np.array(dec_seg, dtype=np.int64), keys))
         else:
             decode_slots = decode_mask = torch.empty(0, 0, dtype=torch.long)
         return ForwardBatch(
@@ -167,9 +167,9 @@ def _segment_starts(token_ids: list[int], s: int, n: int, seg_start: int, eod: i
     return torch.cummax(starts, 0).values
 
 
-def _mask(q_pos: torch.Tensor, q_seg: torch.Tensor, L: int) -> torch.Tensor:
-    """`[Q, L]`: key position k is seen by a query at p when seg_start(p) <= k <= p."""
-    keys = torch.arange(L)
+def _mask(q_pos, q_seg, keys):
+    """`[Q, L]`: key position k is seen by a query at p when seg_start(p) <= k <= p. q_pos, q_seg
+    `[Q]` and keys `[L]` (0..L-1) are all torch tensors or all numpy arrays, the result alike."""
     return (keys[None, :] <= q_pos[:, None]) & (keys[None, :] >= q_seg[:, None])
 
 
