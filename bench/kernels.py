@@ -101,37 +101,41 @@ def decode(streams: list[int], rounds: int, threads: int, max_tokens: int = 32) 
         steps = _decode(eng)
         return (time.perf_counter() - t0) / steps, [s.output_ids for s in seqs]
 
-    # "C": the kernel, the three-call expert step and the C decode layer; "grouped": without the
-    # decode layer; "per expert": the kernel for each matmul only; "torch": all off; "C, 1 thread":
-    # the first on one thread (when the run has more).
+    # "C": a step's layers, experts included, in one call; "C per layer": the C decode layer and
+    # the two-call expert step, a few calls a layer; "grouped": without the decode layer; "per
+    # expert": the kernel for each matmul only; "torch": all off; "C, 1 thread": the first on one
+    # thread (when the run has more).
+    rows = skinny.EXPERT_MAX_ROWS
     sides = {
-        "C": (True, skinny.EXPERT_MAX_ROWS, True, threads),
-        "grouped": (True, skinny.EXPERT_MAX_ROWS, False, threads),
-        "per expert": (True, 0, False, threads),
-        "torch": (False, 0, False, threads),
+        "C": (True, rows, True, True, threads),
+        "C per layer": (True, rows, True, False, threads),
+        "grouped": (True, rows, False, False, threads),
+        "per expert": (True, 0, False, False, threads),
+        "torch": (False, 0, False, False, threads),
     }
     if threads > 1:
-        sides["C, 1 thread"] = (True, skinny.EXPERT_MAX_ROWS, True, 1)
+        sides["C, 1 thread"] = (True, rows, True, True, 1)
     out: dict = {}
     for b in streams:
         best = {s: float("inf") for s in sides}
         tokens = {}
         run(b)  # warm-up
         for _ in range(rounds):
-            for side, (on, group_rows, attention, n) in sides.items():
+            for side, (on, group_rows, attention, whole, n) in sides.items():
                 limit, skinny.EXPERT_MAX_ROWS = skinny.EXPERT_MAX_ROWS, group_rows
-                skinny.DECODE_LAYER = attention
+                skinny.DECODE_LAYER, skinny.DECODE_STEP = attention, whole
                 torch.set_num_threads(n)
                 try:
                     with skinny.mode(on):
                         dt, tokens[side] = run(b)
                 finally:
-                    skinny.EXPERT_MAX_ROWS, skinny.DECODE_LAYER = limit, True
+                    skinny.EXPERT_MAX_ROWS, skinny.DECODE_LAYER, skinny.DECODE_STEP = limit, True, True
                     torch.set_num_threads(threads)
                 best[side] = min(best[side], dt)
         out[b] = {f"{side}_tok_s": b / best[side] for side in sides}
         out[b]["speedup"] = best["torch"] / best["C"]
-        out[b]["C_over_grouped"] = best["grouped"] / best["C"]
+        out[b]["one_call_over_per_layer"] = best["C per layer"] / best["C"]
+        out[b]["C_over_grouped"] = best["grouped"] / best["C per layer"]
         out[b]["grouped_over_per_expert"] = best["per expert"] / best["grouped"]
         if threads > 1:
             out[b]["threads_over_one"] = best["C, 1 thread"] / best["C"]
@@ -140,8 +144,9 @@ def decode(streams: list[int], rounds: int, threads: int, max_tokens: int = 32) 
     return out
 
 
-def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "small") -> dict:
-    """ms per decode step in each piece (pieces nest: LF and qkv are inside attention)."""
+def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "small", whole: bool = True) -> dict:
+    """ms per decode step in each piece (pieces nest: LF and qkv are inside attention). `whole`:
+    decode steps' layers in one C call (as served in-process), else a few calls a layer."""
     import collections
 
     import model.attention as attention
@@ -156,6 +161,7 @@ def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "smal
     pieces = [
         (Engine, "step", "step"),
         (ForwardBatch, "build", "batch index tensors"),
+        (skinny, "decode_layers", "a step's layers in one C call (experts inside)"),
         (DecoderLayer, "decode_step", "decode layers in C calls (expert step inside)"),
         (attention.LFAttention, "forward", "attention half, torch layers"),
         (AttentionRouter, "forward", "router, torch"),
@@ -176,6 +182,7 @@ def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "smal
         return g
 
     out: dict = {}
+    one_call, skinny.DECODE_STEP = skinny.DECODE_STEP, whole
     try:
         for (owner, name, label), (_, _, f) in zip(pieces, saved):
             setattr(owner, name, clocked(f, label))
@@ -192,6 +199,7 @@ def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "smal
             out[b].update(torch_ops(eng, b, max_tokens))
         tmp.cleanup()
     finally:
+        skinny.DECODE_STEP = one_call
         for owner, name, f in saved:
             setattr(owner, name, f)
     return out
@@ -264,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     res["decode"] = decode(a.streams, a.rounds, a.threads)
     if a.breakdown:
         res["breakdown_ms_per_step"] = breakdown([1, 32])
+        res["breakdown_per_layer_calls_ms_per_step"] = breakdown([1, 32], whole=False)
     if a.compile:
         res["compile"] = compile_probe([1, 32])
     if a.json:
@@ -282,24 +291,28 @@ def main(argv: list[str] | None = None) -> None:
     more = a.threads > 1
     print(f"\nin-process decode on small: tokens/s, {a.threads} thread(s), OpenMP kernel: {res['openmp']}")
     print(
-        "| streams | C | grouped | per expert | torch | C / torch | C / grouped | grouped / per expert "
+        "| streams | C | C per layer | grouped | per expert | torch | C / torch | C / C per layer "
+        + "| C per layer / grouped | grouped / per expert "
         + ("| C, 1 thread | C / C, 1 thread " if more else "")
         + "| same tokens |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if more else "") + " --- |")
+    print("|" + " --- |" * 10 + (" --- | --- |" if more else "") + " --- |")
     for b, r in res["decode"].items():
-        sides = " | ".join(f"{r[k + '_tok_s']:.0f}" for k in ("C", "grouped", "per expert", "torch"))
-        ratios = f"{r['speedup']:.2f} | {r['C_over_grouped']:.2f} | {r['grouped_over_per_expert']:.2f}"
+        sides = " | ".join(f"{r[k + '_tok_s']:.0f}" for k in ("C", "C per layer", "grouped", "per expert", "torch"))
+        ratios = (
+            f"{r['speedup']:.2f} | {r['one_call_over_per_layer']:.2f} | {r['C_over_grouped']:.2f} "
+            f"| {r['grouped_over_per_expert']:.2f}"
+        )
         if more:
             ratios += f" | {r['C, 1 thread_tok_s']:.0f} | {r['threads_over_one']:.2f}"
         print(f"| {b} | {sides} | {ratios} | {r['same_tokens']} |")
     if a.breakdown:
-        bd = res["breakdown_ms_per_step"]
-        print("\nin-process decode step on small, ms per step by piece")
-        print("| piece | " + " | ".join(f"x{b}" for b in bd) + " |")
-        print("| --- |" + " --- |" * len(bd))
-        for label in next(iter(bd.values())):
-            print(f"| {label} | " + " | ".join(f"{bd[b][label]:.2f}" for b in bd) + " |")
+        one, per = res["breakdown_ms_per_step"], res["breakdown_per_layer_calls_ms_per_step"]
+        print("\nin-process decode step on small, ms per step by piece: layers in one call | a few a layer")
+        print("| piece | " + " | ".join(f"x{b}" for b in one) + " |")
+        print("| --- |" + " --- |" * len(one))
+        for label in next(iter(one.values())):
+            print(f"| {label} | " + " | ".join(f"{one[b][label]:.2f} / {per[b][label]:.2f}" for b in one) + " |")
         print("(torch calls: per step, with the profiler on; their own time in ms, inflated by it)")
     if a.compile:
         print("\ntorch.compile (inductor, dynamic) against eager: us per call")

@@ -462,6 +462,179 @@ static void decode_post(const post_t *c) {
     }
 }
 
+/* A stable counting sort of P pairs by expert: local[i] in [0, E), or < 0 for a pair left out;
+ * order gets the pair indices grouped by expert, counts each group's size. The largest group. */
+static int64_t sort_by_expert(const int64_t *local, int64_t P, int64_t E, int64_t *order, int64_t *counts) {
+    for (int64_t e = 0; e < E; e++)
+        counts[e] = 0;
+    for (int64_t i = 0; i < P; i++)
+        if (local[i] >= 0)
+            counts[local[i]]++;
+    int64_t start[E], biggest = 0, a = 0; /* each expert's next place in order (E: a bank's experts) */
+    for (int64_t e = 0; e < E; e++) {
+        start[e] = a, a += counts[e];
+        if (counts[e] > biggest)
+            biggest = counts[e];
+    }
+    for (int64_t i = 0; i < P; i++)
+        if (local[i] >= 0)
+            order[start[local[i]]++] = i;
+    return biggest;
+}
+
+/* ---- SwiGLU: act = silu(u[:, :F]) * u[:, F:], silu(a) = a / (1 + exp(-a)) ---- */
+/* exp by the Cephes single-precision method: n = floor(x log2(e) + 1/2), r = x - n ln2 (ln2 in two
+ * parts), exp(r) by a degree-5 polynomial, times 2^n set in the exponent bits; within ~2 ulp of
+ * expf over [-88.38, 88.38] (clamped there: exp is 0 below, inf above). The vector and the scalar
+ * form do the same operations (FMA in both), so an element's bits do not depend on where it is. */
+#define EXP_MAX 88.3762626647949f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_C1 0.693359375f
+#define EXP_C2 (-2.12194440e-4f)
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
+TARGET static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-EXP_MAX)), _mm256_set1_ps(EXP_MAX));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(EXP_LOG2E), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_C1), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_C2), x);
+    __m256 z = _mm256_mul_ps(x, x), y = _mm256_set1_ps(EXP_P0);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P1));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P2));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P3));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P4));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P5));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static inline float exp1(float x) {
+    x = fminf(fmaxf(x, -EXP_MAX), EXP_MAX);
+    float n = floorf(fmaf(x, EXP_LOG2E, 0.5f));
+    x = fmaf(-n, EXP_C1, x);
+    x = fmaf(-n, EXP_C2, x);
+    float z = x * x, y = EXP_P0;
+    y = fmaf(y, x, EXP_P1);
+    y = fmaf(y, x, EXP_P2);
+    y = fmaf(y, x, EXP_P3);
+    y = fmaf(y, x, EXP_P4);
+    y = fmaf(y, x, EXP_P5);
+    y = fmaf(y, z, x) + 1.0f;
+    union { uint32_t i; float f; } e = {.i = (uint32_t)((int32_t)n + 127) << 23};
+    return y * e.f;
+}
+
+/* The activation is shared by the threads from SWIGLU_WORK elements on (a prefill's pairs). */
+#define SWIGLU_WORK (256 * 1024)
+
+TARGET static void swiglu_rows(const float *u, int64_t R, int64_t F, float *act, int threads) {
+    const int64_t n_threads = team(threads, R * F, SWIGLU_WORK);
+#pragma omp parallel for if (n_threads > 1) num_threads(n_threads) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        const float *a = u + r * 2 * F, *b = a + F;
+        float *o = act + r * F;
+        int64_t f = 0;
+        for (; f + 8 <= F; f += 8) {
+            __m256 v = _mm256_loadu_ps(a + f);
+            __m256 s = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+            _mm256_storeu_ps(o + f, _mm256_mul_ps(s, _mm256_loadu_ps(b + f)));
+        }
+        for (; f < F; f++)
+            o[f] = a[f] / (1.0f + exp1(-a[f])) * b[f];
+    }
+}
+
+/* ---- a whole decode step's layers in one call, for the in-process engine ---- */
+/* Per layer, the pointers of `model/skinny.py`'s `decode_table` (LAYER_PTRS of them, in this order). */
+enum {
+    T_IN_NORM, T_CONV1, T_CONV1_B, T_CONV2, T_CONV2_B, T_LF_NORM, T_WQK, T_WV, T_WO, T_POST_NORM, T_WQKV,
+    T_W1, T_W2, T_LOOKUP, T_K, T_V, T_LF, T_LOOKUP_N, T_EXPERTS, LAYER_PTRS
+};
+
+typedef struct {
+    float *x; /* [B, d], the step's embeddings in, the last layer's output out */
+    const float *cos, *sin;
+    const int64_t *lf_read, *lf_blocks, *write, *slots;
+    const uint8_t *has_prev, *mask;
+    int64_t B, d, H, D, P, L, N, A, F;
+    int normalize, threads;
+} step_t;
+
+/* Each layer: h = RMSNorm(x); the attention half (`decode_attention`); x2 = x + o_proj, g, the
+ * router's ids and weights (`decode_post`); the expert step over the bank (`bank_up`, SwiGLU,
+ * `bank_down`'s slots and their sum in a order); x = x2 + that sum. The same operations as the
+ * per-layer calls, so the same bits. Returns the layer whose routing named an expert its bank does
+ * not hold (*pair the pair), or -1. */
+static int64_t decode_layers(const int64_t *table, const float *eps, int64_t NL, const step_t *s, float *fs,
+                             int64_t *is, const float **xp, float **yp, float *scale, int64_t *pair) {
+    const int64_t B = s->B, d = s->d, N = s->N, A = s->A, F = s->F, Pp = B * A;
+    float *att = fs, *h = att + 2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + (s->threads > 1 ? s->threads : 1) * s->L;
+    float *a = h + B * d, *x2 = a + B * d, *g = x2 + B * d, *qkv = g + B * d, *wts = qkv + B * 3 * N;
+    float *u = wts + Pp, *act = u + Pp * 2 * F, *slots = act + Pp * F;
+    int64_t *ids = is, *local = ids + Pp, *order = local + Pp, *counts = order + Pp;
+    for (int64_t l = 0; l < NL; l++) {
+        const int64_t *t = table + l * LAYER_PTRS;
+#define PTR(type, i) ((type)(uintptr_t)t[i])
+        rms_rows(s->x, PTR(const float *, T_IN_NORM), eps[3 * l], h, B, d);
+        decode_t c = {
+            .h = h, .lf = PTR(const float *, T_LF), .w1 = PTR(const float *, T_CONV1),
+            .b1 = PTR(const float *, T_CONV1_B), .w2 = PTR(const float *, T_CONV2), .b2 = PTR(const float *, T_CONV2_B),
+            .lfnorm = PTR(const float *, T_LF_NORM), .wqk = PTR(const float *, T_WQK), .wv = PTR(const float *, T_WV),
+            .cos = s->cos, .sin = s->sin, .kc = PTR(float *, T_K), .vc = PTR(float *, T_V), .out = a,
+            .lf_read = s->lf_read, .lf_blocks = s->lf_blocks, .write = s->write, .slots = s->slots,
+            .has_prev = s->has_prev, .mask = s->mask, .B = B, .d = d, .H = s->H, .D = s->D, .P = s->P, .L = s->L,
+            .eps = eps[3 * l + 1], .threads = s->threads,
+        };
+        decode_attention(&c, att);
+        post_t pc = {
+            .a = a, .x = s->x, .wo = PTR(const float *, T_WO), .post = PTR(const float *, T_POST_NORM),
+            .wqkv = PTR(const float *, T_WQKV), .x_out = x2, .g = g, .wts = wts, .ids = ids, .qkv = qkv,
+            .B = B, .d = d, .N = N, .top_k = A, .normalize = s->normalize, .threads = s->threads,
+            .eps = eps[3 * l + 2],
+        };
+        decode_post(&pc);
+        const int64_t *lookup = PTR(const int64_t *, T_LOOKUP), Ln = t[T_LOOKUP_N], E = t[T_EXPERTS];
+        int64_t R = 0;
+        for (int64_t i = 0; i < Pp; i++) {
+            int64_t id = ids[i], e = id >= 0 && id < Ln ? lookup[id] : -1;
+            if (id >= 0 && (e < 0 || e >= E)) {
+                *pair = i;
+                return l;
+            }
+            local[i] = id < 0 ? -1 : e;
+            R += id >= 0;
+        }
+        sort_by_expert(local, Pp, E, order, counts);
+        if (R < Pp)
+            memset(slots, 0, (size_t)(Pp * d) * sizeof(float)); /* a pair held elsewhere adds 0 */
+        if (R > 0) {
+            expert_up(g, d, NULL, A, order, counts, E, PTR(const float *, T_W1), 2 * F, d, u, xp, yp, R, s->threads);
+            swiglu_rows(u, R, F, act, s->threads);
+            expert_down(act, order, counts, E, PTR(const float *, T_W2), d, F, wts, NULL, slots, d, xp, yp, scale, R,
+                        s->threads);
+        }
+#undef PTR
+        for (int64_t b = 0; b < B; b++) { /* x = x2 + (slot 0 + slot 1 (+= the rest)) */
+            const float *sl = slots + b * A * d;
+            float *o = s->x + b * d;
+            const float *r = x2 + b * d;
+            for (int64_t i = 0; i < d; i++) {
+                float y = A == 1 ? sl[i] : sl[i] + sl[d + i];
+                for (int64_t k = 2; k < A; k++)
+                    y += sl[k * d + i];
+                o[i] = r[i] + y;
+            }
+        }
+    }
+    return -1;
+}
+
 static int supported(void) {
     static int known = -1;
     if (known < 0) {
@@ -527,26 +700,6 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-
-/* A stable counting sort of P pairs by expert: local[i] in [0, E), or < 0 for a pair left out;
- * order gets the pair indices grouped by expert, counts each group's size. The largest group. */
-static int64_t sort_by_expert(const int64_t *local, int64_t P, int64_t E, int64_t *order, int64_t *counts) {
-    for (int64_t e = 0; e < E; e++)
-        counts[e] = 0;
-    for (int64_t i = 0; i < P; i++)
-        if (local[i] >= 0)
-            counts[local[i]]++;
-    int64_t start[E], biggest = 0, a = 0; /* each expert's next place in order (E: a bank's experts) */
-    for (int64_t e = 0; e < E; e++) {
-        start[e] = a, a += counts[e];
-        if (counts[e] > biggest)
-            biggest = counts[e];
-    }
-    for (int64_t i = 0; i < P; i++)
-        if (local[i] >= 0)
-            order[start[local[i]]++] = i;
-    return biggest;
-}
 
 PyDoc_STRVAR(group_doc,
 "group(local, R, E, order, counts) -> largest group\n\n"
@@ -900,6 +1053,86 @@ static PyObject *py_post(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(swiglu_doc,
+"swiglu(u, R, F, act, threads)\n\n"
+"act[r] = silu(u[r, :F]) * u[r, F:] for R rows, silu(a) = a / (1 + exp(-a)) with this module's\n"
+"vectorised exp: u [R, 2F] and act [R, F] contiguous float32.");
+
+static PyObject *py_swiglu(PyObject *self, PyObject *args) {
+    unsigned long long p_u, p_act;
+    long long R, F;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLLKi:swiglu", &p_u, &R, &F, &p_act, &threads))
+        return NULL;
+    if (!supported() || R < 0 || F < 1) {
+        PyErr_SetString(PyExc_ValueError, "swiglu: unsupported CPU or shapes");
+        return NULL;
+    }
+#if SKINNY_X86
+    Py_BEGIN_ALLOW_THREADS
+    swiglu_rows((const float *)(uintptr_t)p_u, R, F, (float *)(uintptr_t)p_act, threads);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(layers_doc,
+"decode_layers((table, eps, layers, E_max), (x, cos, sin, lf_read, lf_blocks, write_slots, decode_slots,\n"
+"has_prev, mask), (B, d, H, D, P, L, blocks, N, A, normalize, F), threads)\n\n"
+"A decode step's layers, each one's expert step over its bank, in one call: x [B, d] in and out.\n"
+"table: int64 [layers, LAYER_PTRS] (model/skinny.py `decode_table`), eps: float32 [layers, 3]\n"
+"(input norm, LF norm, post norm). Indices are checked in range first; ValueError names a pair\n"
+"routed to an expert its layer's bank does not hold (the layers before it are done).");
+
+static PyObject *py_layers(PyObject *self, PyObject *args) {
+    unsigned long long m[2], p[9];
+    long long NL, E_max, B, d, H, D, P, L, NB, N, A, normalize, F;
+    int threads;
+    if (!PyArg_ParseTuple(args, "(KKLL)(KKKKKKKKK)(LLLLLLLLLLL)i:decode_layers", &m[0], &m[1], &NL, &E_max, &p[0],
+                          &p[1], &p[2], &p[3], &p[4], &p[5], &p[6], &p[7], &p[8], &B, &d, &H, &D, &P, &L, &NB, &N,
+                          &A, &normalize, &F, &threads))
+        return NULL;
+    if (!supported() || d % 16 || D % 8 || D > 512 || H * D != d || B < 1 || L < 1 || N < 1 || N > 256 || A < 1 ||
+        A > N || F < 8 || F % 8 || E_max < 1 || NL < 0) {
+        PyErr_SetString(PyExc_ValueError, "decode_layers: unsupported CPU or shapes");
+        return NULL;
+    }
+#if SKINNY_X86
+    step_t s = {
+        .x = (float *)(uintptr_t)p[0], .cos = (const float *)(uintptr_t)p[1], .sin = (const float *)(uintptr_t)p[2],
+        .lf_read = (const int64_t *)(uintptr_t)p[3], .lf_blocks = (const int64_t *)(uintptr_t)p[4],
+        .write = (const int64_t *)(uintptr_t)p[5], .slots = (const int64_t *)(uintptr_t)p[6],
+        .has_prev = (const uint8_t *)(uintptr_t)p[7], .mask = (const uint8_t *)(uintptr_t)p[8],
+        .B = B, .d = d, .H = H, .D = D, .P = P, .L = L, .N = N, .A = A, .F = F, .normalize = (int)normalize,
+        .threads = threads,
+    };
+    if (in_range(s.lf_read, B, NB, "lf_read") < 0 || in_range(s.lf_blocks, B, NB, "lf_blocks") < 0 ||
+        in_range(s.write, B, P, "write_slots") < 0 || in_range(s.slots, B * L, P, "decode_slots") < 0)
+        return NULL;
+    const int64_t Pp = B * A, T = threads > 1 ? threads : 1;
+    size_t floats = (size_t)(2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + T * L) /* attention */
+                    + (size_t)(4 * B * d + B * 3 * N + Pp) + (size_t)(Pp * 3 * F + Pp * d);
+    float *fs = PyMem_Malloc(floats * sizeof(float));
+    int64_t *is = PyMem_Malloc((size_t)(3 * Pp + E_max) * sizeof(int64_t)), pair = -1, layer;
+    pair_buffers b = {0};
+    if (!fs || !is || alloc_pairs(&b, Pp) < 0) {
+        PyMem_Free(fs), PyMem_Free(is);
+        return fs && is ? NULL : PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    layer = decode_layers((const int64_t *)(uintptr_t)m[0], (const float *)(uintptr_t)m[1], NL, &s, fs, is, b.xp,
+                          b.yp, b.scale, &pair);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(fs), PyMem_Free(is), PyMem_Free(b.xp);
+    if (layer >= 0) {
+        PyErr_Format(PyExc_ValueError, "expert_ids: layer %lld pair %lld is routed to an expert its bank does not hold",
+                     (long long)layer, (long long)pair);
+        return NULL;
+    }
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
     {"openmp", openmp, METH_NOARGS, openmp_doc},
@@ -913,6 +1146,8 @@ static PyMethodDef methods[] = {
     {"expert_down", py_expert_down, METH_VARARGS, expert_down_doc},
     {"bank_up", py_bank_up, METH_VARARGS, bank_up_doc},
     {"bank_down", py_bank_down, METH_VARARGS, bank_down_doc},
+    {"swiglu", py_swiglu, METH_VARARGS, swiglu_doc},
+    {"decode_layers", py_layers, METH_VARARGS, layers_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -89,7 +89,7 @@ class ExpertBank(nn.Module):
                 start += n
         for e, a, b in bounds:
             linear_into(xs[a:b], self.w1[e], u[a:b])  # [n, 2F]
-        act = F.silu(u[:, :ffn]).mul_(u[:, ffn:])  # [R, F]
+        act = F.silu(u[:, :ffn]).mul_(u[:, ffn:]) if invariant.enabled() else skinny.swiglu(u, ffn)  # [R, F]
         y = torch.empty_like(xs)
         for e, a, b in bounds:
             linear_into(act[a:b], self.w2[e], y[a:b])  # [n, d]

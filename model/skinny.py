@@ -164,6 +164,26 @@ def group(local: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Te
     return order, counts, biggest
 
 
+def swiglu(u: torch.Tensor, ffn: int) -> torch.Tensor:
+    """`silu(u[:, :F]) * u[:, F:]` `[R, F]` for u `[R, 2F]`. On the CPU in float32 (u contiguous) it
+    is one C loop with this module's vectorised exp (~2 ulp of expf), which every CPU expert road
+    uses (the in-process step, the pools' pairs, the grouped torch path), so they keep the same
+    bits; elsewhere, or with the kernel off, torch's `silu` and `mul`."""
+    if (
+        _enabled
+        and u.dtype is torch.float32
+        and u.device.type == "cpu"
+        and u.dim() == 2
+        and u.is_contiguous()
+        and u.shape[1] == 2 * ffn
+        and not (u.requires_grad and torch.is_grad_enabled())
+    ):
+        act = torch.empty(u.shape[0], ffn)
+        _skinny.swiglu(u.data_ptr(), u.shape[0], ffn, act.data_ptr(), torch.get_num_threads())
+        return act
+    return torch.nn.functional.silu(u[:, :ffn]).mul_(u[:, ffn:])
+
+
 def expert_pairs(
     x: torch.Tensor,
     rows: torch.Tensor,
@@ -176,8 +196,8 @@ def expert_pairs(
     slots: torch.Tensor,
 ) -> None:
     """out[slots[i]] = weights[i] * w2[e] (silu(u[:F]) * u[F:]), u = w1[e] x[rows[i]], for every
-    pair i, e its expert, in `group`'s order: one call for all up-projections, torch's SwiGLU over
-    all rows (its vectorised exp), one call for all down-projections with the weighting and the
+    pair i, e its expert, in `group`'s order: one call for all up-projections, `swiglu` over all
+    rows, one call for all down-projections with the weighting and the
     scatter into `out`. For tensors that `experts_fit`; rows and slots are checked in range."""
     rows, slots = rows.contiguous(), slots.contiguous()
     weights = weights.to(torch.float32).contiguous()
@@ -188,9 +208,8 @@ def expert_pairs(
         x.data_ptr(), x.stride(0), x.shape[0], rows.data_ptr(), order.data_ptr(), counts.data_ptr(),
         E, w1.data_ptr(), F2, K, u.data_ptr(), threads,
     )  # fmt: skip
-    F_ = F2 // 2
-    act = torch.nn.functional.silu(u[:, :F_]).mul_(u[:, F_:])  # [R, F]
-    D = w2.shape[1]
+    act = swiglu(u, F2 // 2)  # [R, F]
+    D, F_ = w2.shape[1], F2 // 2
     _skinny.expert_down(
         act.data_ptr(), order.data_ptr(), counts.data_ptr(), E, w2.data_ptr(), D, F_,
         weights.data_ptr(), slots.data_ptr(), out.shape[0], out.data_ptr(), out.stride(0), threads,
@@ -205,7 +224,7 @@ def bank_forward(
     w1: torch.Tensor,
     w2: torch.Tensor,
 ) -> torch.Tensor | None:
-    """`ExpertBank.forward` in two C calls and torch's SwiGLU, for tensors that `experts_fit`: the
+    """`ExpertBank.forward` in two C calls and `swiglu`, for tensors that `experts_fit`: the
     held pairs of the `[T, A]` routing grouped by expert and their up-projections (`bank_up`), the
     activation, then the down-projections, the weighting and each token's sum of its A slots in `a`
     order (`bank_down`). The same bits as `pair_outputs` + `sum_slots` (the same kernel and adds);
@@ -226,7 +245,7 @@ def bank_forward(
     )  # fmt: skip
     if biggest > EXPERT_MAX_ROWS:
         return None
-    act = torch.nn.functional.silu(u[:R, :F_]).mul_(u[:R, F_:])  # [R, F]
+    act = swiglu(u[:R], F_)  # [R, F]
     out = torch.empty(T, D)
     _skinny.bank_down(
         act.data_ptr(), order.data_ptr(), counts.data_ptr(), E, w2.data_ptr(), D, F_,
@@ -332,3 +351,118 @@ def decode_post(layer, attn_out: torch.Tensor, x: torch.Tensor):
     sizes = (B, d, N, A, int(router.norm_topk_prob))
     _skinny.decode_post(ptrs, sizes, layer.post_norm.eps, torch.get_num_threads())
     return x_out, g, ids, weights
+
+
+# ---- a whole decode step's layers in one call (the in-process engine) ---------------------------
+DECODE_STEP = True  # whether in-process decode steps run all layers in one call (benchmarks compare)
+LAYER_PTRS = 19  # `_skinny.c`'s table row: the pointers and sizes `decode_layers` reads per layer
+
+
+class DecodeTable:
+    """What `decode_layers` reads of each layer, as one int64 `[layers, LAYER_PTRS]` tensor of
+    pointers (and a float32 `[layers, 3]` of its norms' eps), built at the first step and again only
+    when something behind it changed: a weight written in place (the derived stacked weights then
+    differ) or given new storage (`.to()`, `.data =`), another bank, another cache."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.sources: list[torch.Tensor] = []
+        self.banks: list | None = None
+        self.table = self.eps = None
+        self.experts = 1
+
+    def get(self, model, banks: list, cache) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(table, eps, the most experts a bank holds) for `model`'s layers over `banks` and `cache`."""
+        key = (
+            cache.k.data_ptr(),
+            cache.v.data_ptr(),
+            cache.lf.data_ptr(),
+            *[(t.data_ptr(), t._version) for t in self.sources],
+        )
+        if key != self.key or self.banks is None or any(a is not b for a, b in zip(banks, self.banks)):
+            self._build(model, banks, cache)
+        return self.table, self.eps, self.experts
+
+    def _build(self, model, banks: list, cache) -> None:
+        rows, eps, sources = [], [], []
+        for i, (layer, bank) in enumerate(zip(model.layers, banks)):
+            attn, lf, router = layer.attn, layer.attn.lf, layer.router
+            base = [
+                layer.input_norm.weight, lf.conv1_weight, lf.conv1_bias, lf.conv2_weight, lf.conv2_bias,
+                lf.norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                attn.o_proj.weight, layer.post_norm.weight, router.query.weight, router.key.weight,
+                router.value.weight, bank.w1, bank.w2, bank.local_index,
+            ]  # fmt: skip
+            sources += base
+            rows.append([
+                layer.input_norm.weight.data_ptr(),
+                lf._w1.get(lf.conv1_weight).data_ptr(),
+                lf.conv1_bias.data_ptr(),
+                lf._w2.get(lf.conv2_weight).data_ptr(),
+                lf.conv2_bias.data_ptr(),
+                lf.norm.weight.data_ptr(),
+                attn._wqk.get(attn.q_proj.weight, attn.k_proj.weight).data_ptr(),
+                attn.v_proj.weight.data_ptr(),
+                attn.o_proj.weight.data_ptr(),
+                layer.post_norm.weight.data_ptr(),
+                router._wqkv.get(router.query.weight, router.key.weight, router.value.weight).data_ptr(),
+                bank.w1.data_ptr(),
+                bank.w2.data_ptr(),
+                bank.local_index.data_ptr(),
+                cache.k[i].data_ptr(),
+                cache.v[i].data_ptr(),
+                cache.lf[i].data_ptr(),
+                bank.local_index.numel(),
+                bank.w1.shape[0],
+            ])  # fmt: skip
+            eps.append([layer.input_norm.eps, lf.norm.eps, layer.post_norm.eps])
+        self.table = torch.tensor(rows, dtype=torch.long).reshape(-1, LAYER_PTRS)
+        self.eps = torch.tensor(eps, dtype=torch.float32).reshape(-1, 3)
+        self.experts = max((b.w1.shape[0] for b in banks), default=1)
+        self.sources, self.banks = sources, list(banks)
+        self.key = (
+            cache.k.data_ptr(),
+            cache.v.data_ptr(),
+            cache.lf.data_ptr(),
+            *[(t.data_ptr(), t._version) for t in sources],
+        )
+
+
+def decode_layers_fit(model, x: torch.Tensor, banks: list) -> bool:
+    """Whether a decode part that `decode_fits` runs all its layers in one `decode_layers` call:
+    every layer has the Attention Router and a bank that `experts_fit`, and no expert can get more
+    than `EXPERT_MAX_ROWS` rows (x has at most that many), so no layer needs the grouped torch path."""
+    from model.attention_router import AttentionRouter
+
+    if not DECODE_STEP or x.shape[0] > EXPERT_MAX_ROWS or len(banks) != len(model.layers):
+        return False
+    for layer, bank in zip(model.layers, banks):
+        if not isinstance(layer.router, AttentionRouter) or not experts_fit(x, bank.w1, bank.w2):
+            return False
+    return True
+
+
+def decode_layers(model, x: torch.Tensor, batch, cos, sin, cache, banks: list) -> torch.Tensor:
+    """Every layer of a decode step, each one's expert step over its bank in this process, in one C
+    call: the per-layer calls' operations in their order (`rms_norm`, `decode_attention`,
+    `decode_post`, `bank_forward`), so the same bits, without Python between them. For a part that
+    `decode_fits` and `decode_layers_fit`; x `[B, d]` is the step's embeddings (written over).
+    Returns the last layer's output."""
+    table, eps, experts = model.decode_table.get(model, banks, cache)
+    cfg = model.cfg
+    B, d = x.shape
+    cos, sin = cos.contiguous(), sin.contiguous()
+    slots, mask = batch.decode_slots.contiguous(), batch.decode_mask.contiguous()
+    has_prev = batch.has_prev.contiguous()
+    step = (
+        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), batch.lf_read.data_ptr(), batch.lf_blocks.data_ptr(),
+        batch.write_slots.data_ptr(), slots.data_ptr(), has_prev.data_ptr(), mask.data_ptr(),
+    )  # fmt: skip
+    H = cfg.num_heads
+    sizes = (
+        B, d, H, d // H, cache.k.shape[2], slots.shape[1], cache.lf.shape[1], cfg.num_experts, cfg.top_k,
+        int(cfg.norm_topk_prob), cfg.ffn_hidden_size,
+    )  # fmt: skip
+    model_args = (table.data_ptr(), eps.data_ptr(), table.shape[0], experts)
+    _skinny.decode_layers(model_args, step, sizes, torch.get_num_threads())
+    return x

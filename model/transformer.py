@@ -77,6 +77,7 @@ class YuanModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.decode_table = skinny.DecodeTable()  # what a decode step's one C call reads of the layers
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -117,6 +118,12 @@ class YuanModel(nn.Module):
             not invariant.enabled() and skinny.decode_fits(x, p, cache.k[0], self.cfg.num_heads)
             for x, p in zip(xs, parts)
         ]
+        banks = getattr(dispatcher, "banks", None)  # experts held in this process: the in-process engine
+        if n == 1 and in_c[0] and banks is not None and skinny.decode_layers_fit(self, xs[0], banks):
+            # A decode step in-process: every layer, experts included, in one C call (the same
+            # operations as the per-layer calls below, without Python between them).
+            x = skinny.decode_layers(self, xs[0], parts[0], *cs[0], cache, banks)[parts[0].logits_rows]
+            return linear(skinny.rms_norm(x, self.norm), self.lm_head.weight)
         for i, layer in enumerate(self.layers):
             for m, part in enumerate(parts):
                 if pending[m] is not None:  # this part's experts of the previous layer

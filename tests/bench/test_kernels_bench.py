@@ -24,8 +24,15 @@ def test_matmul_reports_both_sides_for_every_shape_and_row_count():
 
 def test_breakdown_times_every_piece_and_puts_the_methods_back():
     before = (RMSNorm.forward, AttentionRouter.forward)
+    step = skinny.DECODE_STEP
     res = kernels.breakdown([2], max_tokens=3, preset_name="tiny")
     assert (RMSNorm.forward, AttentionRouter.forward) == before, "the clock wrappers are removed"
+    pieces = res[2]  # in-process decode steps: the layers in one C call, nothing per layer
+    one = pieces["a step's layers in one C call (experts inside)"]
+    assert pieces["step"] >= one > 0
+    assert pieces["decode layers in C calls (expert step inside)"] == 0.0
+    res = kernels.breakdown([2], max_tokens=3, preset_name="tiny", whole=False)
+    assert skinny.DECODE_STEP == step, "the switch is put back"
     pieces = res[2]
     assert pieces["step"] > 0 and pieces["expert step"] > 0
     assert pieces["norms, torch"] == 0.0  # decode steps whose layers run in C take the final norm in C

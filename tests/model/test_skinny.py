@@ -170,9 +170,10 @@ def test_grouped_expert_step_refuses_pairs_out_of_range():
     assert torch.all(out == 0), "a refused call writes nothing"
 
 
-def _decode_logits(model, dispatcher, prompts, steps, on):
+def _decode_logits(model, dispatcher, prompts, steps, on, whole=True):
     """Prefill each prompt (its own chunk), then `steps` decode forwards of all of them together;
-    the logits of every decode step `[steps * B, V]`."""
+    the logits of every decode step `[steps * B, V]`. `on`: decode layers in C; `whole`: an
+    in-process step's layers in one call (`decode_layers`), else a few calls a layer."""
     from model.batch import Chunk, ForwardBatch, segment_start
 
     bs, eod = 4, model.eod_for_segments  # small blocks: decode crosses block boundaries
@@ -184,6 +185,7 @@ def _decode_logits(model, dispatcher, prompts, steps, on):
     rows = []
     with skinny.mode(True):
         limit, skinny.DECODE_LAYER = skinny.DECODE_LAYER, on
+        step, skinny.DECODE_STEP = skinny.DECODE_STEP, whole
         try:
             for t, table in zip(tokens, tables):
                 if len(t) > 1:  # a one-token prompt is a decode-shaped chunk at position 0
@@ -199,7 +201,7 @@ def _decode_logits(model, dispatcher, prompts, steps, on):
                 for t, nxt in zip(tokens, logits.argmax(-1).tolist()):
                     t.append(nxt)
         finally:
-            skinny.DECODE_LAYER = limit
+            skinny.DECODE_LAYER, skinny.DECODE_STEP = limit, step
     return torch.cat(rows), tokens
 
 
@@ -219,13 +221,83 @@ def test_one_call_decode_attention_matches_the_torch_layers(engine_factory, gold
 
     skinny.decode_attention = counted
     try:
-        c_logits, c_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=True)
+        c_logits, c_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=True, whole=False)
     finally:
         skinny.decode_attention = real
     t_logits, t_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=False)
     assert len(calls) >= 9 * eng.model.cfg.num_layers, "every decode forward took the C path"
     assert (c_logits - t_logits).abs().max().item() < 1e-5
     assert c_tokens == t_tokens
+
+
+def test_a_decode_step_in_one_call_has_the_bits_of_the_per_layer_calls(engine_factory, golden):
+    """In-process decode steps with every layer, experts included, in one C call (`decode_layers`)
+    give the logits of the per-layer C calls bit for bit (the same operations in the same order),
+    over the same awkward batch as above; the golden prompts' greedy tokens stay the released
+    code's."""
+    eng = engine_factory()
+    eod = eng.model.cfg.eod_token_id
+    cases = golden["cases"][:3]
+    prompts = [c["prompt_ids"] for c in cases] + [[7], [5, 9, eod, 11, 12, eod, 13]]
+    calls = []
+    real = skinny.decode_layers
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    skinny.decode_layers = counted
+    try:
+        one_logits, one_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=True)
+    finally:
+        skinny.decode_layers = real
+    layer_logits, layer_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=True, whole=False)
+    assert len(calls) >= 9, "every decode step was one call"
+    assert torch.equal(one_logits, layer_logits)
+    assert one_tokens == layer_tokens
+    for case, tokens in zip(cases, one_tokens):
+        n = len(case["prompt_ids"])
+        want = case["generated_ids"][:9]
+        assert tokens[n : n + len(want)] == want
+
+
+def test_a_decode_step_in_one_call_names_a_pair_routed_to_an_expert_not_held(engine_factory):
+    """A bank that lacks an expert its layer's router picks: ValueError naming the layer and pair."""
+    from model.batch import Chunk, ForwardBatch
+    from model.dispatcher import LocalDispatcher
+    from model.experts import ExpertBank
+
+    eng = engine_factory()
+    model, full = eng.model, eng.dispatcher.banks
+    cfg = model.cfg
+    banks = []
+    for bank in full:  # every layer's bank without expert 0..15: some pair is routed there
+        part = ExpertBank(list(range(16, cfg.num_experts)), cfg.hidden_size, cfg.ffn_hidden_size)
+        part.w1.data, part.w2.data = bank.w1.data[16:].clone(), bank.w2.data[16:].clone()
+        banks.append(part)
+    cache = model.new_cache(16, 4)
+    chunks = [Chunk([3 + i], 0, 1, [1 + i], 0) for i in range(12)]
+    batch = ForwardBatch.build(chunks, 4, None)
+    with pytest.raises(ValueError, match=r"layer \d+ pair \d+ is routed to an expert its bank does not hold"):
+        model.forward([batch], LocalDispatcher(banks), cache)
+
+
+@pytest.mark.parametrize("F", [8, 13, 64])
+def test_swiglu_is_within_float32_rounding_and_its_bits_do_not_depend_on_the_position(F):
+    """The C SwiGLU against float64 (its exp within a few ulp of expf, inputs across exp's whole
+    range, clamped ends included), and an element computed in the vector loop has the bits of the
+    same element computed in the scalar tail."""
+    g = torch.Generator().manual_seed(F)
+    u = torch.cat([torch.randn(40, 2 * F, generator=g) * 8, torch.randn(4, 2 * F, generator=g) * 60])
+    u[0, :F] = torch.linspace(-100, 100, F)
+    act = skinny.swiglu(u, F)
+    a, b = u[:, :F].double(), u[:, F:].double()
+    want = (a / (1 + torch.exp(-a)) * b).float()
+    assert act.shape == (44, F)
+    assert torch.allclose(act, want, rtol=4e-7, atol=1e-30)
+    if F == 13:  # elements 8..12: the scalar tail's here, the vector loop's in a 16-wide call
+        wide = torch.cat([u[:, :F], torch.zeros(44, 3), u[:, F:], torch.zeros(44, 3)], 1)
+        assert torch.equal(skinny.swiglu(wide, 16)[:, :F], act)
 
 
 def test_one_call_decode_attention_refuses_out_of_range_indices(engine_factory):
