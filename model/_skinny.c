@@ -572,7 +572,8 @@ typedef struct {
  * per-layer calls, so the same bits. Returns the layer whose routing named an expert its bank does
  * not hold (*pair the pair), or -1. */
 static int64_t decode_layers(const int64_t *table, const float *eps, int64_t NL, const step_t *s, float *fs,
-                             int64_t *is, const float **xp, float **yp, float *scale, int64_t *pair) {
+                             int64_t *is, const float **xp, float **yp, float *scale, int64_t *routing,
+                             int64_t *pair) {
     const int64_t B = s->B, d = s->d, N = s->N, A = s->A, F = s->F, Pp = B * A;
     float *att = fs, *h = att + 2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + (s->threads > 1 ? s->threads : 1) * s->L;
     float *a = h + B * d, *x2 = a + B * d, *g = x2 + B * d, *qkv = g + B * d, *wts = qkv + B * 3 * N;
@@ -599,6 +600,8 @@ static int64_t decode_layers(const int64_t *table, const float *eps, int64_t NL,
             .eps = eps[3 * l + 2],
         };
         decode_post(&pc);
+        if (routing) /* the caller keeps each layer's expert ids [B, A] */
+            memcpy(routing + l * Pp, ids, (size_t)Pp * sizeof(int64_t));
         const int64_t *lookup = PTR(const int64_t *, T_LOOKUP), Ln = t[T_LOOKUP_N], E = t[T_EXPERTS];
         int64_t R = 0;
         for (int64_t i = 0; i < Pp; i++) {
@@ -1077,18 +1080,19 @@ static PyObject *py_swiglu(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(layers_doc,
-"decode_layers((table, eps, layers, E_max), (x, cos, sin, lf_read, lf_blocks, write_slots, decode_slots,\n"
+"decode_layers((table, eps, layers, E_max, routing), (x, cos, sin, lf_read, lf_blocks, write_slots, decode_slots,\n"
 "has_prev, mask), (B, d, H, D, P, L, blocks, N, A, normalize, F), threads)\n\n"
 "A decode step's layers, each one's expert step over its bank, in one call: x [B, d] in and out.\n"
 "table: int64 [layers, LAYER_PTRS] (model/skinny.py `decode_table`), eps: float32 [layers, 3]\n"
-"(input norm, LF norm, post norm). Indices are checked in range first; ValueError names a pair\n"
+"(input norm, LF norm, post norm); routing: 0, or int64 [layers, B, A] for each layer's expert ids.\n"
+"Indices are checked in range first; ValueError names a pair\n"
 "routed to an expert its layer's bank does not hold (the layers before it are done).");
 
 static PyObject *py_layers(PyObject *self, PyObject *args) {
-    unsigned long long m[2], p[9];
+    unsigned long long m[3], p[9];
     long long NL, E_max, B, d, H, D, P, L, NB, N, A, normalize, F;
     int threads;
-    if (!PyArg_ParseTuple(args, "(KKLL)(KKKKKKKKK)(LLLLLLLLLLL)i:decode_layers", &m[0], &m[1], &NL, &E_max, &p[0],
+    if (!PyArg_ParseTuple(args, "(KKLLK)(KKKKKKKKK)(LLLLLLLLLLL)i:decode_layers", &m[0], &m[1], &NL, &E_max, &m[2], &p[0],
                           &p[1], &p[2], &p[3], &p[4], &p[5], &p[6], &p[7], &p[8], &B, &d, &H, &D, &P, &L, &NB, &N,
                           &A, &normalize, &F, &threads))
         return NULL;
@@ -1121,7 +1125,7 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     layer = decode_layers((const int64_t *)(uintptr_t)m[0], (const float *)(uintptr_t)m[1], NL, &s, fs, is, b.xp,
-                          b.yp, b.scale, &pair);
+                          b.yp, b.scale, (int64_t *)(uintptr_t)m[2], &pair);
     Py_END_ALLOW_THREADS
     PyMem_Free(fs), PyMem_Free(is), PyMem_Free(b.xp);
     if (layer >= 0) {

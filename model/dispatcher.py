@@ -5,6 +5,11 @@ expert pools. Contract: given the post-attention normed states of T tokens, thei
 and weights, return `sum_a weight[t, a] * expert_a(x[t])` `[T, d]`. `submit`/`wait` split that call
 so the model can run one micro-batch's attention while another's experts are out (`lane` names the
 micro-batch); `experts` is `wait(submit(...))`.
+
+A dispatcher whose experts are all in this process has `banks` (one `ExpertBank` a layer): the model
+may then run a decode step's expert steps inside its own one C call (`model.skinny.decode_layers`)
+instead of calling `submit`; one that wants to see the routing anyway has `record_routing(layer,
+expert_ids)`, called after such a step for each layer (benchmarks count the experts touched).
 """
 
 from __future__ import annotations

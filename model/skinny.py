@@ -442,12 +442,15 @@ def decode_layers_fit(model, x: torch.Tensor, banks: list) -> bool:
     return True
 
 
-def decode_layers(model, x: torch.Tensor, batch, cos, sin, cache, banks: list) -> torch.Tensor:
+def decode_layers(
+    model, x: torch.Tensor, batch, cos, sin, cache, banks: list, routing: torch.Tensor | None = None
+) -> torch.Tensor:
     """Every layer of a decode step, each one's expert step over its bank in this process, in one C
     call: the per-layer calls' operations in their order (`rms_norm`, `decode_attention`,
     `decode_post`, `bank_forward`), so the same bits, without Python between them. For a part that
     `decode_fits` and `decode_layers_fit`; x `[B, d]` is the step's embeddings (written over).
-    Returns the last layer's output."""
+    `routing` (int64 `[layers, B, A]`, contiguous) gets each layer's expert ids. Returns the last
+    layer's output."""
     table, eps, experts = model.decode_table.get(model, banks, cache)
     cfg = model.cfg
     B, d = x.shape
@@ -463,6 +466,8 @@ def decode_layers(model, x: torch.Tensor, batch, cos, sin, cache, banks: list) -
         B, d, H, d // H, cache.k.shape[2], slots.shape[1], cache.lf.shape[1], cfg.num_experts, cfg.top_k,
         int(cfg.norm_topk_prob), cfg.ffn_hidden_size,
     )  # fmt: skip
-    model_args = (table.data_ptr(), eps.data_ptr(), table.shape[0], experts)
+    if routing is not None and (routing.dtype is not torch.long or routing.shape != (table.shape[0], B, cfg.top_k)):
+        raise ValueError(f"routing: expected int64 [{table.shape[0]}, {B}, {cfg.top_k}]")
+    model_args = (table.data_ptr(), eps.data_ptr(), table.shape[0], experts, 0 if routing is None else routing.data_ptr())
     _skinny.decode_layers(model_args, step, sizes, torch.get_num_threads())
     return x

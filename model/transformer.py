@@ -122,8 +122,13 @@ class YuanModel(nn.Module):
         if n == 1 and in_c[0] and banks is not None and skinny.decode_layers_fit(self, xs[0], banks):
             # A decode step in-process: every layer, experts included, in one C call (the same
             # operations as the per-layer calls below, without Python between them).
-            x = skinny.decode_layers(self, xs[0], parts[0], *cs[0], cache, banks)[parts[0].logits_rows]
-            return linear(skinny.rms_norm(x, self.norm), self.lm_head.weight)
+            record, routing = getattr(dispatcher, "record_routing", None), None
+            if record is not None:  # the dispatcher wants to know the routing it did not see
+                routing = torch.empty(len(self.layers), xs[0].shape[0], self.cfg.top_k, dtype=torch.long)
+            x = skinny.decode_layers(self, xs[0], parts[0], *cs[0], cache, banks, routing)
+            for i, ids in enumerate(routing if record is not None else []):
+                record(i, ids)
+            return linear(skinny.rms_norm(x[parts[0].logits_rows], self.norm), self.lm_head.weight)
         for i, layer in enumerate(self.layers):
             for m, part in enumerate(parts):
                 if pending[m] is not None:  # this part's experts of the previous layer

@@ -261,6 +261,37 @@ def test_a_decode_step_in_one_call_has_the_bits_of_the_per_layer_calls(engine_fa
         assert tokens[n : n + len(want)] == want
 
 
+class _Seeing:
+    """A dispatcher over in-process banks that keeps every layer's routing it is given or told."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seen = inner, []
+
+    @property
+    def banks(self):
+        return self.inner.banks
+
+    def record_routing(self, layer, expert_ids):
+        self.seen.append((layer, expert_ids.tolist()))
+
+    def submit(self, layer, x, expert_ids, weights, lane=0):
+        self.seen.append((layer, expert_ids.tolist()))
+        return self.inner.submit(layer, x, expert_ids, weights, lane)
+
+    def wait(self, handle):
+        return self.inner.wait(handle)
+
+
+def test_a_decode_step_in_one_call_tells_the_dispatcher_the_routing_it_did_not_see(engine_factory):
+    eng = engine_factory()
+    prompts = [[3, 4, 5], [9], [20, 21, 22, 23, 24]]
+    one, per_layer = _Seeing(eng.dispatcher), _Seeing(eng.dispatcher)
+    _decode_logits(eng.model, one, prompts, 4, on=True)
+    _decode_logits(eng.model, per_layer, prompts, 4, on=True, whole=False)
+    assert one.seen == per_layer.seen
+    assert len(one.seen) >= 4 * eng.model.cfg.num_layers
+
+
 def test_a_decode_step_in_one_call_names_a_pair_routed_to_an_expert_not_held(engine_factory):
     """A bank that lacks an expert its layer's router picks: ValueError naming the layer and pair."""
     from model.batch import Chunk, ForwardBatch
