@@ -144,7 +144,9 @@ def decode(streams: list[int], rounds: int, threads: int, max_tokens: int = 32) 
     return out
 
 
-def breakdown(streams: list[int], max_tokens: int = 32, preset_name: str = "small", whole: bool = True) -> dict:
+def breakdown(
+    streams: list[int], max_tokens: int = 32, preset_name: str = "small", whole: bool = True
+) -> dict:
     """ms per decode step in each piece (pieces nest: LF and qkv are inside attention). `whole`:
     decode steps' layers in one C call (as served in-process), else a few calls a layer."""
     import collections
@@ -298,7 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("|" + " --- |" * 10 + (" --- | --- |" if more else "") + " --- |")
     for b, r in res["decode"].items():
-        sides = " | ".join(f"{r[k + '_tok_s']:.0f}" for k in ("C", "C per layer", "grouped", "per expert", "torch"))
+        sides = " | ".join(
+            f"{r[k + '_tok_s']:.0f}" for k in ("C", "C per layer", "grouped", "per expert", "torch")
+        )
         ratios = (
             f"{r['speedup']:.2f} | {r['one_call_over_per_layer']:.2f} | {r['C_over_grouped']:.2f} "
             f"| {r['grouped_over_per_expert']:.2f}"
@@ -312,7 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         print("| piece | " + " | ".join(f"x{b}" for b in one) + " |")
         print("| --- |" + " --- |" * len(one))
         for label in next(iter(one.values())):
-            print(f"| {label} | " + " | ".join(f"{one[b][label]:.2f} / {per[b][label]:.2f}" for b in one) + " |")
+            print(
+                f"| {label} | " + " | ".join(f"{one[b][label]:.2f} / {per[b][label]:.2f}" for b in one) + " |"
+            )
         print("(torch calls: per step, with the profiler on; their own time in ms, inflated by it)")
     if a.compile:
         print("\ntorch.compile (inductor, dynamic) against eager: us per call")

@@ -331,7 +331,9 @@ def table(out: dict) -> str:
                     f"{r['ttft_ms']['p99']:7.1f} | {r['tpot_ms']['p50']:6.2f} / {r['tpot_ms']['p99']:6.2f} | "
                 )
                 if r.get("expert_steps_in_one_call"):  # in-process decode: experts inside the step's call
-                    lines.append(head + f"   -    (step {b['total']:.2f} ms; decode steps' experts in their one call)")
+                    lines.append(
+                        head + f"   -    (step {b['total']:.2f} ms; decode steps' experts in their one call)"
+                    )
                     continue
                 lines.append(
                     head + f"{b['expert_calls_per_layer']:6.3f}  (step {b['total']:.2f} ms: gateway "

@@ -113,10 +113,17 @@ class Engine:
         return seq
 
     def validate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, pending: int = 0
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        pending: int = 0,
+        in_flight: bool = True,
     ) -> SamplingParams:
         """The checks of `add`, without queueing; `pending` counts requests about to be added.
-        Returns the params with `max_tokens` resolved (`check_request`)."""
+        `in_flight=False` leaves out the scan of the queues for the same id: a caller on another
+        thread than the engine's (the `Gateway`, which keeps its own set of ids in flight) must not
+        walk them while a step changes them. Returns the params with `max_tokens` resolved."""
         params = check_request(self.model.cfg, self.limits, request_id, prompt_ids, params)
         if self.cache is not None:
             need = self.blocks.blocks_for(len(prompt_ids) + params.max_tokens)
@@ -126,8 +133,9 @@ class Engine:
                     f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) need "
                     f"{need} KV blocks of {self.limits.block_size}; the cache has {self.blocks.usable}",
                 )
-        if any(s.request_id == request_id for s in self.waiting) or any(
-            s.request_id == request_id for s in self.running
+        if in_flight and (
+            any(s.request_id == request_id for s in self.waiting)
+            or any(s.request_id == request_id for s in self.running)
         ):
             raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
         if len(self.waiting) + pending >= self.limits.max_queue:

@@ -36,6 +36,7 @@ from gateway.tokenizer import Tokenizer
 SERVICE = SERVICE_DESCRIPTOR.full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 CANCEL_WAIT_S = 2.0  # after the grace period: time cancelled calls get to send their final message
+CLOSE_WAIT_S = 30.0  # at shutdown: the most the engine thread's last step is waited for
 
 
 @dataclass
@@ -276,7 +277,7 @@ class GatewayServer:
         if http is not None:
             http.should_exit = True
             await asyncio.wait([self._http_task], timeout=5)
-        if self.state.gateway is not None:
-            self.state.gateway.close()
+        if self.state.gateway is not None:  # its engine thread ends after the step it is in
+            await loop.run_in_executor(None, self.state.gateway.close, CLOSE_WAIT_S)
         if self.backend is not None:
             await loop.run_in_executor(None, self.backend.close)

@@ -1,17 +1,21 @@
 """The gateway service: an asyncio front over the `Engine`, one token stream per request.
 
-The engine is single-threaded: its steps run one at a time in a dedicated thread, and requests
-join or leave (add, cancel) on the event loop only between steps, so no lock is needed and a
-step never sees a half-added request. Validation happens at submission, so a bad request fails
-alone, at once, with the field named; nothing already accepted is affected.
+The engine is single-threaded: its steps run one after another on a thread of its own (the engine
+thread), which also applies the requests' joins and leaves (add, cancel, a new routing table)
+between steps, so no lock guards the engine and a step never sees a half-added request. The event
+loop posts those operations and hands out the tokens each step made (one `call_soon_threadsafe` a
+step, events built on the engine thread so they never see a later step); the engine thread does not
+wait for the loop, so the next step starts at once. Validation happens at submission, so a bad
+request fails alone, at once, with the field named; nothing already accepted is affected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gateway.engine import Engine, Sequence
@@ -39,12 +43,14 @@ class TokenEvent:
 class Gateway:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
-        self._inbox: list[tuple[str, tuple]] = []  # (op, args), applied between steps
-        self._wake: asyncio.Event | None = None
-        self._runner: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
-        self._faulted: set[str] = set()  # requests a pool fault delayed
+        self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}  # the event loop's
+        self._ops: deque[tuple[str, tuple]] = deque()  # (op, args), applied by the engine thread
+        self._wake = threading.Condition()  # guards _ops, _closed, _idle, _loop
+        self._loop: asyncio.AbstractEventLoop | None = None  # where events go (the last poster's)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._idle = True
+        self._faulted: set[str] = set()  # requests a pool fault delayed (the engine thread's)
 
     async def stream(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
@@ -69,11 +75,13 @@ class Gateway:
 
     def check(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """What `stream` checks before it accepts a request (a front end that must answer before the
-        first token, as an HTTP stream does, asks first); raises `InvalidRequest`/`QueueFull`."""
+        first token, as an HTTP stream does, asks first); raises `InvalidRequest`/`QueueFull`.
+        A request is in flight from its `stream` until its last event is handed out."""
         if request_id in self._streams:
             raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
-        pending = sum(1 for op in self._inbox if op[0] == "add")
-        return self.engine.validate(request_id, prompt_ids, params, pending)
+        with self._wake:
+            pending = sum(1 for op in self._ops if op[0] == "add")
+        return self.engine.validate(request_id, prompt_ids, params, pending, in_flight=False)
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
@@ -114,77 +122,116 @@ class Gateway:
             }
         return stats
 
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop the engine thread after the step it is in (if any); wait up to `wait_s` for it.
+        Requests still in flight get no more events."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        thread = self._thread
+        if wait_s > 0 and thread is not None and thread is not threading.current_thread():
+            thread.join(wait_s)
+
+    # ---- the event loop's side ----
+
     def _post(self, op: tuple) -> None:
-        self._inbox.append(op)
-        if self._runner is None or self._runner.done():
-            self._wake = asyncio.Event()
-            self._runner = asyncio.get_running_loop().create_task(self._run())
-        self._wake.set()
-
-    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        # Steps run on the engine thread; this (event-loop) thread's OpenMP team, left over from
-        # loading the model or an idle-time torch call, would make libgomp stop spin-waiting and
-        # cost every parallel region of a step a wake-up (`skinny.release_team`).
-        skinny.release_team()
-        while True:
-            self._apply_inbox()
-            if not self.engine.has_work:
-                self._wake.clear()
-                if self._inbox:
-                    continue
-                await self._wake.wait()
-                skinny.release_team()
-                continue
-            faults = getattr(self.engine.dispatcher, "faults", 0)
-            try:
-                batch = await loop.run_in_executor(self._executor, self.engine.step)
-            except Exception as e:  # the engine fails a broken forward's requests itself; this is
-                self._fail_running(f"{type(e).__name__}: {e}")  # a bug around it: end what ran
-                continue
-            if getattr(self.engine.dispatcher, "faults", 0) != faults:
-                self._faulted.update(s.request_id for s in list(self.engine.running) + batch)
-            for seq in batch:
-                self._deliver(seq)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the gateway is closed")
+            self._ops.append(op)
+            self._loop = loop
+            waking = self._idle
+            self._wake.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._engine_loop, name="engine-step", daemon=True)
+                self._thread.start()
+        if waking:
+            # The engine thread steps; this (event-loop) thread's OpenMP team, left over from loading
+            # the model or an idle-time torch call, would make libgomp stop spin-waiting and cost
+            # every parallel region of a step a wake-up (`skinny.release_team`).
+            skinny.release_team()
 
-    def _apply_inbox(self) -> None:
-        ops, self._inbox = self._inbox, []
+    def _hand_out(self, items: list[tuple]) -> None:
+        """On the event loop: each step's events into their streams, and the answers of ops."""
+        for item in items:
+            if item[0] == "done":  # a table switch: applied (error None) or refused
+                _, done, error = item
+                if not done.done():
+                    done.set_result(None) if error is None else done.set_exception(error)
+                continue
+            _, request_id, event = item
+            if event.finish_reason is not None:
+                queue = self._streams.pop(request_id, None)
+            else:
+                queue = self._streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(event)
+
+    # ---- the engine thread's side ----
+
+    def _engine_loop(self) -> None:
+        engine = self.engine
+        while True:
+            with self._wake:
+                while not self._ops and not engine.has_work and not self._closed:
+                    self._idle = True
+                    self._wake.wait()
+                self._idle = False
+                if self._closed:
+                    return
+                ops, loop = list(self._ops), self._loop
+                self._ops.clear()
+            out: list[tuple] = []
+            self._apply(ops, out)
+            if engine.has_work:
+                faults = getattr(engine.dispatcher, "faults", 0)
+                try:
+                    batch = engine.step()
+                except Exception as e:  # the engine fails a broken forward's requests itself; this is
+                    self._fail_running(f"{type(e).__name__}: {e}", out)  # a bug around it: end what ran
+                    batch = []
+                if getattr(engine.dispatcher, "faults", 0) != faults:
+                    self._faulted.update(s.request_id for s in list(engine.running) + batch)
+                out.extend(self._event(seq) for seq in batch)
+            if out:
+                try:
+                    loop.call_soon_threadsafe(self._hand_out, out)
+                except RuntimeError:  # that loop is closed: nobody is left to read these streams
+                    pass
+
+    def _apply(self, ops: list[tuple], out: list[tuple]) -> None:
         for op, args in ops:
             if op == "table":  # between steps: nothing is in flight
                 table, workers, keys, done = args
                 try:
                     self.engine.dispatcher.set_table(table, workers, keys)
-                    done.set_result(None)
+                    out.append(("done", done, None))
                 except Exception as e:
-                    done.set_exception(e)
+                    out.append(("done", done, e))
             elif op == "add":
                 request_id, prompt, params = args
                 try:
                     self.engine.add(request_id, prompt, params)
                 except (InvalidRequest, QueueFull) as e:
-                    self._finish(
-                        request_id, TokenEvent(request_id, -1, 0, "error", str(e), time.perf_counter())
-                    )
+                    event = TokenEvent(request_id, -1, 0, "error", str(e), time.perf_counter())
+                    out.append(self._last(request_id, event))
             else:
                 (request_id,) = args
                 seq = self.engine.abort(request_id)
                 if seq is not None:
-                    self._finish(
+                    event = TokenEvent(
                         request_id,
-                        TokenEvent(
-                            request_id,
-                            -1,
-                            len(seq.output_ids),
-                            "cancelled",
-                            at=time.perf_counter(),
-                            admitted_at=seq.admitted_at,
-                        ),
+                        -1,
+                        len(seq.output_ids),
+                        "cancelled",
+                        at=time.perf_counter(),
+                        admitted_at=seq.admitted_at,
                     )
+                    out.append(self._last(request_id, event))
 
-    def _deliver(self, seq: Sequence) -> None:
-        queue = self._streams.get(seq.request_id)
-        if queue is None:
-            return
+    def _event(self, seq: Sequence) -> tuple:
+        """The event of a sequence a step advanced, built now (the next step changes `seq`)."""
         if seq.error is not None:  # this request failed alone; the others go on
             event = TokenEvent(
                 seq.request_id,
@@ -207,34 +254,24 @@ class Gateway:
             )
             if seq.logprobs:
                 event.logprob, event.top_logprobs = seq.logprobs[-1]
-        if seq.finished:
-            self._finish(seq.request_id, event)
-        else:
-            queue.put_nowait(event)
+        if event.finish_reason is not None:
+            return self._last(seq.request_id, event)
+        return ("event", seq.request_id, event)
 
-    def _finish(self, request_id: str, event: TokenEvent) -> None:
+    def _last(self, request_id: str, event: TokenEvent) -> tuple:
         self._faulted.discard(request_id)
-        queue = self._streams.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(event)
+        return ("event", request_id, event)
 
-    def _fail_running(self, message: str) -> None:
+    def _fail_running(self, message: str, out: list[tuple]) -> None:
         for seq in list(self.engine.running):
             self.engine.abort(seq.request_id)
-            self._finish(
+            event = TokenEvent(
                 seq.request_id,
-                TokenEvent(
-                    seq.request_id,
-                    -1,
-                    len(seq.output_ids),
-                    "error",
-                    message,
-                    time.perf_counter(),
-                    seq.admitted_at,
-                ),
+                -1,
+                len(seq.output_ids),
+                "error",
+                message,
+                time.perf_counter(),
+                seq.admitted_at,
             )
-
-    def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+            out.append(self._last(seq.request_id, event))

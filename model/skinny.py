@@ -466,8 +466,16 @@ def decode_layers(
         B, d, H, d // H, cache.k.shape[2], slots.shape[1], cache.lf.shape[1], cfg.num_experts, cfg.top_k,
         int(cfg.norm_topk_prob), cfg.ffn_hidden_size,
     )  # fmt: skip
-    if routing is not None and (routing.dtype is not torch.long or routing.shape != (table.shape[0], B, cfg.top_k)):
+    if routing is not None and (
+        routing.dtype is not torch.long or routing.shape != (table.shape[0], B, cfg.top_k)
+    ):
         raise ValueError(f"routing: expected int64 [{table.shape[0]}, {B}, {cfg.top_k}]")
-    model_args = (table.data_ptr(), eps.data_ptr(), table.shape[0], experts, 0 if routing is None else routing.data_ptr())
+    model_args = (
+        table.data_ptr(),
+        eps.data_ptr(),
+        table.shape[0],
+        experts,
+        0 if routing is None else routing.data_ptr(),
+    )
     _skinny.decode_layers(model_args, step, sizes, torch.get_num_threads())
     return x
