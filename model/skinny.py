@@ -28,6 +28,7 @@ for o_proj, the residual, the post norm and the router). Callers: `model.invaria
 from __future__ import annotations
 
 import os
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -360,52 +361,52 @@ LAYER_PTRS = 19  # `_skinny.c`'s table row: the pointers and sizes `decode_layer
 
 class DecodeTable:
     """What `decode_layers` reads of each layer, as one int64 `[layers, LAYER_PTRS]` tensor of
-    pointers (and a float32 `[layers, 3]` of its norms' eps), built at the first step and again only
-    when something behind it changed: a weight written in place (the derived stacked weights then
-    differ) or given new storage (`.to()`, `.data =`), another bank, another cache."""
+    pointers (and a float32 `[layers, 3]` of its norms' eps), one per cache (so engines sharing a
+    model each have theirs), built at a cache's first step and again only when something behind it
+    changed: a weight written in place (the derived stacked weights then differ) or given new
+    storage (`.to()`, `.data =`), or another bank. It keeps the derived weights it points at."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.sources: list[torch.Tensor] = []
-        self.banks: list | None = None
-        self.table = self.eps = None
-        self.experts = 1
+        self._by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def get(self, model, banks: list, cache) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(table, eps, the most experts a bank holds) for `model`'s layers over `banks` and `cache`."""
-        key = (
-            cache.k.data_ptr(),
-            cache.v.data_ptr(),
-            cache.lf.data_ptr(),
-            *[(t.data_ptr(), t._version) for t in self.sources],
-        )
-        if key != self.key or self.banks is None or any(a is not b for a, b in zip(banks, self.banks)):
-            self._build(model, banks, cache)
-        return self.table, self.eps, self.experts
+        entry = self._by_cache.get(cache)
+        if entry is None or entry.stale(banks):
+            entry = self._by_cache[cache] = _TableEntry(model, banks, cache)
+        return entry.table, entry.eps, entry.experts
 
-    def _build(self, model, banks: list, cache) -> None:
-        rows, eps, sources = [], [], []
+
+class _TableEntry:
+    def __init__(self, model, banks: list, cache) -> None:
+        rows, eps, sources, keep = [], [], [], []
         for i, (layer, bank) in enumerate(zip(model.layers, banks)):
             attn, lf, router = layer.attn, layer.attn.lf, layer.router
-            base = [
+            sources += [
                 layer.input_norm.weight, lf.conv1_weight, lf.conv1_bias, lf.conv2_weight, lf.conv2_bias,
                 lf.norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                 attn.o_proj.weight, layer.post_norm.weight, router.query.weight, router.key.weight,
                 router.value.weight, bank.w1, bank.w2, bank.local_index,
             ]  # fmt: skip
-            sources += base
+            derived = [
+                lf._w1.get(lf.conv1_weight),
+                lf._w2.get(lf.conv2_weight),
+                attn._wqk.get(attn.q_proj.weight, attn.k_proj.weight),
+                router._wqkv.get(router.query.weight, router.key.weight, router.value.weight),
+            ]
+            keep += derived
             rows.append([
                 layer.input_norm.weight.data_ptr(),
-                lf._w1.get(lf.conv1_weight).data_ptr(),
+                derived[0].data_ptr(),
                 lf.conv1_bias.data_ptr(),
-                lf._w2.get(lf.conv2_weight).data_ptr(),
+                derived[1].data_ptr(),
                 lf.conv2_bias.data_ptr(),
                 lf.norm.weight.data_ptr(),
-                attn._wqk.get(attn.q_proj.weight, attn.k_proj.weight).data_ptr(),
+                derived[2].data_ptr(),
                 attn.v_proj.weight.data_ptr(),
                 attn.o_proj.weight.data_ptr(),
                 layer.post_norm.weight.data_ptr(),
-                router._wqkv.get(router.query.weight, router.key.weight, router.value.weight).data_ptr(),
+                derived[3].data_ptr(),
                 bank.w1.data_ptr(),
                 bank.w2.data_ptr(),
                 bank.local_index.data_ptr(),
@@ -419,12 +420,25 @@ class DecodeTable:
         self.table = torch.tensor(rows, dtype=torch.long).reshape(-1, LAYER_PTRS)
         self.eps = torch.tensor(eps, dtype=torch.float32).reshape(-1, 3)
         self.experts = max((b.w1.shape[0] for b in banks), default=1)
-        self.sources, self.banks = sources, list(banks)
-        self.key = (
+        self.sources, self.keep, self.banks = sources, keep, list(banks)
+        self.key = self._key(cache)
+        self.cache = weakref.ref(cache)
+
+    def _key(self, cache) -> tuple:
+        return (
             cache.k.data_ptr(),
             cache.v.data_ptr(),
             cache.lf.data_ptr(),
-            *[(t.data_ptr(), t._version) for t in sources],
+            *[(t.data_ptr(), t._version) for t in self.sources],
+        )
+
+    def stale(self, banks: list) -> bool:
+        cache = self.cache()
+        return (
+            cache is None
+            or len(banks) != len(self.banks)
+            or any(a is not b for a, b in zip(banks, self.banks))
+            or self._key(cache) != self.key
         )
 
 

@@ -282,6 +282,34 @@ class _Seeing:
         return self.inner.wait(handle)
 
 
+def test_a_decode_step_in_one_call_sees_weights_edited_in_place_and_new_storage(engine_factory):
+    """The pointer table follows the weights over one engine's cache: after q_proj is written in
+    place (its stacked copy must be rebuilt) and an expert bank gets new storage, one-call steps
+    give the per-layer calls' tokens, not the old ones."""
+    from gateway.sampling import SamplingParams
+
+    eng = engine_factory()
+    params = SamplingParams(max_tokens=12, ignore_eod=True)
+    prompts = [[3, 4, 5], [20, 21, 22, 23], [7]]
+
+    def tokens(whole: bool) -> list[list[int]]:
+        step, skinny.DECODE_STEP = skinny.DECODE_STEP, whole
+        try:
+            return [s.output_ids for s in eng.generate(prompts, params)]
+        finally:
+            skinny.DECODE_STEP = step
+
+    before = tokens(True)
+    with torch.no_grad():
+        for layer in eng.model.layers:
+            layer.attn.q_proj.weight.mul_(-3.0)
+        for bank in eng.dispatcher.banks:
+            bank.w2.data = bank.w2.data * -4.0
+    after = tokens(True)
+    assert after == tokens(False)
+    assert after != before
+
+
 def test_a_decode_step_in_one_call_tells_the_dispatcher_the_routing_it_did_not_see(engine_factory):
     eng = engine_factory()
     prompts = [[3, 4, 5], [9], [20, 21, 22, 23, 24]]
