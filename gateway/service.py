@@ -138,12 +138,14 @@ class Gateway:
         loop = asyncio.get_running_loop()
         with self._wake:
             if self._closed:
+                if op[0] == "abort":  # a stream left after close: nothing runs any more
+                    return
                 raise RuntimeError("the gateway is closed")
             self._ops.append(op)
             self._loop = loop
             waking = self._idle
             self._wake.notify()
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._engine_loop, name="engine-step", daemon=True)
                 self._thread.start()
         if waking:
@@ -183,17 +185,16 @@ class Gateway:
                 ops, loop = list(self._ops), self._loop
                 self._ops.clear()
             out: list[tuple] = []
-            self._apply(ops, out)
-            if engine.has_work:
-                faults = getattr(engine.dispatcher, "faults", 0)
-                try:
+            try:
+                self._apply(ops, out)
+                if engine.has_work:
+                    faults = getattr(engine.dispatcher, "faults", 0)
                     batch = engine.step()
-                except Exception as e:  # the engine fails a broken forward's requests itself; this is
-                    self._fail_running(f"{type(e).__name__}: {e}", out)  # a bug around it: end what ran
-                    batch = []
-                if getattr(engine.dispatcher, "faults", 0) != faults:
-                    self._faulted.update(s.request_id for s in list(engine.running) + batch)
-                out.extend(self._event(seq) for seq in batch)
+                    if getattr(engine.dispatcher, "faults", 0) != faults:
+                        self._faulted.update(s.request_id for s in list(engine.running) + batch)
+                    out.extend(self._event(seq) for seq in batch)
+            except Exception as e:  # the engine fails a broken forward's requests itself; this is a
+                self._fail_running(f"{type(e).__name__}: {e}", out)  # bug around it: end what ran
             if out:
                 try:
                     loop.call_soon_threadsafe(self._hand_out, out)
@@ -213,8 +214,11 @@ class Gateway:
                 request_id, prompt, params = args
                 try:
                     self.engine.add(request_id, prompt, params)
-                except (InvalidRequest, QueueFull) as e:
-                    event = TokenEvent(request_id, -1, 0, "error", str(e), time.perf_counter())
+                except Exception as e:  # InvalidRequest, QueueFull, or a bug: this request alone
+                    message = (
+                        str(e) if isinstance(e, (InvalidRequest, QueueFull)) else f"{type(e).__name__}: {e}"
+                    )
+                    event = TokenEvent(request_id, -1, 0, "error", message, time.perf_counter())
                     out.append(self._last(request_id, event))
             else:
                 (request_id,) = args
