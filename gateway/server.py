@@ -32,6 +32,7 @@ from gateway.service import Gateway
 from gateway.servicer import SERVICE as SERVICE_DESCRIPTOR
 from gateway.servicer import ServingState, YuanServingServicer, add_to_server
 from gateway.tokenizer import Tokenizer
+from model import skinny
 
 SERVICE = SERVICE_DESCRIPTOR.full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -87,6 +88,16 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
     async def _deny_stream(self, request, context):
         await self._deny(request, context)
         yield  # pragma: no cover - abort raises
+
+
+def load_backend(factory: Callable[[], Backend]) -> Backend:
+    """`factory()` on this (executor) thread, then this thread's OpenMP team freed: loading runs
+    torch's parallel regions here, and a team left on a second thread makes libgomp stop
+    spin-waiting, so every parallel region of the engine thread's steps would pay a wake-up
+    (measured: a 1-stream `small` step 4.4 ms against 2.6; `skinny.release_team`)."""
+    backend = factory()
+    skinny.release_team()
+    return backend
 
 
 class GatewayServer:
@@ -243,7 +254,7 @@ class GatewayServer:
         if not opts.bind_when_ready:
             http = await bind()
         try:
-            self.backend = await loop.run_in_executor(None, self.factory)
+            self.backend = await loop.run_in_executor(None, load_backend, self.factory)
             gateway = Gateway(self.backend.engine)
             self.state.tokenizer, self.state.info = self.backend.tokenizer, self.backend.info
             self.state.gateway_id = self.backend.gateway_id or self.state.gateway_id

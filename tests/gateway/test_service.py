@@ -4,15 +4,25 @@ applies joins and leaves between steps and hands each step's tokens to the event
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from gateway.engine import local_engine
 from gateway.sampling import SamplingParams
+from gateway.server import load_backend
 from gateway.service import Gateway
+from model import skinny
 
 GREEDY16 = SamplingParams(max_tokens=16, ignore_eod=True)
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
 
 
 def _engine_threads() -> list[threading.Thread]:
@@ -73,3 +83,37 @@ def test_a_stream_left_early_is_cancelled_and_the_next_event_loop_is_served(fixt
     events = asyncio.run(gateway.generate("again", [5, 6, 7, 8], GREEDY16))
     assert len(events) == 16 and events[-1].finish_reason == "length"
     gateway.close(wait_s=10.0)
+
+
+@pytest.mark.skipif(not skinny.threaded(), reason="model._skinny was built without OpenMP")
+def test_the_server_frees_the_loading_threads_openmp_team():
+    """A server loads its backend on an executor thread; that thread's OpenMP team (from loading's
+    parallel regions) is freed after, so the engine thread's team is the process's only one."""
+    x, w = torch.randn(4, 512), torch.randn(1024, 512)
+
+    def factory(release_after: bool):
+        def load():
+            torch.set_num_threads(3)  # a team of 3 on the loading thread: 2 workers
+            try:
+                skinny.matmul(x, w)
+            finally:
+                torch.set_num_threads(before)
+            return "backend"
+
+        return (lambda: load_backend(load)) if release_after else load
+
+    before = torch.get_num_threads()
+    base, counts = _os_threads(), {}
+
+    def settle(most: int, seconds: float) -> int:
+        deadline = time.monotonic() + seconds
+        while _os_threads() - base > most and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return _os_threads() - base
+
+    for release_after in (False, True):
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(factory(release_after)).result() == "backend"
+            counts[release_after] = settle(1, 2.0)  # 1: the pool's own thread
+        settle(0, 5.0)  # that thread and any team of its are gone before the next
+    assert counts == {False: 3, True: 1}, "the pool's thread, and its two OpenMP workers unless freed"
