@@ -3,6 +3,8 @@ a row's bits do not depend on the other rows of the call."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,6 +207,22 @@ def _decode_logits(model, dispatcher, prompts, steps, on, whole=True):
     return torch.cat(rows), tokens
 
 
+@contextmanager
+def _counted(name: str):
+    """`model.skinny.<name>` counted while inside: yields the list its calls append to."""
+    calls, real = [], getattr(skinny, name)
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    setattr(skinny, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(skinny, name, real)
+
+
 def test_one_call_decode_attention_matches_the_torch_layers(engine_factory, golden):
     """Decode steps of several sequences at once (one starting at position 0 with no LF state, one
     crossing `<eod>` segments, all crossing 4-token block boundaries): the one-call C attention
@@ -212,18 +230,8 @@ def test_one_call_decode_attention_matches_the_torch_layers(engine_factory, gold
     eng = engine_factory()
     eod = eng.model.cfg.eod_token_id
     prompts = [c["prompt_ids"] for c in golden["cases"][:3]] + [[7], [5, 9, eod, 11, 12, eod, 13]]
-    calls = []
-    real = skinny.decode_attention
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    skinny.decode_attention = counted
-    try:
+    with _counted("decode_attention") as calls:
         c_logits, c_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=True, whole=False)
-    finally:
-        skinny.decode_attention = real
     t_logits, t_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=False)
     assert len(calls) >= 9 * eng.model.cfg.num_layers, "every decode forward took the C path"
     assert (c_logits - t_logits).abs().max().item() < 1e-5
@@ -239,18 +247,8 @@ def test_a_decode_step_in_one_call_has_the_bits_of_the_per_layer_calls(engine_fa
     eod = eng.model.cfg.eod_token_id
     cases = golden["cases"][:3]
     prompts = [c["prompt_ids"] for c in cases] + [[7], [5, 9, eod, 11, 12, eod, 13]]
-    calls = []
-    real = skinny.decode_layers
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    skinny.decode_layers = counted
-    try:
+    with _counted("decode_layers") as calls:
         one_logits, one_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=True)
-    finally:
-        skinny.decode_layers = real
     layer_logits, layer_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 9, on=True, whole=False)
     assert len(calls) >= 9, "every decode step was one call"
     assert torch.equal(one_logits, layer_logits)
