@@ -2,7 +2,8 @@
 
 For each preset (random checkpoints in the real layout), each engine (in-process; 1, 2, 4 pools
 over the data plane) and each concurrency, C streams of the same prompts run through the same
-`Gateway` class the server uses. Reported: tokens/s, TTFT and TPOT p50/p99, the expert step's
+`Gateway` class the server uses. Reported: tokens/s, TTFT and TPOT p50/p99 (and the decode TPOT
+of the steps after every stream's first token, which the roofline uses), the expert step's
 round trip per layer p50/p99, and a step breakdown. Numbers are printed, never asserted.
 The in-process engine and the bandwidth measure run on `--threads` torch threads (1 by default);
 the pool runs' gateway half and each pool on one, as served by default.
@@ -73,25 +74,30 @@ class TimedDispatcher:
 
 
 async def run_load(gateway: Gateway, prompts: list[list[int]], max_tokens: int) -> dict:
-    """All prompts at once as concurrent streams; per-request TTFT and TPOT."""
+    """All prompts at once as concurrent streams; per-request TTFT and TPOT, and the decode TPOT:
+    a request's gaps between the tokens it got after every request had its first (the steps that
+    prefill nothing, which the roofline's decode tokens/s is about)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eod=True)
 
-    async def one(i: int) -> tuple[float, float, int]:
+    async def one(i: int) -> tuple[float, list[float]]:
         t0 = time.perf_counter()
-        stamps = [e.at async for e in gateway.stream(f"b{i}", prompts[i], params)]
-        tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
-        return stamps[0] - t0, tpot, len(stamps)
+        return t0, [e.at async for e in gateway.stream(f"b{i}", prompts[i], params)]
 
     t0 = time.perf_counter()
     results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
     wall = time.perf_counter() - t0
-    ttft, tpot, tokens = zip(*results)
+    ttft = [stamps[0] - start for start, stamps in results]
+    tpot = [(s[-1] - s[0]) / (len(s) - 1) if len(s) > 1 else 0.0 for _, s in results]
+    all_started = max(s[0] for _, s in results)
+    steady = [[t for t in s if t > all_started] for _, s in results]
+    decode = [(s[-1] - s[0]) / (len(s) - 1) for s in steady if len(s) > 1]
     return {
-        "tokens_per_s": sum(tokens) / wall,
+        "tokens_per_s": sum(len(s) for _, s in results) / wall,
         "wall_s": wall,
-        "tokens": sum(tokens),
+        "tokens": sum(len(s) for _, s in results),
         "ttft_ms": percentiles(ttft),
         "tpot_ms": percentiles(tpot),
+        "decode_tpot_ms": percentiles(decode),
     }
 
 
@@ -190,15 +196,17 @@ def balance(skew: float, pools: int, concurrency: int, prompt_len: int, max_toke
 
 
 def roofline(model, timed: TimedDispatcher, concurrency: int, context: float, result: dict) -> dict:
-    """Decode tokens/s (streams over TPOT p50) against the memory-bandwidth bound of a decode step:
-    the bytes it must read (`bench.roofline.step_bytes`, with the experts its steps touched, counted
-    per call of `concurrency` rows) over this machine's read bandwidth (`run` measures it once)."""
+    """Decode tokens/s (streams over the decode TPOT p50: steps that prefill nothing) against the
+    memory-bandwidth bound of a decode step: the bytes it must read (`bench.roofline.step_bytes`,
+    with the experts its steps touched, counted per call of `concurrency` rows) over this machine's
+    read bandwidth (`run` measures it once)."""
     per_call = [(ids.shape[0], int(torch.unique(ids).numel())) for ids in timed.routed]
     calls = [n for rows, n in per_call if rows == concurrency] or [n for _, n in per_call]
     touched = sum(calls) / max(1, len(calls))
     nbytes = step_bytes(model, concurrency, touched, context)
     bound = bound_tokens_per_s(nbytes, concurrency, BANDWIDTH_GBS["value"])
-    decode = concurrency / (result["tpot_ms"]["p50"] / 1e3) if result["tpot_ms"]["p50"] else 0.0
+    tpot = result["decode_tpot_ms"]["p50"] or result["tpot_ms"]["p50"]  # too few tokens: the whole run's
+    decode = concurrency / (tpot / 1e3) if tpot else 0.0
     return {
         "bytes_per_step": nbytes,
         "experts_touched_per_layer": touched,

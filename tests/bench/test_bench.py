@@ -27,6 +27,9 @@ def test_bench_runs_side_by_side_and_reports_sane_numbers(ray_cluster, tmp_path)
             assert r["tokens"] == c * 5, "every stream gets all its tokens"
             assert r["tokens_per_s"] > 0 and r["ttft_ms"]["p50"] > 0
             assert r["ttft_ms"]["p99"] >= r["ttft_ms"]["p50"] and r["tpot_ms"]["p99"] >= r["tpot_ms"]["p50"]
+            assert 0 < r["decode_tpot_ms"]["p50"] <= r["decode_tpot_ms"]["p99"], (
+                "steps after all first tokens"
+            )
             b = r["breakdown_ms_per_step"]
             assert 0 < b["expert_calls"] < b["total"]
             assert b["pool_compute_summed"] > 0 and b["transport_and_waiting"] >= 0
