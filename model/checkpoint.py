@@ -1,7 +1,7 @@
 """Checkpoints in the real HF layout: read (three formats, any subset of tensors), map, write.
 
-One declarative table (`hf_tensor_shapes`) lists every tensor of the HF layout with its shape; the
-loader, the random-weight writer and the parameter count of `inspect` all read it. Names of our
+One declarative table (`model.layout.hf_tensor_shapes`) lists every tensor of the HF layout with its
+shape; the loader, the random-weight writer and the parameter count of `inspect` all read it. Names of our
 modules map to HF names through `_RULES`, and `load_weights` returns the set of HF names it loaded so
 completeness is testable. Reading is lazy: safetensors and `.bin` shards are memory-mapped and only
 the files holding requested tensors are opened, so a pool reads its own experts and nothing else.
@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from model.config import DTYPES, YuanConfig, preset
+from model.layout import expert_tensor_name, hf_tensor_shapes  # noqa: F401 (read here too)
 from model.experts import ExpertBank
 from model.transformer import YuanModel
 
@@ -32,39 +33,6 @@ class CheckpointError(RuntimeError):
 
 
 # ---- the HF layout -------------------------------------------------------------------------------
-def hf_tensor_shapes(cfg: YuanConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Yuan checkpoint in the HF layout, with its shape."""
-    d, half, N, F = cfg.hidden_size, cfg.hidden_size // 2, cfg.num_experts, cfg.ffn_hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-            **{p + f"self_attn.{x}_proj.weight": (d, d) for x in "qkvo"},
-            p + "self_attn.lf_gate.conv1.weight": (half, d, 2, 1),
-            p + "self_attn.lf_gate.conv1.bias": (half,),
-            p + "self_attn.lf_gate.conv2.weight": (d, half, 2, 1),
-            p + "self_attn.lf_gate.conv2.bias": (d,),
-            p + "self_attn.lf_gate.output_layernorm.weight": (d,),
-        }
-        if cfg.router_type == "attention":
-            shapes |= {p + f"mlp.gate.{x}.weight": (N, d) for x in ("query", "key", "value")}
-        else:
-            shapes[p + "mlp.gate.weight"] = (N, d)
-        for e in range(N):
-            shapes[expert_tensor_name(i, e, "w1")] = (2 * F, d)
-            shapes[expert_tensor_name(i, e, "w2")] = (d, F)
-    shapes["model.norm.weight"] = (d,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    return shapes
-
-
-def expert_tensor_name(layer: int, expert: int, which: str) -> str:
-    return f"model.layers.{layer}.mlp.experts.{expert}.{which}.weight"
-
-
 def expert_tensor_names(cfg: YuanConfig, expert_ids: list[int]) -> list[str]:
     """Every tensor of these experts, in every layer: what a pool holding them reads."""
     return [

@@ -12,10 +12,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")  # `torch_dtype` values; DTYPES maps them
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def __getattr__(name: str):
+    """`DTYPES` (name -> torch dtype) on first use: the config itself needs no torch, so commands
+    that only read configs (`inspect`, `plan`) do not load it."""
+    if name == "DTYPES":
+        import torch
+
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        globals()["DTYPES"] = dtypes  # made once
+        return dtypes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -81,9 +90,10 @@ class YuanConfig:
             raise ConfigError(
                 f"config field 'router_type' must be 'attention' or 'classical', got {self.router_type!r}"
             )
-        if self.torch_dtype not in DTYPES:
+        if self.torch_dtype not in SUPPORTED_DTYPES:
             raise ConfigError(
-                f"config field 'torch_dtype' must be one of {', '.join(DTYPES)}, got {self.torch_dtype!r}"
+                f"config field 'torch_dtype' must be one of {', '.join(SUPPORTED_DTYPES)}, "
+                f"got {self.torch_dtype!r}"
             )
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"config field 'rms_norm_eps' must be > 0, got {self.rms_norm_eps!r}")

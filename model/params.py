@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from math import prod
 
-from model.checkpoint import hf_tensor_shapes
+from model.layout import hf_tensor_shapes
 from model.config import YuanConfig
 
 

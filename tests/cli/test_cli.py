@@ -151,11 +151,16 @@ def test_plan_m32_on_eight_gpus():
     assert not small["fits"]
 
 
-def test_the_parser_and_the_client_load_neither_torch_nor_ray():
-    """Every command builds the whole parser first; `client` and `stats` are gRPC clients. Neither
-    should pay for torch or Ray (~2 s a call): the config models live in light modules."""
+def test_the_parser_the_client_inspect_and_plan_load_neither_torch_nor_ray():
+    """Every command builds the whole parser first; `client` and `stats` are gRPC clients; `inspect`
+    and `plan` read configs. None should pay for torch or Ray (~2 s a call): the config models,
+    the config and the checkpoint layout live in light modules."""
     probe = (
-        "import sys; from cli.main import build_parser; build_parser(); import cli.client; "
+        "import sys, contextlib, io; from cli.main import build_parser, main; build_parser(); "
+        "import cli.client\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['inspect', '--preset', 'm32', '--json'])\n"
+        "    main(['plan', '--preset', 'm32', '--gpus', '8', '--gpu-mem', '80', '--json'])\n"
         "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
