@@ -446,15 +446,16 @@ static void decode_post(const post_t *c) {
         }
         softmax(prob, N); /* p = softmax(P) */
         float total = 0.0f;
+        uint8_t taken[256] = {0};
         for (int64_t t = 0; t < c->top_k; t++) { /* the largest left, the lower id on a tie */
-            int64_t arg = -1;
+            int64_t arg = -1; /* NaN probabilities (a broken request) still give an expert id */
             for (int64_t i = 0; i < N; i++)
-                if (prob[i] >= 0.0f && (arg < 0 || prob[i] > prob[arg]))
+                if (!taken[i] && (arg < 0 || prob[i] > prob[arg]))
                     arg = i;
             c->ids[b * c->top_k + t] = arg;
             c->wts[b * c->top_k + t] = prob[arg];
             total += prob[arg];
-            prob[arg] = -1.0f; /* taken */
+            taken[arg] = 1;
         }
         if (c->normalize)
             for (int64_t t = 0; t < c->top_k; t++)

@@ -391,6 +391,27 @@ def test_decode_post_is_the_residual_norm_and_router_of_the_torch_layer(engine_f
     assert (normed - layer.input_norm(x)).abs().max().item() < 1e-5
 
 
+def test_a_nan_row_still_gets_valid_distinct_experts_and_leaves_the_other_rows_alone(engine_factory):
+    """A broken request (NaN in its hidden state) must not reach outside its row: the router still
+    names experts that exist (a pool would refuse others, failing the whole batch), and the other
+    rows' results are bit for bit those without it."""
+    layer = engine_factory().model.layers[0]
+    g = torch.Generator().manual_seed(3)
+    d = layer.attn.o_proj.weight.shape[0]
+    attn_out, x = torch.randn(4, d, generator=g), torch.randn(4, d, generator=g)
+    broken = x.clone()
+    broken[2, 5] = float("nan")
+    with torch.inference_mode():
+        clean = skinny.decode_post(layer, attn_out, x)
+        nan = skinny.decode_post(layer, attn_out, broken)
+    N, A = layer.router.query.weight.shape[0], layer.router.top_k
+    ids = nan[2][2].tolist()
+    assert all(0 <= i < N for i in ids) and len(set(ids)) == A
+    keep = [0, 1, 3]
+    for a, b in zip(clean, nan):
+        assert torch.equal(a[keep], b[keep])
+
+
 # ---- threads: large calls are shared by torch's OpenMP team; the split changes no bit ------------
 def _with_threads(n: int, fn):
     before = torch.get_num_threads()
