@@ -55,7 +55,7 @@ def test_up_listens_on_loopback_only_drains_and_leaves_nothing_behind(fixture_di
         "--port",
         str(port),
         "--grace-s",
-        "3",
+        "1",  # well under the time 1000 tokens take here (3+ s), so the long stream is cancelled
         "--tls-cert",
         str(cert),
         "--tls-key",
