@@ -483,6 +483,43 @@ static int64_t sort_by_expert(const int64_t *local, int64_t P, int64_t E, int64_
     return biggest;
 }
 
+/* Each of P pairs' local expert in a bank (lookup: global id -> local index or -1, L entries; a
+ * pair with id < 0 is held elsewhere: -1), and in *held how many the bank computes. Returns the
+ * first pair routed to an expert the bank does not hold, or -1. */
+static int64_t bank_pairs(const int64_t *ids, int64_t P, const int64_t *lookup, int64_t L, int64_t E,
+                          int64_t *local, int64_t *held) {
+    *held = 0;
+    for (int64_t i = 0; i < P; i++) {
+        int64_t id = ids[i], e = id >= 0 && id < L ? lookup[id] : -1;
+        if (id >= 0 && (e < 0 || e >= E))
+            return i;
+        local[i] = id < 0 ? -1 : e;
+        *held += id >= 0;
+    }
+    return -1;
+}
+
+/* out[t] = residual[t] (when given) + token t's A slots [T, A, D] added in a order: slot 0 +
+ * slot 1, then += the rest, as `sum_slots` adds them. */
+static void add_slots(const float *slots, int64_t T, int64_t A, int64_t D, const float *residual, float *out) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *sl = slots + t * A * D;
+        float *o = out + t * D;
+        for (int64_t i = 0; i < D; i++) {
+            float y = A == 1 ? sl[i] : sl[i] + sl[D + i];
+            for (int64_t a = 2; a < A; a++)
+                y += sl[a * D + i];
+            o[i] = residual ? residual[t * D + i] + y : y;
+        }
+    }
+}
+
+/* Floats of `decode_attention`'s scratch: taps [2B, 2d], c1 [2B, d/2], c2in and c2 [B, d] each,
+ * qk [B, 2d] and v [B, d], a row p [L] for each thread. */
+static size_t attention_scratch(int64_t B, int64_t d, int64_t L, int threads) {
+    return (size_t)(2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + (threads > 1 ? threads : 1) * L);
+}
+
 /* ---- SwiGLU: act = silu(u[:, :F]) * u[:, F:], silu(a) = a / (1 + exp(-a)) ---- */
 /* exp by the Cephes single-precision method: n = floor(x log2(e) + 1/2), r = x - n ln2 (ln2 in two
  * parts), exp(r) by a degree-5 polynomial, times 2^n set in the exponent bits; within ~2 ulp of
@@ -576,7 +613,7 @@ static int64_t decode_layers(const int64_t *table, const float *eps, int64_t NL,
                              int64_t *is, const float **xp, float **yp, float *scale, int64_t *routing,
                              int64_t *pair) {
     const int64_t B = s->B, d = s->d, N = s->N, A = s->A, F = s->F, Pp = B * A;
-    float *att = fs, *h = att + 2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + (s->threads > 1 ? s->threads : 1) * s->L;
+    float *att = fs, *h = att + attention_scratch(B, d, s->L, s->threads);
     float *a = h + B * d, *x2 = a + B * d, *g = x2 + B * d, *qkv = g + B * d, *wts = qkv + B * 3 * N;
     float *u = wts + Pp, *act = u + Pp * 2 * F, *slots = act + Pp * F;
     int64_t *ids = is, *local = ids + Pp, *order = local + Pp, *counts = order + Pp;
@@ -603,17 +640,10 @@ static int64_t decode_layers(const int64_t *table, const float *eps, int64_t NL,
         decode_post(&pc);
         if (routing) /* the caller keeps each layer's expert ids [B, A] */
             memcpy(routing + l * Pp, ids, (size_t)Pp * sizeof(int64_t));
-        const int64_t *lookup = PTR(const int64_t *, T_LOOKUP), Ln = t[T_LOOKUP_N], E = t[T_EXPERTS];
-        int64_t R = 0;
-        for (int64_t i = 0; i < Pp; i++) {
-            int64_t id = ids[i], e = id >= 0 && id < Ln ? lookup[id] : -1;
-            if (id >= 0 && (e < 0 || e >= E)) {
-                *pair = i;
-                return l;
-            }
-            local[i] = id < 0 ? -1 : e;
-            R += id >= 0;
-        }
+        const int64_t E = t[T_EXPERTS];
+        int64_t R;
+        if ((*pair = bank_pairs(ids, Pp, PTR(const int64_t *, T_LOOKUP), t[T_LOOKUP_N], E, local, &R)) >= 0)
+            return l;
         sort_by_expert(local, Pp, E, order, counts);
         if (R < Pp)
             memset(slots, 0, (size_t)(Pp * d) * sizeof(float)); /* a pair held elsewhere adds 0 */
@@ -624,17 +654,7 @@ static int64_t decode_layers(const int64_t *table, const float *eps, int64_t NL,
                         s->threads);
         }
 #undef PTR
-        for (int64_t b = 0; b < B; b++) { /* x = x2 + (slot 0 + slot 1 (+= the rest)) */
-            const float *sl = slots + b * A * d;
-            float *o = s->x + b * d;
-            const float *r = x2 + b * d;
-            for (int64_t i = 0; i < d; i++) {
-                float y = A == 1 ? sl[i] : sl[i] + sl[d + i];
-                for (int64_t k = 2; k < A; k++)
-                    y += sl[k * d + i];
-                o[i] = r[i] + y;
-            }
-        }
+        add_slots(slots, B, A, d, x2, s->x); /* x = x2 + the expert step */
     }
     return -1;
 }
@@ -853,19 +873,14 @@ static PyObject *py_bank_up(PyObject *self, PyObject *args) {
     const int64_t *ids = (const int64_t *)(uintptr_t)p_ids, *lookup = (const int64_t *)(uintptr_t)p_lookup;
     int64_t *order = (int64_t *)(uintptr_t)p_order, *counts = (int64_t *)(uintptr_t)p_counts;
     const int64_t P = T * A;
-    int64_t *local = PyMem_Malloc((size_t)(P ? P : 1) * sizeof(int64_t)), R = 0;
+    int64_t *local = PyMem_Malloc((size_t)(P ? P : 1) * sizeof(int64_t)), R, bad;
     if (!local)
         return PyErr_NoMemory();
-    for (int64_t i = 0; i < P; i++) { /* global id -> this bank's index; -1: held elsewhere */
-        int64_t id = ids[i], e = id >= 0 && id < L ? lookup[id] : -1;
-        if (id >= 0 && (e < 0 || e >= E)) {
-            PyErr_Format(PyExc_ValueError, "expert_ids: pair %lld is routed to expert %lld, which this bank "
-                         "does not hold", (long long)i, (long long)id);
-            PyMem_Free(local);
-            return NULL;
-        }
-        local[i] = id < 0 ? -1 : e;
-        R += id >= 0;
+    if ((bad = bank_pairs(ids, P, lookup, L, E, local, &R)) >= 0) {
+        PyErr_Format(PyExc_ValueError, "expert_ids: pair %lld is routed to expert %lld, which this bank "
+                     "does not hold", (long long)bad, (long long)ids[bad]);
+        PyMem_Free(local);
+        return NULL;
     }
     int64_t biggest = sort_by_expert(local, P, E, order, counts);
     PyMem_Free(local);
@@ -924,18 +939,7 @@ static PyObject *py_bank_down(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     expert_down((const float *)(uintptr_t)p_act, order, counts, E, (const float *)(uintptr_t)p_w2, D, F,
                 (const float *)(uintptr_t)p_weights, NULL, slots, D, b.xp, b.yp, b.scale, R, threads);
-    for (int64_t t = 0; t < T; t++) { /* slot 0 + slot 1, then += the rest: sum_slots' adds */
-        const float *s = slots + t * A * D;
-        float *o = out + t * D;
-        if (A == 1)
-            memcpy(o, s, (size_t)D * sizeof(float));
-        else
-            for (int64_t i = 0; i < D; i++)
-                o[i] = s[i] + s[D + i];
-        for (int64_t a = 2; a < A; a++)
-            for (int64_t i = 0; i < D; i++)
-                o[i] += s[a * D + i];
-    }
+    add_slots(slots, T, A, D, NULL, out);
     Py_END_ALLOW_THREADS
 #endif
     PyMem_Free(b.xp);
@@ -988,9 +992,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     if (in_range(c.lf_read, B, N, "lf_read") < 0 || in_range(c.lf_blocks, B, N, "lf_blocks") < 0 ||
         in_range(c.write, B, P, "write_slots") < 0 || in_range(c.slots, B * L, P, "decode_slots") < 0)
         return NULL;
-    int64_t n_threads = threads > 1 ? threads : 1; /* a p row [L] for each thread */
-    float *scratch =
-        PyMem_Malloc(sizeof(float) * (size_t)(2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + n_threads * L));
+    float *scratch = PyMem_Malloc(sizeof(float) * attention_scratch(B, d, L, threads));
     if (!scratch)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
@@ -1114,9 +1116,9 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     if (in_range(s.lf_read, B, NB, "lf_read") < 0 || in_range(s.lf_blocks, B, NB, "lf_blocks") < 0 ||
         in_range(s.write, B, P, "write_slots") < 0 || in_range(s.slots, B * L, P, "decode_slots") < 0)
         return NULL;
-    const int64_t Pp = B * A, T = threads > 1 ? threads : 1;
-    size_t floats = (size_t)(2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + T * L) /* attention */
-                    + (size_t)(4 * B * d + B * 3 * N + Pp) + (size_t)(Pp * 3 * F + Pp * d);
+    const int64_t Pp = B * A; /* then h, a, x2, g [B, d]; qkv [B, 3N]; wts [Pp]; u, act [Pp, 3F]; slots */
+    size_t floats = attention_scratch(B, d, L, threads) + (size_t)(4 * B * d + B * 3 * N + Pp) +
+                    (size_t)(Pp * 3 * F + Pp * d);
     float *fs = PyMem_Malloc(floats * sizeof(float));
     int64_t *is = PyMem_Malloc((size_t)(3 * Pp + E_max) * sizeof(int64_t)), pair = -1, layer;
     pair_buffers b = {0};
