@@ -364,21 +364,40 @@ class DecodeTable:
     pointers (and a float32 `[layers, 3]` of its norms' eps), one per cache (so engines sharing a
     model each have theirs), built at a cache's first step and again only when something behind it
     changed: a weight written in place (the derived stacked weights then differ) or given new
-    storage (`.to()`, `.data =`), or another bank. It keeps the derived weights it points at."""
+    storage (`.to()`, `.data =`), or another bank. It keeps the derived weights it points at, and
+    whether the model and banks can run a step in one call at all (`fits`)."""
 
     def __init__(self) -> None:
         self._by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def get(self, model, banks: list, cache) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(table, eps, the most experts a bank holds) for `model`'s layers over `banks` and `cache`."""
+    def get(self, model, x: torch.Tensor, banks: list, cache) -> _TableEntry:
+        """The entry for `model`'s layers over `banks` and `cache` (x: a decode part that
+        `decode_fits`, whose dtype and layout every later one shares)."""
         entry = self._by_cache.get(cache)
         if entry is None or entry.stale(banks):
-            entry = self._by_cache[cache] = _TableEntry(model, banks, cache)
-        return entry.table, entry.eps, entry.experts
+            entry = self._by_cache[cache] = _TableEntry(model, x, banks, cache)
+        return entry
 
 
 class _TableEntry:
-    def __init__(self, model, banks: list, cache) -> None:
+    def __init__(self, model, x: torch.Tensor, banks: list, cache) -> None:
+        from model.attention_router import AttentionRouter
+
+        # Every layer has the Attention Router and a bank that `experts_fit` (x's side of that is
+        # the same in every part that `decode_fits`): else no one call, until the banks change.
+        self.fits = len(banks) == len(model.layers) and all(
+            isinstance(layer.router, AttentionRouter) and experts_fit(x, bank.w1, bank.w2)
+            for layer, bank in zip(model.layers, banks)
+        )
+        self.banks, self.cache = list(banks), weakref.ref(cache)
+        self.sources = [w for bank in banks for w in (bank.w1, bank.w2)]
+        self.table = self.eps = None
+        self.keep: list[torch.Tensor] = []
+        if self.fits:
+            self._build(model, banks, cache)
+        self.key = self._key(cache)
+
+    def _build(self, model, banks: list, cache) -> None:
         rows, eps, sources, keep = [], [], [], []
         for i, (layer, bank) in enumerate(zip(model.layers, banks)):
             attn, lf, router = layer.attn, layer.attn.lf, layer.router
@@ -420,9 +439,7 @@ class _TableEntry:
         self.table = torch.tensor(rows, dtype=torch.long).reshape(-1, LAYER_PTRS)
         self.eps = torch.tensor(eps, dtype=torch.float32).reshape(-1, 3)
         self.experts = max((b.w1.shape[0] for b in banks), default=1)
-        self.sources, self.keep, self.banks = sources, keep, list(banks)
-        self.key = self._key(cache)
-        self.cache = weakref.ref(cache)
+        self.sources, self.keep = sources, keep
 
     def _key(self, cache) -> tuple:
         return (
@@ -442,30 +459,26 @@ class _TableEntry:
         )
 
 
-def decode_layers_fit(model, x: torch.Tensor, banks: list) -> bool:
-    """Whether a decode part that `decode_fits` runs all its layers in one `decode_layers` call:
-    every layer has the Attention Router and a bank that `experts_fit`, and no expert can get more
-    than `EXPERT_MAX_ROWS` rows (x has at most that many), so no layer needs the grouped torch path."""
-    from model.attention_router import AttentionRouter
-
-    if not DECODE_STEP or x.shape[0] > EXPERT_MAX_ROWS or len(banks) != len(model.layers):
-        return False
-    for layer, bank in zip(model.layers, banks):
-        if not isinstance(layer.router, AttentionRouter) or not experts_fit(x, bank.w1, bank.w2):
-            return False
-    return True
+def one_call_table(model, x: torch.Tensor, banks: list, cache) -> _TableEntry | None:
+    """The table a decode part that `decode_fits` runs all its layers with, in one `decode_layers`
+    call; None when it cannot: no expert may get more than `EXPERT_MAX_ROWS` rows (x has at most
+    that many, so no layer needs the grouped torch path), and the model and banks must fit."""
+    if not DECODE_STEP or x.shape[0] > EXPERT_MAX_ROWS:
+        return None
+    entry = model.decode_table.get(model, x, banks, cache)
+    return entry if entry.fits else None
 
 
 def decode_layers(
-    model, x: torch.Tensor, batch, cos, sin, cache, banks: list, routing: torch.Tensor | None = None
+    model, entry: _TableEntry, x: torch.Tensor, batch, cos, sin, cache, routing: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Every layer of a decode step, each one's expert step over its bank in this process, in one C
     call: the per-layer calls' operations in their order (`rms_norm`, `decode_attention`,
     `decode_post`, `bank_forward`), so the same bits, without Python between them. For a part that
-    `decode_fits` and `decode_layers_fit`; x `[B, d]` is the step's embeddings (written over).
+    `decode_fits`, with its `one_call_table`; x `[B, d]` is the step's embeddings (written over).
     `routing` (int64 `[layers, B, A]`, contiguous) gets each layer's expert ids. Returns the last
     layer's output."""
-    table, eps, experts = model.decode_table.get(model, banks, cache)
+    table, eps, experts = entry.table, entry.eps, entry.experts
     cfg = model.cfg
     B, d = x.shape
     cos, sin = cos.contiguous(), sin.contiguous()
