@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from bench.kernels import prefill_untimed, steps_to_end
 from gateway.engine import EngineLimits, local_engine
 from gateway.sampling import SamplingParams
 from gateway.service import Gateway
@@ -32,15 +33,9 @@ def _prompts(streams: int, tag: int) -> list[list[int]]:
 
 def plain_ms(engine, streams: int, tokens: int) -> float:
     """ms a decode step of a `while engine.has_work: engine.step()` loop (prefill not timed)."""
-    params = SamplingParams(max_tokens=tokens, ignore_eod=True)
-    for i, p in enumerate(_prompts(streams, 1)):
-        engine.add(f"plain-{i}-{time.perf_counter()}", p, params)
-    while engine.waiting or any(s.num_computed < len(s.prompt_ids) for s in engine.running):
-        engine.step()
-    t0, steps = time.perf_counter(), 0
-    while engine.has_work:
-        engine.step()
-        steps += 1
+    prefill_untimed(engine, _prompts(streams, 1), tokens, "plain")
+    t0 = time.perf_counter()
+    steps = steps_to_end(engine)
     return (time.perf_counter() - t0) / max(1, steps) * 1e3
 
 

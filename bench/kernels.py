@@ -70,7 +70,7 @@ def matmul(rows: list[int], rounds: int, calls: int = 100, mbytes: int = 256) ->
     return out
 
 
-def _prefill(eng, prompts: list[list[int]], max_tokens: int, tag: str) -> list:
+def prefill_untimed(eng, prompts: list[list[int]], max_tokens: int, tag: str) -> list:
     """Add the prompts and run their prefill (not timed); their sequences."""
     sp = SamplingParams(max_tokens=max_tokens, ignore_eod=True)
     seqs = [eng.add(f"{tag}-{i}-{time.perf_counter()}", p, sp) for i, p in enumerate(prompts)]
@@ -79,7 +79,7 @@ def _prefill(eng, prompts: list[list[int]], max_tokens: int, tag: str) -> list:
     return seqs
 
 
-def _decode(eng) -> int:
+def steps_to_end(eng) -> int:
     """Steps until every sequence has finished; how many."""
     steps = 0
     while eng.has_work:
@@ -96,9 +96,9 @@ def decode(streams: list[int], rounds: int, threads: int, max_tokens: int = 32) 
     def run(b: int) -> tuple[float, list[list[int]]]:
         g = torch.Generator().manual_seed(b)
         prompts = [torch.randint(0, 256, (16,), generator=g).tolist() for _ in range(b)]
-        seqs = _prefill(eng, prompts, max_tokens, f"b{b}")
+        seqs = prefill_untimed(eng, prompts, max_tokens, f"b{b}")
         t0 = time.perf_counter()
-        steps = _decode(eng)
+        steps = steps_to_end(eng)
         return (time.perf_counter() - t0) / steps, [s.output_ids for s in seqs]
 
     # "C": a step's layers, experts included, in one call; "C per layer": the C decode layer and
@@ -194,9 +194,9 @@ def breakdown(
         for b in streams:
             for _ in range(2):  # the first round warms up
                 prompts = [[3 + (7 * i + j) % 250 for j in range(16)] for i in range(b)]
-                _prefill(eng, prompts, max_tokens, f"p{b}")
+                prefill_untimed(eng, prompts, max_tokens, f"p{b}")
                 spent.clear()
-                steps = _decode(eng)
+                steps = steps_to_end(eng)
             out[b] = {label: spent[label] / steps * 1e3 for _, _, label in pieces}
             out[b].update(torch_ops(eng, b, max_tokens))
         tmp.cleanup()
@@ -213,9 +213,9 @@ def torch_ops(eng, streams: int, max_tokens: int) -> dict:
     from torch.profiler import profile
 
     prompts = [[3 + (5 * i + j) % 250 for j in range(16)] for i in range(streams)]
-    _prefill(eng, prompts, max_tokens, f"q{streams}")
+    prefill_untimed(eng, prompts, max_tokens, f"q{streams}")
     with profile() as prof:
-        steps = _decode(eng)
+        steps = steps_to_end(eng)
     events = prof.key_averages()
     return {
         "torch calls, every level": sum(e.count for e in events) / steps,
