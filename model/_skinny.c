@@ -962,6 +962,22 @@ static int in_range(const int64_t *idx, int64_t n, int64_t limit, const char *na
     return 0;
 }
 
+/* A decode step's attention shapes the C layer takes: hidden a multiple of 16, head dim a multiple
+ * of 8 up to 512, at least one chunk and one context position. */
+static int attention_shapes(int64_t B, int64_t d, int64_t H, int64_t D, int64_t L) {
+    return d % 16 == 0 && D % 8 == 0 && D <= 512 && H * D == d && B >= 1 && L >= 1;
+}
+
+/* The step's cache indices in range (N blocks, P slots); -1 with ValueError naming the first that is
+ * not. */
+static int step_indices(const int64_t *lf_read, const int64_t *lf_blocks, const int64_t *write,
+                        const int64_t *slots, int64_t B, int64_t L, int64_t N, int64_t P) {
+    return in_range(lf_read, B, N, "lf_read") < 0 || in_range(lf_blocks, B, N, "lf_blocks") < 0 ||
+                   in_range(write, B, P, "write_slots") < 0 || in_range(slots, B * L, P, "decode_slots") < 0
+               ? -1
+               : 0;
+}
+
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     unsigned long long p[20];
     long long B, d, H, D, P, L, N;
@@ -971,7 +987,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
                           &p[4], &p[5], &p[6], &p[7], &p[8], &p[9], &p[10], &p[11], &p[12], &p[13], &p[14], &p[15],
                           &p[16], &p[17], &p[18], &p[19], &B, &d, &H, &D, &P, &L, &N, &eps, &threads))
         return NULL;
-    if (!supported() || d % 16 || D % 8 || D > 512 || H * D != d || B < 1 || L < 1) {
+    if (!supported() || !attention_shapes(B, d, H, D, L)) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: unsupported CPU or shapes");
         return NULL;
     }
@@ -989,8 +1005,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         .mask = (const uint8_t *)(uintptr_t)p[19],
         .B = B, .d = d, .H = H, .D = D, .P = P, .L = L, .eps = eps, .threads = threads,
     };
-    if (in_range(c.lf_read, B, N, "lf_read") < 0 || in_range(c.lf_blocks, B, N, "lf_blocks") < 0 ||
-        in_range(c.write, B, P, "write_slots") < 0 || in_range(c.slots, B * L, P, "decode_slots") < 0)
+    if (step_indices(c.lf_read, c.lf_blocks, c.write, c.slots, B, L, N, P) < 0)
         return NULL;
     float *scratch = PyMem_Malloc(sizeof(float) * attention_scratch(B, d, L, threads));
     if (!scratch)
@@ -1099,8 +1114,8 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
                           &p[1], &p[2], &p[3], &p[4], &p[5], &p[6], &p[7], &p[8], &B, &d, &H, &D, &P, &L, &NB, &N,
                           &A, &normalize, &F, &threads))
         return NULL;
-    if (!supported() || d % 16 || D % 8 || D > 512 || H * D != d || B < 1 || L < 1 || N < 1 || N > 256 || A < 1 ||
-        A > N || F < 8 || F % 8 || E_max < 1 || NL < 0) {
+    if (!supported() || !attention_shapes(B, d, H, D, L) || N < 1 || N > 256 || A < 1 || A > N || F < 8 || F % 8 ||
+        E_max < 1 || NL < 0) {
         PyErr_SetString(PyExc_ValueError, "decode_layers: unsupported CPU or shapes");
         return NULL;
     }
@@ -1113,8 +1128,7 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
         .B = B, .d = d, .H = H, .D = D, .P = P, .L = L, .N = N, .A = A, .F = F, .normalize = (int)normalize,
         .threads = threads,
     };
-    if (in_range(s.lf_read, B, NB, "lf_read") < 0 || in_range(s.lf_blocks, B, NB, "lf_blocks") < 0 ||
-        in_range(s.write, B, P, "write_slots") < 0 || in_range(s.slots, B * L, P, "decode_slots") < 0)
+    if (step_indices(s.lf_read, s.lf_blocks, s.write, s.slots, B, L, NB, P) < 0)
         return NULL;
     const int64_t Pp = B * A; /* then h, a, x2, g [B, d]; qkv [B, 3N]; wts [Pp]; u, act [Pp, 3F]; slots */
     size_t floats = attention_scratch(B, d, L, threads) + (size_t)(4 * B * d + B * 3 * N + Pp) +
