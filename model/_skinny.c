@@ -308,17 +308,7 @@ static void rms_rows(const float *x, const float *w, float eps, float *out, int6
     }
 }
 
-/* x = softmax(x) over n entries, in float32: exp(x - max) / sum. */
-static void softmax(float *x, int64_t n) {
-    float best = -INFINITY, sum = 0.0f;
-    for (int64_t i = 0; i < n; i++)
-        if (x[i] > best)
-            best = x[i];
-    for (int64_t i = 0; i < n; i++)
-        sum += (x[i] = expf(x[i] - best));
-    for (int64_t i = 0; i < n; i++)
-        x[i] /= sum;
-}
+TARGET static void softmax(float *x, int64_t n);
 
 /* ---- one decode step of a layer's LF attention (docs in `model/skinny.py`, `decode_attention`) ---- */
 typedef struct {
@@ -338,7 +328,10 @@ TARGET static float dot(const float *a, const float *b, int64_t n) {
     return hsum(acc);
 }
 
-/* scratch: taps [2B, 2d], c1 [2B, d/2], c2in [B, d], c2 [B, d], qk [B, 2d], v [B, d], p [threads, L] */
+TARGET static void attend(const float *rq, const float *kh, const float *vh, const int64_t *slots, const uint8_t *mask,
+                          int64_t L, int64_t D, float root, float *work, float *o);
+
+/* scratch: taps [2B, 2d], c1 [2B, d/2], c2in [B, d], c2 [B, d], qk [B, 2d], v [B, d], p [threads, 4L] */
 static void decode_attention(const decode_t *c, float *scratch) {
     const int64_t B = c->B, d = c->d, half = d / 2, H = c->H, D = c->D, L = c->L;
     float *taps = scratch, *c1 = taps + 2 * B * 2 * d, *c2in = c1 + 2 * B * half, *c2 = c2in + B * d;
@@ -390,24 +383,8 @@ static void decode_attention(const decode_t *c, float *scratch) {
         const int64_t slot = c->write[b];
         memcpy(c->kc + (hh * c->P + slot) * D, rk, D * sizeof(float));
         memcpy(c->vc + (hh * c->P + slot) * D, v + b * d + hh * D, D * sizeof(float));
-        float *pl = p + THREAD_NUM() * L, best = -INFINITY, sum = 0.0f, *o = c->out + b * d + hh * D;
-        for (int64_t l = 0; l < L; l++)
-            if (c->mask[b * L + l]) {
-                pl[l] = dot(rq, c->kc + (hh * c->P + c->slots[b * L + l]) * D, D) / root;
-                if (pl[l] > best)
-                    best = pl[l];
-            }
-        for (int64_t l = 0; l < L; l++)
-            if (c->mask[b * L + l])
-                sum += (pl[l] = expf(pl[l] - best));
-        for (int64_t i = 0; i < D; i++)
-            o[i] = 0.0f;
-        for (int64_t l = 0; l < L; l++)
-            if (c->mask[b * L + l]) {
-                const float w = pl[l] / sum, *vv = c->vc + (hh * c->P + c->slots[b * L + l]) * D;
-                for (int64_t i = 0; i < D; i++)
-                    o[i] += w * vv[i];
-            }
+        attend(rq, c->kc + hh * c->P * D, c->vc + hh * c->P * D, c->slots + b * L, c->mask + b * L, L, D, root,
+               p + THREAD_NUM() * 4 * L, c->out + b * d + hh * D);
     }
 }
 
@@ -515,9 +492,9 @@ static void add_slots(const float *slots, int64_t T, int64_t A, int64_t D, const
 }
 
 /* Floats of `decode_attention`'s scratch: taps [2B, 2d], c1 [2B, d/2], c2in and c2 [B, d] each,
- * qk [B, 2d] and v [B, d], a row p [L] for each thread. */
+ * qk [B, 2d] and v [B, d], and [4L] for each thread (`attend`'s slot list and scores). */
 static size_t attention_scratch(int64_t B, int64_t d, int64_t L, int threads) {
-    return (size_t)(2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + (threads > 1 ? threads : 1) * L);
+    return (size_t)(2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + (threads > 1 ? threads : 1) * 4 * L);
 }
 
 /* ---- SwiGLU: act = silu(u[:, :F]) * u[:, F:], silu(a) = a / (1 + exp(-a)) ---- */
@@ -566,6 +543,76 @@ static inline float exp1(float x) {
     y = fmaf(y, z, x) + 1.0f;
     union { uint32_t i; float f; } e = {.i = (uint32_t)((int32_t)n + 127) << 23};
     return y * e.f;
+}
+
+/* x[i] = exp(x[i] - shift) for i < n: 8 at a time, `exp1` for the rest (the same bits). */
+TARGET static void exp_shifted(float *x, int64_t n, float shift) {
+    int64_t i = 0;
+    for (const __m256 m = _mm256_set1_ps(shift); i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), m)));
+    for (; i < n; i++)
+        x[i] = exp1(x[i] - shift);
+}
+
+/* x = softmax(x) over n entries, in float32: exp(x - max) by `exp8` (8 at a time, `exp1` for the
+ * rest), added in index order, then each divided by the sum. */
+TARGET static void softmax(float *x, int64_t n) {
+    float best = -INFINITY, sum = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        if (x[i] > best)
+            best = x[i];
+    exp_shifted(x, n, best);
+    for (int64_t i = 0; i < n; i++)
+        sum += x[i];
+    for (int64_t i = 0; i < n; i++)
+        x[i] /= sum;
+}
+
+/* One (sequence, head) of a decode step's attention: q (rotated) against the K rows of its valid
+ * slots (mask[l]: slots[l] is one), softmax, o = sum_j p_j v_j. The valid slots are listed first
+ * (`work`, [4L] floats of scratch: L int64 slot indices, then the L scores), so the exps go 8 at a
+ * time. The K rows AHEAD slots on and each score's V row are asked for while the scores are taken:
+ * a context's rows are scattered over blocks and come from memory, not cache. o is accumulated in
+ * registers, a multiply then an add per term in slot order. */
+#define AHEAD 4
+TARGET static void attend(const float *rq, const float *kh, const float *vh, const int64_t *slots, const uint8_t *mask,
+                          int64_t L, int64_t D, float root, float *work, float *o) {
+    int64_t n = 0, *at = (int64_t *)work; /* 8-byte aligned: the scratch before it is rows of d or d/2 floats */
+    float *scores = work + 2 * L;
+    for (int64_t l = 0; l < L; l++)
+        if (mask[l])
+            at[n++] = slots[l];
+    for (int64_t j = 0; j < n && j < AHEAD; j++)
+        for (int64_t i = 0; i < D; i += 16)
+            _mm_prefetch((const char *)(kh + at[j] * D + i), _MM_HINT_T0);
+    float best = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        for (int64_t i = 0; i < D; i += 16) {
+            if (j + AHEAD < n)
+                _mm_prefetch((const char *)(kh + at[j + AHEAD] * D + i), _MM_HINT_T0);
+            _mm_prefetch((const char *)(vh + at[j] * D + i), _MM_HINT_T0);
+        }
+        scores[j] = dot(rq, kh + at[j] * D, D) / root;
+        if (scores[j] > best)
+            best = scores[j];
+    }
+    exp_shifted(scores, n, best);
+    for (int64_t j = 0; j < n; j++)
+        sum += scores[j];
+    for (int64_t i0 = 0; i0 < D; i0 += 64) { /* 8 accumulators of 8 at a time */
+        const int64_t w = (D - i0 < 64 ? D - i0 : 64) / 8;
+        __m256 acc[8];
+        for (int64_t q = 0; q < w; q++)
+            acc[q] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 p = _mm256_set1_ps(scores[j] / sum);
+            const float *v = vh + at[j] * D + i0;
+            for (int64_t q = 0; q < w; q++)
+                acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(p, _mm256_loadu_ps(v + 8 * q)));
+        }
+        for (int64_t q = 0; q < w; q++)
+            _mm256_storeu_ps(o + i0 + 8 * q, acc[q]);
+    }
 }
 
 /* The activation is shared by the threads from SWIGLU_WORK elements on (a prefill's pairs). */

@@ -450,6 +450,24 @@ def test_threaded_expert_step_has_the_bits_of_one_thread():
     assert torch.all(two[[i for i in range(90) if i not in set(slots.tolist())]] == 9.0)
 
 
+@pytest.mark.parametrize("heads", [2, 8], ids=["head-dim-128", "head-dim-32"])
+def test_c_decode_attention_matches_torch_at_other_head_dims(tmp_path, heads):
+    """The C attention over the cache takes a head 64 values at a time (in registers): head dims of
+    128 (two passes) and 32 (part of one) give the torch layers' logits and tokens, with sequences
+    of different lengths in the batch (the slots each one masks out)."""
+    from gateway.engine import local_engine
+    from model.checkpoint import write_random_checkpoint
+    from model.config import preset
+
+    cfg = preset("small").with_(hidden_size=256, num_heads=heads, num_layers=2, ffn_hidden_size=64, vocab_size=320)
+    eng = local_engine(str(write_random_checkpoint(cfg, tmp_path / f"h{heads}", seed=5)))
+    prompts = [[3 + (5 * i + j) % 250 for j in range(1 + 4 * i)] for i in range(5)]
+    c_logits, c_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 6, on=True, whole=False)
+    t_logits, t_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 6, on=False)
+    assert (c_logits - t_logits).abs().max().item() < 1e-5
+    assert c_tokens == t_tokens
+
+
 def test_threaded_decode_steps_have_the_bits_of_one_thread(tmp_path):
     """Decode steps of a model wide enough that every C call of the layer is split among threads
     (hidden 512): the logits of 2 threads are those of 1, bit for bit."""
