@@ -147,10 +147,18 @@ TARGET static void dot_rows(const float *const *x, const float *w, float *const 
 TARGET static void dot_rows_many(const float *const *x, const float *w, float *const *y, const float *scale,
                                  int64_t M, int64_t o0, int64_t O, int64_t K) {
     const int64_t M4 = M / 4 * 4;
+    /* The next 3-row block of w is asked for while this one is used, its cache lines spread over the
+     * passes of 4 x rows: without it the first pass over each block waits on memory (a decode step's
+     * dense weights are not in cache: the experts went through it). */
+    const int64_t lines = (3 * K * 4 + 63) / 64, passes = M4 / 4, per = passes ? (lines + passes - 1) / passes : 0;
     int64_t o = o0;
     for (; o + 3 <= O; o += 3) {
         const float *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K;
+        const char *next = o + 6 <= O ? (const char *)(w0 + 3 * K) : NULL;
         for (int64_t m = 0; m < M4; m += 4) {
+            if (next)
+                for (int64_t i = m / 4 * per, end = i + per < lines ? i + per : lines; i < end; i++)
+                    _mm_prefetch(next + 64 * i, _MM_HINT_T0);
             const float *x0 = x[m], *x1 = x[m + 1], *x2 = x[m + 2], *x3 = x[m + 3];
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
             __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
