@@ -339,37 +339,36 @@ TARGET static float dot(const float *a, const float *b, int64_t n) {
 TARGET static void attend(const float *rq, const float *kh, const float *vh, const int64_t *slots, const uint8_t *mask,
                           int64_t L, int64_t D, float root, float *work, float *o);
 
-/* scratch: taps [2B, 2d], c1 [2B, d/2], c2in [B, d], c2 [B, d], qk [B, 2d], v [B, d], p [threads, 4L] */
+/* scratch: taps [B, 2d], c1 [B, d/2], c2in [B, d], c2 [B, d], qk [B, 2d], v [B, d], p [threads, 4L] */
 static void decode_attention(const decode_t *c, float *scratch) {
-    const int64_t B = c->B, d = c->d, half = d / 2, H = c->H, D = c->D, L = c->L;
-    float *taps = scratch, *c1 = taps + 2 * B * 2 * d, *c2in = c1 + 2 * B * half, *c2 = c2in + B * d;
+    const int64_t B = c->B, d = c->d, half = d / 2, H = c->H, D = c->D, L = c->L, W = half + d;
+    float *taps = scratch, *c1 = taps + B * 2 * d, *c2in = c1 + B * half, *c2 = c2in + B * d;
     float *qk = c2 + B * d, *v = qk + B * 2 * d, *p = v + B * d;
-    /* LF: rows [h[t-1], h[t]] for c1[t], and the state [h[t-2], h[t-1]] for c1[t-1] (read before
-     * this step writes any state: a sequence's state block may be the one it writes). */
+    /* LF, from the state [c1[t-1], h[t-1]] (W floats; read before this step writes any state: a
+     * sequence's state block may be the one it writes): rows [h[t-1], h[t]] for c1[t], and
+     * c2's input [c1[t-1], c1[t]] with c1[-1] zero (not b1) before position 0. */
     for (int64_t b = 0; b < B; b++) {
-        const float *state = c->lf + c->lf_read[b] * 2 * d;
-        memcpy(taps + b * 2 * d, state + d, d * sizeof(float));
+        const float *state = c->lf + c->lf_read[b] * W;
+        memcpy(taps + b * 2 * d, state + half, d * sizeof(float));
         memcpy(taps + b * 2 * d + d, c->h + b * d, d * sizeof(float));
-        memcpy(taps + (B + b) * 2 * d, state, 2 * d * sizeof(float));
-    }
-    matmul(taps, 2 * d, c->w1, c->b1, c1, half, 2 * B, half, 2 * d, c->threads);
-    for (int64_t b = 0; b < B; b++) { /* [c1[t-1], c1[t]], c1[-1] zero (not b1) before position 0 */
-        float *first = c2in + b * d;
-        memcpy(first + half, c1 + b * half, half * sizeof(float));
         if (c->has_prev[b])
-            memcpy(first, c1 + (B + b) * half, half * sizeof(float));
+            memcpy(c2in + b * d, state, half * sizeof(float));
         else
-            memset(first, 0, half * sizeof(float));
+            memset(c2in + b * d, 0, half * sizeof(float));
     }
+    matmul(taps, 2 * d, c->w1, c->b1, c1, half, B, half, 2 * d, c->threads);
+    for (int64_t b = 0; b < B; b++)
+        memcpy(c2in + b * d + half, c1 + b * half, half * sizeof(float));
     matmul(c2in, d, c->w2, c->b2, c2, d, B, d, d, c->threads);
     for (int64_t j = 0; j < B * d; j++) /* f = RMSNorm(c2 + h), kept in c2 */
         c2[j] += c->h[j];
     rms_rows(c2, c->lfnorm, c->eps, c2, B, d);
     matmul(c2, d, c->wqk, NULL, qk, 2 * d, B, 2 * d, d, c->threads); /* q|k from the filtered states */
     matmul(c->h, d, c->wv, NULL, v, d, B, d, d, c->threads);        /* v from the input */
-    for (int64_t b = 0; b < B; b++) { /* the LF state [h[t-1], h[t]] after t (its reads were taps') */
-        float *state = (float *)c->lf + c->lf_blocks[b] * 2 * d;
-        memcpy(state, taps + b * 2 * d, 2 * d * sizeof(float));
+    for (int64_t b = 0; b < B; b++) { /* the LF state [c1[t], h[t]] after t */
+        float *state = (float *)c->lf + c->lf_blocks[b] * W;
+        memcpy(state, c1 + b * half, half * sizeof(float));
+        memcpy(state + half, c->h + b * d, d * sizeof(float));
     }
     /* Each (sequence, head) alone: rotate its q and k, write its k and v to the cache, then attend
      * over its cache slots (its own new one among them; a sequence writes only slots of its own
@@ -499,10 +498,10 @@ static void add_slots(const float *slots, int64_t T, int64_t A, int64_t D, const
     }
 }
 
-/* Floats of `decode_attention`'s scratch: taps [2B, 2d], c1 [2B, d/2], c2in and c2 [B, d] each,
+/* Floats of `decode_attention`'s scratch: taps [B, 2d], c1 [B, d/2], c2in and c2 [B, d] each,
  * qk [B, 2d] and v [B, d], and [4L] for each thread (`attend`'s slot list and scores). */
 static size_t attention_scratch(int64_t B, int64_t d, int64_t L, int threads) {
-    return (size_t)(2 * B * 2 * d + 2 * B * (d / 2) + 2 * B * d + B * 3 * d + (threads > 1 ? threads : 1) * 4 * L);
+    return (size_t)(B * 2 * d + B * (d / 2) + 2 * B * d + B * 3 * d + (threads > 1 ? threads : 1) * 4 * L);
 }
 
 /* ---- SwiGLU: act = silu(u[:, :F]) * u[:, F:], silu(a) = a / (1 + exp(-a)) ---- */

@@ -1,8 +1,9 @@
 """The paged KV + LF cache: fixed-size blocks of positions, shared by every layer.
 
 A block holds `block_size` consecutive positions of one sequence: in every layer their K and V
-(after rotary) and the LF state `[h[t-1], h[t]]` at the block's last written position t (h: the
-layer's input-normed hidden states), which is what the LF convolution needs to go on after it.
+(after rotary) and the LF state `[c1[t], h[t]]` at the block's last written position t (h: the
+layer's input-normed hidden states, c1 the first LF convolution's output), which is what the LF
+convolution needs to go on after it (`model/localized_filter.py`).
 Sequences address blocks through block tables (the scheduler's `gateway/blocks.py` hands them out);
 a cache position ("cache slot") is `block * block_size + offset`.
 Block 0 is the null block: never handed out and always zero. Padded reads point at it, and a
@@ -19,9 +20,14 @@ import torch
 NULL_BLOCK = 0
 
 
+def lf_width(hidden: int) -> int:
+    """Floats of one LF state: c1[t] (d/2), then h[t] (d)."""
+    return hidden // 2 + hidden
+
+
 class PagedCache:
     """k, v `[layers, H, P, D]` (heads outermost: a gather of slots is `[H, L, D]`, contiguous per
-    head, as attention's matmuls want it); lf `[layers, N, 2, d]`."""
+    head, as attention's matmuls want it); lf `[layers, N, d/2 + d]`."""
 
     def __init__(
         self,
@@ -42,7 +48,7 @@ class PagedCache:
         P = num_blocks * block_size
         self.k = torch.empty(num_layers, heads, P, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
-        self.lf = torch.empty(num_layers, num_blocks, 2, hidden, dtype=dtype, device=device)
+        self.lf = torch.empty(num_layers, num_blocks, lf_width(hidden), dtype=dtype, device=device)
         self.k[:, :, :block_size] = 0  # the null block
         self.v[:, :, :block_size] = 0
         self.lf[:, NULL_BLOCK] = 0
@@ -52,7 +58,7 @@ class PagedCache:
         num_layers: int, heads: int, head_dim: int, hidden: int, dtype: torch.dtype, block_size: int
     ) -> int:
         """Bytes one block takes over all layers."""
-        per_layer = 2 * block_size * heads * head_dim + 2 * hidden
+        per_layer = 2 * block_size * heads * head_dim + lf_width(hidden)
         return num_layers * per_layer * torch.empty((), dtype=dtype).element_size()
 
     def nbytes(self) -> int:

@@ -5,8 +5,9 @@ Shapes: T tokens (packed over sequences), d hidden.
   c2[t] = A2 c1[t-1] + B2 c1[t] + b2          (d/2 -> d)
 Anything before a sequence's position 0 is zero, for c1[-1] too (not b1). Tap 0 of each (2 x 1)
 kernel multiplies the earlier position. To go on after position t-1 (the next chunk, or a decode
-step) the cache keeps, in the block of position t-1, the last two inputs `[h[t-2], h[t-1]]`, from
-which c1[t-1] is recomputed.
+step) the cache keeps, in the block of position t-1, the state `[c1[t-1], h[t-1]]` (d/2 + d): what
+the two taps need from before the chunk. (Keeping `[h[t-2], h[t-1]]` instead would make every
+chunk recompute c1[t-1], a second row of the first convolution for every decode token.)
 """
 
 from __future__ import annotations
@@ -43,21 +44,18 @@ class LocalizedFilter(nn.Module):
         self, h: torch.Tensor, seq_starts: torch.Tensor, state: torch.Tensor, has_prev: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h `[T, d]`: chunks of sequences, packed; chunk i starts at row `seq_starts[i]`, with the
-        state `[h[t-2], h[t-1]]` before it in `state` `[B, 2, d]` and `has_prev` `[B, 1]` False
-        when it starts at position 0. Returns the filtered states `[T, d]` and each row's previous
-        input h[t-1] `[T, d]` (the cache keeps `[h[t-1], h[t]]` as the state after t).
+        state `[c1[t-1], h[t-1]]` before it in `state` `[B, d/2 + d]` and `has_prev` `[B, 1]` False
+        when it starts at position 0. Returns the filtered states `[T, d]` and every row's
+        `[c1[t], h[t]]` `[T, d/2 + d]`, the state after it (the cache keeps some of them).
         A one-token chunk is a decode step: the same formula, nothing special."""
         w1 = self._w1.get(self.conv1_weight)  # [d/2, 2d]
         w2 = self._w2.get(self.conv2_weight)  # [d, d]
-        T = h.shape[0]
-        h_prev = _shift(h, seq_starts, state[:, 1])
-        # c1 of every row and, from the state, c1[t-1] before each chunk: one matmul.
-        taps_in = torch.cat([torch.cat([h_prev, h], dim=-1), state.reshape(state.shape[0], -1)])
-        c1_all = linear(taps_in, w1, self.conv1_bias)  # [T + B, d/2]
-        c1, c1_first = c1_all[:T], c1_all[T:]
-        c1_first = torch.where(has_prev, c1_first, torch.zeros_like(c1_first))  # zero (not b1) before 0
+        half = w1.shape[0]
+        h_prev = _shift(h, seq_starts, state[:, half:])
+        c1 = linear(torch.cat([h_prev, h], dim=-1), w1, self.conv1_bias)  # [T, d/2]
+        c1_first = torch.where(has_prev, state[:, :half], torch.zeros_like(state[:, :half]))  # zero before 0
         c2 = linear(torch.cat([_shift(c1, seq_starts, c1_first), c1], dim=-1), w2, self.conv2_bias)
-        return self.norm(c2 + h), h_prev
+        return self.norm(c2 + h), torch.cat([c1, h], dim=-1)
 
 
 def _shift(x: torch.Tensor, seq_starts: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
