@@ -4,8 +4,9 @@ Decode steps are made of them: one row per stream for attention, the router and 
 a few rows per expert (a 32-stream batch gives each of ~22 experts ~3 rows). Such a product should
 run at the speed its weights stream from memory; torch's CPU kernel reaches about half of that at
 1-8 rows on this machine and this kernel most of it (docs/PERFORMANCE.md, "Skinny matmuls").
-Above `MAX_ROWS` rows the product is compute-bound and torch's blocked kernel is as fast or faster,
-so `fits` says no and the caller uses torch.
+Up to `MAX_ROWS` rows (a 32-stream step's LM head, a short prompt's chunk) it is also faster than
+torch's blocked kernel here, cold or warm, on one thread or two; above, torch's is as fast or
+faster, so `fits` says no and the caller uses torch.
 
 Every output element is computed by the same operations whatever the row count, so a row's bits
 do not depend on the rest of the batch (the kernel's comment says how).
@@ -38,7 +39,7 @@ try:
 except ImportError:  # not built (a source checkout without `pip install`): torch does it all
     _skinny = None
 
-MAX_ROWS = 16  # at and below this many rows the kernel is faster than torch's here (measured)
+MAX_ROWS = 64  # at and below this many rows the kernel is faster than torch's here (measured)
 
 _available = bool(_skinny is not None and _skinny.available())
 _enabled = _available and os.environ.get("YUAN_SERVE_SKINNY", "1") != "0"
