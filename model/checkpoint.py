@@ -25,6 +25,7 @@ from torch import nn
 from model.config import DTYPES, YuanConfig, preset
 from model.layout import expert_tensor_name, hf_tensor_shapes  # noqa: F401 (read here too)
 from model.experts import ExpertBank
+from model.pages import to_huge_pages
 from model.transformer import YuanModel
 
 
@@ -308,6 +309,7 @@ def load_model(directory: str | Path, dtype: str | None = None) -> tuple[YuanMod
     reader = CheckpointReader(directory)
     model = YuanModel(cfg).to(DTYPES[cfg.torch_dtype])
     load_weights(model, reader)
+    to_huge_pages(model)  # decode steps stream them: model/pages.py
     return model.eval(), reader
 
 
@@ -318,6 +320,8 @@ def load_experts(reader: CheckpointReader, cfg: YuanConfig, expert_ids: list[int
         for _ in range(cfg.num_layers)
     ]
     load_expert_banks(banks, reader)
+    for b in banks:
+        to_huge_pages(b)
     return [b.eval().requires_grad_(False) for b in banks]
 
 

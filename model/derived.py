@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from model.pages import huge_copy
+
 
 class Derived:
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
@@ -22,6 +24,6 @@ class Derived:
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if key != self.key:
             with torch.no_grad():
-                self.value = self.fn(*params).contiguous()
+                self.value = huge_copy(self.fn(*params).contiguous())  # read every decode step
             self.key = key
         return self.value
