@@ -14,6 +14,7 @@ import torch
 
 from model import invariant
 from model.checkpoint import CheckpointReader, load_experts
+from model.pages import to_huge_pages
 from experts.dataplane import DataPlaneServer
 from router.dataplane import DataPlaneLimits, PairBatch
 from router.wire import decode, encode
@@ -79,6 +80,7 @@ class ExpertPool:
                     src, k = (old, held[e]) if e in held else (fresh[layer], new.index(e))
                     bank.w1[j].copy_(src.w1[k])
                     bank.w2[j].copy_(src.w2[k])
+            to_huge_pages(bank)  # as loaded banks are (model/pages.py)
             banks.append(bank.eval().requires_grad_(False))
         self.banks = banks
         return self.info()
