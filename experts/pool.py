@@ -12,14 +12,14 @@ import socket
 import numpy as np
 import torch
 
+from experts.dataplane import DataPlaneServer
 from model import invariant
 from model.checkpoint import CheckpointReader, load_experts
-from model.pages import to_huge_pages
-from experts.dataplane import DataPlaneServer
-from router.dataplane import DataPlaneLimits, PairBatch
-from router.wire import decode, encode
 from model.config import DTYPES, YuanConfig
 from model.experts import ExpertBank, scatter_rows
+from model.pages import to_huge_pages
+from router.dataplane import DataPlaneLimits, PairBatch
+from router.wire import decode, encode
 
 
 def node_id() -> str:

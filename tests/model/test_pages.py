@@ -60,5 +60,6 @@ def test_loaded_weights_are_backed_by_huge_pages(tmp_path):
     (bank,) = load_experts(reader, cfg, list(range(cfg.num_experts)))
     for name, t in (("embed", model.embed.weight), ("expert w1", bank.w1)):
         assert _huge_kb_at(t.data_ptr()) >= 2048, f"{name}: no huge page behind it"
-    wqk = model.layers[0].attn._wqk.get(model.layers[0].attn.q_proj.weight, model.layers[0].attn.k_proj.weight)
+    attn = model.layers[0].attn
+    wqk = attn._wqk.get(attn.q_proj.weight, attn.k_proj.weight)
     assert _huge_kb_at(wqk.data_ptr()) >= 2048, "a derived weight of 2 MB: no huge page behind it"

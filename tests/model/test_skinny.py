@@ -459,7 +459,8 @@ def test_c_decode_attention_matches_torch_at_other_head_dims(tmp_path, heads):
     from model.checkpoint import write_random_checkpoint
     from model.config import preset
 
-    cfg = preset("small").with_(hidden_size=256, num_heads=heads, num_layers=2, ffn_hidden_size=64, vocab_size=320)
+    cfg = preset("small").with_(hidden_size=256, num_heads=heads, num_layers=2, ffn_hidden_size=64)
+    cfg = cfg.with_(vocab_size=320)
     eng = local_engine(str(write_random_checkpoint(cfg, tmp_path / f"h{heads}", seed=5)))
     prompts = [[3 + (5 * i + j) % 250 for j in range(1 + 4 * i)] for i in range(5)]
     c_logits, c_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 6, on=True, whole=False)
