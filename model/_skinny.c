@@ -72,24 +72,27 @@ TARGET static void one_row(const float *x, const float *w, float *y, float s, in
 
 #define PF_BLOCKS 2 /* how far ahead dot_rows asks for weight blocks */
 
-/* y[m][o] = sum_k x[m][k] w[o, k] for o in [o0, o1): 4 rows of w by 2 rows of x at a time, then
- * single rows. Any split of [0, O) into ranges gives the same bits (each element's operations are
- * the same in a block and in the tail). */
+/* y[m][o] = sum_k x[m][k] w[o, k] for o in [o0, o1): 4 rows of w by 2 rows of x at a time, and for
+ * an odd row count the last 3 rows in one pass (12 accumulators: a pair then a single row, whose 4
+ * FMA chains wait on their own latency, took 1.36x as long from cache, docs/PERFORMANCE.md). Any
+ * split of [0, O) into ranges gives the same bits (each element's operations are the same in a
+ * block and in the tail), and so does any grouping of the rows. */
 TARGET static void dot_rows(const float *const *x, const float *w, float *const *y, const float *scale,
                         int64_t M, int64_t o0, int64_t O, int64_t K) {
     if (M == 1) {
         one_row(x[0], w + o0 * K, y[0] + o0, scale ? scale[0] : 1.0f, scale != NULL, O - o0, K);
         return;
     }
+    const int64_t pairs = M % 2 ? M - 3 : M; /* rows in pairs; the 3 after them in one pass */
     int64_t o = o0;
     for (; o + 4 <= O; o += 4) {
         const float *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2) {
+        /* the first pass streams this block from memory: it asks for the block PF_BLOCKS ahead
+         * meanwhile (4K floats over K/8 steps: 2 cache lines a step) */
+        const char *ahead = (const char *)(w0 + PF_BLOCKS * 4 * K);
+        for (int64_t m = 0; m < pairs; m += 2) {
             const float *x0 = x[m], *x1 = x[m + 1];
-            /* the first pair streams this block from memory: ask for the block PF_BLOCKS ahead
-             * meanwhile (4K floats over K/8 steps: 2 cache lines a step) */
-            const char *pf = m ? NULL : (const char *)(w0 + PF_BLOCKS * 4 * K);
+            const char *pf = m ? NULL : ahead;
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
             __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
             for (int64_t k = 0; k < K; k += 8) {
@@ -114,19 +117,33 @@ TARGET static void dot_rows(const float *const *x, const float *w, float *const 
                 y[m + 1][o + j] = scale ? h1[j] * scale[m + 1] : h1[j];
             }
         }
-        for (; m < M; m++) {
-            const float *x0 = x[m];
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        if (pairs < M) {
+            const int64_t m = pairs;
+            const float *x0 = x[m], *x1 = x[m + 1], *x2 = x[m + 2];
+            const char *pf = m ? NULL : ahead;
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+            __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
             for (int64_t k = 0; k < K; k += 8) {
-                __m256 v = _mm256_loadu_ps(x0 + k);
-                a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w0 + k), a0);
-                a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w1 + k), a1);
-                a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w2 + k), a2);
-                a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w3 + k), a3);
+                if (pf) {
+                    _mm_prefetch(pf + 16 * k, _MM_HINT_T0);
+                    _mm_prefetch(pf + 16 * k + 64, _MM_HINT_T0);
+                }
+                __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k), v2 = _mm256_loadu_ps(x2 + k);
+                __m256 u = _mm256_loadu_ps(w0 + k);
+                a00 = _mm256_fmadd_ps(v0, u, a00), a10 = _mm256_fmadd_ps(v1, u, a10), a20 = _mm256_fmadd_ps(v2, u, a20);
+                u = _mm256_loadu_ps(w1 + k);
+                a01 = _mm256_fmadd_ps(v0, u, a01), a11 = _mm256_fmadd_ps(v1, u, a11), a21 = _mm256_fmadd_ps(v2, u, a21);
+                u = _mm256_loadu_ps(w2 + k);
+                a02 = _mm256_fmadd_ps(v0, u, a02), a12 = _mm256_fmadd_ps(v1, u, a12), a22 = _mm256_fmadd_ps(v2, u, a22);
+                u = _mm256_loadu_ps(w3 + k);
+                a03 = _mm256_fmadd_ps(v0, u, a03), a13 = _mm256_fmadd_ps(v1, u, a13), a23 = _mm256_fmadd_ps(v2, u, a23);
             }
-            float h[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-            for (int j = 0; j < 4; j++)
-                y[m][o + j] = scale ? h[j] * scale[m] : h[j];
+            float h[3][4] = {{hsum(a00), hsum(a01), hsum(a02), hsum(a03)},
+                             {hsum(a10), hsum(a11), hsum(a12), hsum(a13)},
+                             {hsum(a20), hsum(a21), hsum(a22), hsum(a23)}};
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 4; j++)
+                    y[m + i][o + j] = scale ? h[i][j] * scale[m + i] : h[i][j];
         }
     }
     for (; o < O; o++)
