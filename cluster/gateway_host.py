@@ -64,8 +64,9 @@ def attach_backend(
     reply = ray.get(controller.attach.remote(me), timeout=start_timeout_s)
     if pools.gateway_threads:
         torch.set_num_threads(pools.gateway_threads)
-    model, _ = load_model(pools.model_dir, pools.dtype)
-    if torch.cuda.is_available():  # Ray made a GPU visible to this process: the model goes there
+    gpu = torch.cuda.is_available()  # Ray made a GPU visible to this process: the model goes there
+    model, _ = load_model(pools.model_dir, pools.dtype, huge_pages=not gpu)
+    if gpu:
         model.to("cuda")
     dispatcher = PoolDispatcher(
         reply["table"], reply["workers"], pools.transport, model.cfg.num_layers, keys=reply["keys"]

@@ -63,7 +63,8 @@ class ExpertPool:
         held = {e: j for j, e in enumerate(self.banks[0].expert_ids)} if self.banks else {}
         new = [e for e in ids if e not in held]
         reader = CheckpointReader(self.model_dir)
-        fresh = [b.to(self.device) for b in load_experts(reader, self.cfg, new)]
+        on_cpu = torch.device(self.device).type == "cpu"  # else they go to the device: no huge pages
+        fresh = [b.to(self.device) for b in load_experts(reader, self.cfg, new, huge_pages=on_cpu)]
         self.tensors_read = reader.tensors_read
         if not held:  # nothing to keep: the freshly read banks are the new ones
             self.banks = fresh

@@ -464,6 +464,8 @@ def local_engine(
     from model.checkpoint import load_experts, load_model
     from model.dispatcher import LocalDispatcher
 
-    model, reader = load_model(model_dir, dtype)
-    banks = [b.to(device) for b in load_experts(reader, model.cfg, list(range(model.cfg.num_experts)))]
+    on_cpu = torch.device(device).type == "cpu"  # else the weights go to the device: no huge pages
+    model, reader = load_model(model_dir, dtype, huge_pages=on_cpu)
+    experts = list(range(model.cfg.num_experts))
+    banks = [b.to(device) for b in load_experts(reader, model.cfg, experts, huge_pages=on_cpu)]
     return Engine(model.to(device), LocalDispatcher(banks), limits, use_cache)

@@ -301,27 +301,35 @@ def random_state_dict(
 
 
 # ---- whole models ----------------------------------------------------------------------------------
-def load_model(directory: str | Path, dtype: str | None = None) -> tuple[YuanModel, CheckpointReader]:
-    """The gateway's part of the model (everything but the experts), loaded and in eval mode."""
+def load_model(
+    directory: str | Path, dtype: str | None = None, huge_pages: bool = True
+) -> tuple[YuanModel, CheckpointReader]:
+    """The gateway's part of the model (everything but the experts), loaded and in eval mode.
+    `huge_pages`: its weights in huge pages (`model/pages.py`); False when they go to a GPU next."""
     cfg = YuanConfig.from_file(Path(directory) / "config.json")
     if dtype:
         cfg = cfg.with_(torch_dtype=dtype)
     reader = CheckpointReader(directory)
     model = YuanModel(cfg).to(DTYPES[cfg.torch_dtype])
     load_weights(model, reader)
-    to_huge_pages(model)  # decode steps stream them: model/pages.py
+    if huge_pages:  # decode steps stream them: model/pages.py
+        to_huge_pages(model)
     return model.eval(), reader
 
 
-def load_experts(reader: CheckpointReader, cfg: YuanConfig, expert_ids: list[int]) -> list[ExpertBank]:
-    """One `ExpertBank` per layer holding `expert_ids`, read from the checkpoint and nothing else."""
+def load_experts(
+    reader: CheckpointReader, cfg: YuanConfig, expert_ids: list[int], huge_pages: bool = True
+) -> list[ExpertBank]:
+    """One `ExpertBank` per layer holding `expert_ids`, read from the checkpoint and nothing else;
+    `huge_pages` as for `load_model`."""
     banks = [
         ExpertBank(expert_ids, cfg.hidden_size, cfg.ffn_hidden_size).to(DTYPES[cfg.torch_dtype])
         for _ in range(cfg.num_layers)
     ]
     load_expert_banks(banks, reader)
     for b in banks:
-        to_huge_pages(b)
+        if huge_pages:
+            to_huge_pages(b)
     return [b.eval().requires_grad_(False) for b in banks]
 
 
