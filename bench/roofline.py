@@ -4,6 +4,10 @@ A decode step of B streams must read the gateway's weights (everything but the e
 which it reads B rows; the LM head whole), every expert its batch touches in every layer, and the
 K/V of every stream's context. On a CPU (and on a GPU at small batch) that, divided by the machine's
 read bandwidth, bounds the step's time from below: tokens/s <= B * bandwidth / bytes per step.
+
+Beside it, the step's multiply-adds over the machine's measured matmul rate (`step_flops`,
+`matmul_gflops`): with many streams a CPU step is also that much compute, and where the two cannot
+overlap (two cores, both busy), their sum bounds it better than either (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -32,6 +36,35 @@ def read_bandwidth_gbs(mbytes: int = 256, reps: int = 7) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best / 1e9
+
+
+def matmul_gflops(n: int = 768, reps: int = 5) -> float:
+    """This machine's float32 matmul rate as torch sees it (all its threads): the best of `reps`
+    `[n, n] @ [n, n]` with warm operands, in GFLOP/s (1e9)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(model: YuanModel, batch: int, context: float) -> float:
+    """Floating-point operations (2 a multiply-add) of one decode step of `batch` streams: every
+    gateway weight matrix once a token (the LM head included, the embedding table not), `top_k`
+    experts a token in every layer, and attention over `context` positions (q.k and p.v)."""
+    cfg, macs = model.cfg, 0
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and name != "embed.weight":
+            macs += p.numel()
+    if cfg.tie_word_embeddings:
+        macs += model.embed.weight.numel()
+    macs += cfg.num_layers * cfg.top_k * 3 * cfg.hidden_size * cfg.ffn_hidden_size
+    macs += cfg.num_layers * 2 * context * cfg.hidden_size
+    return 2.0 * batch * macs
 
 
 def gateway_bytes(model: YuanModel, batch: int) -> int:

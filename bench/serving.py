@@ -24,7 +24,7 @@ import ray
 import torch
 
 from bench import add_arguments, percentiles, wait_for_quiet
-from bench.roofline import bound_tokens_per_s, read_bandwidth_gbs, step_bytes
+from bench.roofline import bound_tokens_per_s, matmul_gflops, read_bandwidth_gbs, step_bytes, step_flops
 from cluster.pools import PoolConfig, PoolSet
 from cluster.ray_cluster import connect
 from gateway.engine import Engine, EngineLimits
@@ -199,7 +199,8 @@ def roofline(model, timed: TimedDispatcher, concurrency: int, context: float, re
     """Decode tokens/s (streams over the decode TPOT p50: steps that prefill nothing) against the
     memory-bandwidth bound of a decode step: the bytes it must read (`bench.roofline.step_bytes`,
     with the experts its steps touched, counted per call of `concurrency` rows) over this machine's
-    read bandwidth (`run` measures it once)."""
+    read bandwidth (`run` measures it once). Beside it, the compute bound (the step's operations over
+    the measured matmul rate) and the two in series (a step that cannot overlap them)."""
     per_call = [(ids.shape[0], int(torch.unique(ids).numel())) for ids in timed.routed]
     calls = [n for rows, n in per_call if rows == concurrency] or [n for _, n in per_call]
     touched = sum(calls) / max(1, len(calls))
@@ -207,6 +208,10 @@ def roofline(model, timed: TimedDispatcher, concurrency: int, context: float, re
     bound = bound_tokens_per_s(nbytes, concurrency, BANDWIDTH_GBS["value"])
     tpot = result["decode_tpot_ms"]["p50"] or result["tpot_ms"]["p50"]  # too few tokens: the whole run's
     decode = concurrency / (tpot / 1e3) if tpot else 0.0
+    flops = step_flops(model, concurrency, context)
+    memory_s = nbytes / (BANDWIDTH_GBS["value"] * 1e9)
+    compute_s = flops / (MATMUL_GFLOPS["value"] * 1e9)
+    serial = concurrency / (memory_s + compute_s)
     return {
         "bytes_per_step": nbytes,
         "experts_touched_per_layer": touched,
@@ -214,10 +219,16 @@ def roofline(model, timed: TimedDispatcher, concurrency: int, context: float, re
         "bound_tokens_per_s": bound,
         "decode_tokens_per_s": decode,
         "fraction": decode / bound,
+        "flops_per_step": flops,
+        "matmul_gflops": MATMUL_GFLOPS["value"],
+        "compute_bound_tokens_per_s": concurrency / compute_s,
+        "serial_bound_tokens_per_s": serial,
+        "fraction_of_serial": decode / serial,
     }
 
 
 BANDWIDTH_GBS = {"value": 0.0}  # measured once per run, before the first preset
+MATMUL_GFLOPS = {"value": 0.0}  # the same
 
 
 def progress(msg: str) -> None:
@@ -252,6 +263,8 @@ def run(
     }
     progress("measuring this machine's read bandwidth")
     BANDWIDTH_GBS["value"] = out["bandwidth_gbs"] = read_bandwidth_gbs()
+    progress("measuring this machine's matmul rate")
+    MATMUL_GFLOPS["value"] = out["matmul_gflops"] = matmul_gflops()
     limits = EngineLimits(max_running=max(concurrency), max_tokens=max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         for name in presets:
@@ -352,7 +365,8 @@ def table(out: dict) -> str:
         bw = out.get("bandwidth_gbs", 0)
         th = out["config"].get("threads", 1)
         lines.append(
-            f"  roofline (decode tokens/s over the bandwidth bound, {bw:.1f} GB/s read, {th} thread(s)):"
+            f"  roofline (decode tokens/s over the bandwidth bound, {bw:.1f} GB/s read, {th} thread(s);"
+            f" then the compute bound at {out.get('matmul_gflops', 0):.0f} GFLOP/s and both in series):"
         )
         for label, by_c in res.items():
             for c, r in by_c.items():
@@ -361,7 +375,9 @@ def table(out: dict) -> str:
                     f"  {label:>10} x{c:<3} step reads {f['bytes_per_step'] / 1e6:7.1f} MB "
                     f"({f['experts_touched_per_layer']:.1f} experts/layer), bound "
                     f"{f['bound_tokens_per_s']:8.1f} tok/s, decode {f['decode_tokens_per_s']:8.1f} tok/s = "
-                    f"{f['fraction'] * 100:5.1f} % of it"
+                    f"{f['fraction'] * 100:5.1f} % of it; {f['flops_per_step'] / 1e6:.0f} MFLOP, compute "
+                    f"{f['compute_bound_tokens_per_s']:.0f} tok/s, in series "
+                    f"{f['serial_bound_tokens_per_s']:.0f} tok/s = {f['fraction_of_serial'] * 100:.1f} %"
                 )
         if name in out["throughput_ratio"]:
             ratios = ", ".join(f"x{c}: {v:.2f}" for c, v in out["throughput_ratio"][name].items())

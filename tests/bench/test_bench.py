@@ -34,11 +34,14 @@ def test_bench_runs_side_by_side_and_reports_sane_numbers(ray_cluster, tmp_path)
             assert 0 < b["expert_calls"] < b["total"]
             assert b["pool_compute_summed"] > 0 and b["transport_and_waiting"] >= 0
     assert set(out["throughput_ratio"]["tiny"]) == {1, 3}
-    assert out["bandwidth_gbs"] > 0 and set(out["roofline"]["tiny"]) == {1, 3}
+    assert out["bandwidth_gbs"] > 0 and out["matmul_gflops"] > 0 and set(out["roofline"]["tiny"]) == {1, 3}
     for c, fraction in out["roofline"]["tiny"].items():
         f = res["in-process"][c]["roofline"]
         assert f["fraction"] == fraction > 0 and 1 <= f["experts_touched_per_layer"] <= 32
         assert f["bytes_per_step"] > f["experts_touched_per_layer"] * 3 * 64 * 48 * 4  # tiny: d 64, F 48
+        assert f["flops_per_step"] > c * 2 * 3 * 2 * 3 * 64 * 48  # at least its experts: 3 layers, top 2
+        assert f["serial_bound_tokens_per_s"] < min(f["bound_tokens_per_s"], f["compute_bound_tokens_per_s"])
+        assert f["fraction_of_serial"] > f["fraction"]
     assert "roofline" in table(out)
     rt = out["dispatch_round_trip_ms"]
     assert rt["pools"] == 2 and rt["tokens"] == 64 and 0 < rt["p50"] <= rt["p99"]
