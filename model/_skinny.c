@@ -267,8 +267,10 @@ static void matmul(const float *x, int64_t ldx, const float *w, const float *b, 
 
 /* The expert step over routed pairs, grouped by expert (docs in `model/skinny.py`). The pairs' row
  * pointers are laid out first (xp, yp, scale: R each); then each expert's matmul, cut into ranges of
- * CHUNK_FLOATS of its weights, is a work item shared by the threads. */
-#define CHUNK_FLOATS (64 * 1024)
+ * CHUNK_FLOATS of its weights (512 KiB), is a work item shared by the threads: each item starts a
+ * new stream from memory, so fewer, longer ones (docs/PERFORMANCE.md: 256 KiB items were 1.01-1.03x
+ * slower at 32 streams). */
+#define CHUNK_FLOATS (128 * 1024)
 
 static void expert_items(const float *const *xp, float *const *yp, const float *scale, const int64_t *counts,
                          int64_t E, const float *w, int64_t O, int64_t K, int threads) {
