@@ -72,6 +72,15 @@ TARGET static void one_row(const float *x, const float *w, float *y, float s, in
 
 #define PF_BLOCKS 2 /* how far ahead dot_rows asks for weight blocks */
 
+/* k-th step of a pass over a 4-row block: its share of the block PF_BLOCKS ahead (4K floats over
+ * K/8 steps: 2 cache lines a step), when pf (that block) is given. */
+static inline void ask_ahead(const char *pf, int64_t k) {
+    if (pf) {
+        _mm_prefetch(pf + 16 * k, _MM_HINT_T0);
+        _mm_prefetch(pf + 16 * k + 64, _MM_HINT_T0);
+    }
+}
+
 /* y[m][o] = sum_k x[m][k] w[o, k] for o in [o0, o1): 4 rows of w by 2 rows of x at a time, and for
  * an odd row count the last 3 rows in one pass (12 accumulators: a pair then a single row, whose 4
  * FMA chains wait on their own latency, took 1.36x as long from cache, docs/PERFORMANCE.md). Any
@@ -87,8 +96,7 @@ TARGET static void dot_rows(const float *const *x, const float *w, float *const 
     int64_t o = o0;
     for (; o + 4 <= O; o += 4) {
         const float *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        /* the first pass streams this block from memory: it asks for the block PF_BLOCKS ahead
-         * meanwhile (4K floats over K/8 steps: 2 cache lines a step) */
+        /* the first pass streams this block from memory: it asks for the block PF_BLOCKS ahead */
         const char *ahead = (const char *)(w0 + PF_BLOCKS * 4 * K);
         for (int64_t m = 0; m < pairs; m += 2) {
             const float *x0 = x[m], *x1 = x[m + 1];
@@ -96,10 +104,7 @@ TARGET static void dot_rows(const float *const *x, const float *w, float *const 
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
             __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
             for (int64_t k = 0; k < K; k += 8) {
-                if (pf) {
-                    _mm_prefetch(pf + 16 * k, _MM_HINT_T0);
-                    _mm_prefetch(pf + 16 * k + 64, _MM_HINT_T0);
-                }
+                ask_ahead(pf, k);
                 __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
                 __m256 u = _mm256_loadu_ps(w0 + k);
                 a00 = _mm256_fmadd_ps(v0, u, a00), a10 = _mm256_fmadd_ps(v1, u, a10);
@@ -124,10 +129,7 @@ TARGET static void dot_rows(const float *const *x, const float *w, float *const 
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
             __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
             for (int64_t k = 0; k < K; k += 8) {
-                if (pf) {
-                    _mm_prefetch(pf + 16 * k, _MM_HINT_T0);
-                    _mm_prefetch(pf + 16 * k + 64, _MM_HINT_T0);
-                }
+                ask_ahead(pf, k);
                 __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k), v2 = _mm256_loadu_ps(x2 + k);
                 __m256 u = _mm256_loadu_ps(w0 + k);
                 a00 = _mm256_fmadd_ps(v0, u, a00), a10 = _mm256_fmadd_ps(v1, u, a10), a20 = _mm256_fmadd_ps(v2, u, a20);

@@ -327,8 +327,8 @@ def load_experts(
         for _ in range(cfg.num_layers)
     ]
     load_expert_banks(banks, reader)
-    for b in banks:
-        if huge_pages:
+    if huge_pages:
+        for b in banks:
             to_huge_pages(b)
     return [b.eval().requires_grad_(False) for b in banks]
 

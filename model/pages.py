@@ -54,9 +54,7 @@ def to_huge_pages(module: nn.Module) -> int:
         return 0
     with torch.no_grad():
         for p, off in zip(params, offsets):
-            view = region[off : off + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
-            view.copy_(p.data)
-            p.data = view
+            p.data = _copy_into(region[off : off + p.numel() * p.element_size()], p.data)
     return total
 
 
@@ -67,8 +65,11 @@ def huge_copy(t: torch.Tensor, min_bytes: int = HUGE_PAGE // 2) -> torch.Tensor:
     if t.device.type != "cpu" or nbytes < min_bytes or not t.is_contiguous():
         return t
     region = huge_empty(nbytes)
-    if region is None:
-        return t
+    return t if region is None else _copy_into(region, t)
+
+
+def _copy_into(region: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`t`'s values in `region` (uint8, exactly t's bytes), viewed with t's dtype and shape."""
     out = region.view(t.dtype).view(t.shape)
     out.copy_(t)
     return out
