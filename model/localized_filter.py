@@ -41,12 +41,17 @@ class LocalizedFilter(nn.Module):
         return w[:, :, :, 0].permute(0, 2, 1).reshape(w.shape[0], -1)
 
     def forward(
-        self, h: torch.Tensor, seq_starts: torch.Tensor, state: torch.Tensor, has_prev: torch.Tensor
+        self,
+        h: torch.Tensor,
+        seq_starts: torch.Tensor,
+        state: torch.Tensor,
+        has_prev: torch.Tensor,
+        keep_rows: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h `[T, d]`: chunks of sequences, packed; chunk i starts at row `seq_starts[i]`, with the
         state `[c1[t-1], h[t-1]]` before it in `state` `[B, d/2 + d]` and `has_prev` `[B, 1]` False
-        when it starts at position 0. Returns the filtered states `[T, d]` and every row's
-        `[c1[t], h[t]]` `[T, d/2 + d]`, the state after it (the cache keeps some of them).
+        when it starts at position 0. Returns the filtered states `[T, d]` and the states after the
+        rows `keep_rows` `[W]` (the ones the cache keeps): their `[c1[t], h[t]]` `[W, d/2 + d]`.
         A one-token chunk is a decode step: the same formula, nothing special."""
         w1 = self._w1.get(self.conv1_weight)  # [d/2, 2d]
         w2 = self._w2.get(self.conv2_weight)  # [d, d]
@@ -55,7 +60,7 @@ class LocalizedFilter(nn.Module):
         c1 = linear(torch.cat([h_prev, h], dim=-1), w1, self.conv1_bias)  # [T, d/2]
         c1_first = torch.where(has_prev, state[:, :half], torch.zeros_like(state[:, :half]))  # zero before 0
         c2 = linear(torch.cat([_shift(c1, seq_starts, c1_first), c1], dim=-1), w2, self.conv2_bias)
-        return self.norm(c2 + h), torch.cat([c1, h], dim=-1)
+        return self.norm(c2 + h), torch.cat([c1[keep_rows], h[keep_rows]], dim=-1)
 
 
 def _shift(x: torch.Tensor, seq_starts: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
