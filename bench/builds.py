@@ -2,7 +2,8 @@
 
 For a change to the C file alone, the fairest comparison on a noisy machine: one engine, one model,
 one cache; each round runs the same prompts once with the installed build and once with the other
-(`model.skinny` calls whichever module it is pointed at), alternated, best of `--rounds`.
+(`model.skinny` calls whichever module it is pointed at), alternated (`bench.kernels.alternate`),
+best of `--rounds`.
 
 Build the other side from any commit, e.g. the previous one:
     git show HEAD~1:model/_skinny.c > /tmp/old.c
@@ -20,12 +21,13 @@ import argparse
 import importlib.util
 import json
 import tempfile
-import time
+from contextlib import contextmanager
+from functools import partial
 from types import ModuleType
 
 import torch
 
-from bench.kernels import prefill_untimed, steps_to_end
+from bench.kernels import alternate
 from gateway.engine import EngineLimits, local_engine
 from model import skinny
 from model.checkpoint import write_random_checkpoint
@@ -42,6 +44,16 @@ def load_build(path: str) -> ModuleType:
     return module
 
 
+@contextmanager
+def _using(module: ModuleType):
+    """`model.skinny` calls `module` inside, the installed build again after."""
+    installed, skinny._skinny = skinny._skinny, module
+    try:
+        yield
+    finally:
+        skinny._skinny = installed
+
+
 def compare(
     other: str,
     streams: list[int],
@@ -53,36 +65,20 @@ def compare(
     """Per stream count: ms a step and tokens/s of each side, installed / other speed, same tokens."""
     if skinny._skinny is None:
         raise RuntimeError("model._skinny is not built here: nothing to compare")
-    sides = {"installed": skinny._skinny, "other": load_build(other)}
+    sides = {"installed": partial(_using, skinny._skinny), "other": partial(_using, load_build(other))}
     torch.set_num_threads(threads)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_random_checkpoint(preset(preset_name), f"{tmp}/m", seed=0)
         eng = local_engine(str(ckpt), limits=EngineLimits(max_running=max(streams), max_tokens=max_tokens))
-        try:
-            for b in streams:
-                g = torch.Generator().manual_seed(b)
-                prompts = [torch.randint(0, 256, (16,), generator=g).tolist() for _ in range(b)]
-                best = {s: float("inf") for s in sides}
-                tokens: dict = {}
-                for r in range(rounds + 1):  # the first round warms up
-                    for side, module in sides.items():
-                        skinny._skinny = module
-                        seqs = prefill_untimed(eng, prompts, max_tokens, f"{side}-{r}")
-                        t0 = time.perf_counter()
-                        steps = steps_to_end(eng)
-                        dt = (time.perf_counter() - t0) / steps
-                        tokens[side] = [s.output_ids for s in seqs]
-                        if r:
-                            best[side] = min(best[side], dt)
-                out[b] = {
-                    **{f"{s}_ms": v * 1e3 for s, v in best.items()},
-                    **{f"{s}_tok_s": b / v for s, v in best.items()},
-                    "installed_over_other": best["other"] / best["installed"],
-                    "same_tokens": tokens["installed"] == tokens["other"],
-                }
-        finally:
-            skinny._skinny = sides["installed"]
+        for b in streams:
+            best, tokens = alternate(eng, b, rounds, sides, max_tokens)
+            out[b] = {
+                **{f"{s}_ms": v * 1e3 for s, v in best.items()},
+                **{f"{s}_tok_s": b / v for s, v in best.items()},
+                "installed_over_other": best["other"] / best["installed"],
+                "same_tokens": tokens["installed"] == tokens["other"],
+            }
     return out
 
 

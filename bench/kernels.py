@@ -23,6 +23,8 @@ import argparse
 import json
 import tempfile
 import time
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 
@@ -88,25 +90,58 @@ def steps_to_end(eng) -> int:
     return steps
 
 
+def timed_decode(eng, streams: int, max_tokens: int) -> tuple[float, list[list[int]]]:
+    """`streams` 16-token prompts (seeded by their number) prefilled untimed, then decoded to the end:
+    seconds a step and each stream's tokens."""
+    g = torch.Generator().manual_seed(streams)
+    prompts = [torch.randint(0, 256, (16,), generator=g).tolist() for _ in range(streams)]
+    seqs = prefill_untimed(eng, prompts, max_tokens, f"b{streams}")
+    t0 = time.perf_counter()
+    steps = steps_to_end(eng)
+    return (time.perf_counter() - t0) / steps, [s.output_ids for s in seqs]
+
+
+def alternate(eng, streams: int, rounds: int, sides: dict, max_tokens: int) -> tuple[dict, dict]:
+    """After a warm-up run, each side once a round, in turn (`sides`: name -> a context manager
+    factory that sets the side up and puts everything back); each side's best seconds a step and
+    its tokens."""
+    best = {side: float("inf") for side in sides}
+    tokens: dict = {}
+    timed_decode(eng, streams, max_tokens)  # warm-up
+    for _ in range(rounds):
+        for side, setup in sides.items():
+            with setup():
+                dt, tokens[side] = timed_decode(eng, streams, max_tokens)
+            best[side] = min(best[side], dt)
+    return best, tokens
+
+
+@contextmanager
+def _paths(on: bool, group_rows: int, attention: bool, whole: bool, threads: int):
+    """The C paths of `decode`'s sides (`model.skinny`'s switches and torch's threads), put back after."""
+    limit, skinny.EXPERT_MAX_ROWS = skinny.EXPERT_MAX_ROWS, group_rows
+    skinny.DECODE_LAYER, skinny.DECODE_STEP = attention, whole
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with skinny.mode(on):
+            yield
+    finally:
+        skinny.EXPERT_MAX_ROWS, skinny.DECODE_LAYER, skinny.DECODE_STEP = limit, True, True
+        torch.set_num_threads(before)
+
+
 def decode(streams: list[int], rounds: int, threads: int, max_tokens: int = 32) -> dict:
     tmp = tempfile.TemporaryDirectory()
     ckpt = write_random_checkpoint(preset("small"), f"{tmp.name}/small", seed=0)
     eng = local_engine(str(ckpt), limits=EngineLimits(max_running=max(streams), max_tokens=max_tokens))
-
-    def run(b: int) -> tuple[float, list[list[int]]]:
-        g = torch.Generator().manual_seed(b)
-        prompts = [torch.randint(0, 256, (16,), generator=g).tolist() for _ in range(b)]
-        seqs = prefill_untimed(eng, prompts, max_tokens, f"b{b}")
-        t0 = time.perf_counter()
-        steps = steps_to_end(eng)
-        return (time.perf_counter() - t0) / steps, [s.output_ids for s in seqs]
 
     # "C": a step's layers, experts included, in one call; "C per layer": the C decode layer and
     # the two-call expert step, a few calls a layer; "grouped": without the decode layer; "per
     # expert": the kernel for each matmul only; "torch": all off; "C, 1 thread": the first on one
     # thread (when the run has more).
     rows = skinny.EXPERT_MAX_ROWS
-    sides = {
+    paths = {
         "C": (True, rows, True, True, threads),
         "C per layer": (True, rows, True, False, threads),
         "grouped": (True, rows, False, False, threads),
@@ -114,24 +149,11 @@ def decode(streams: list[int], rounds: int, threads: int, max_tokens: int = 32) 
         "torch": (False, 0, False, False, threads),
     }
     if threads > 1:
-        sides["C, 1 thread"] = (True, rows, True, True, 1)
+        paths["C, 1 thread"] = (True, rows, True, True, 1)
+    sides = {side: partial(_paths, *args) for side, args in paths.items()}
     out: dict = {}
     for b in streams:
-        best = {s: float("inf") for s in sides}
-        tokens = {}
-        run(b)  # warm-up
-        for _ in range(rounds):
-            for side, (on, group_rows, attention, whole, n) in sides.items():
-                limit, skinny.EXPERT_MAX_ROWS = skinny.EXPERT_MAX_ROWS, group_rows
-                skinny.DECODE_LAYER, skinny.DECODE_STEP = attention, whole
-                torch.set_num_threads(n)
-                try:
-                    with skinny.mode(on):
-                        dt, tokens[side] = run(b)
-                finally:
-                    skinny.EXPERT_MAX_ROWS, skinny.DECODE_LAYER, skinny.DECODE_STEP = limit, True, True
-                    torch.set_num_threads(threads)
-                best[side] = min(best[side], dt)
+        best, tokens = alternate(eng, b, rounds, sides, max_tokens)
         out[b] = {f"{side}_tok_s": b / best[side] for side in sides}
         out[b]["speedup"] = best["torch"] / best["C"]
         out[b]["one_call_over_per_layer"] = best["C per layer"] / best["C"]
