@@ -15,6 +15,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -38,172 +39,31 @@ TARGET static inline float hsum(__m256 v) {
  * anywhere (the expert step's gathered tokens) and write them anywhere (its output slots). y gets
  * its dot products, times `scale[m]` when scale is given. */
 
-/* One row of x against 8 rows of w at a time: 8 independent FMA chains keep the core busy while
- * the weights stream in. */
-TARGET static void one_row(const float *x, const float *w, float *y, float s, int scaled, int64_t O,
-                           int64_t K) {
-    int64_t o = 0;
-    for (; o + 8 <= O; o += 8) {
-        const float *r = w + o * K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        for (int64_t k = 0; k < K; k += 8) {
-            __m256 v = _mm256_loadu_ps(x + k);
-            a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(r + k), a0);
-            a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(r + K + k), a1);
-            a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(r + 2 * K + k), a2);
-            a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(r + 3 * K + k), a3);
-            a4 = _mm256_fmadd_ps(v, _mm256_loadu_ps(r + 4 * K + k), a4);
-            a5 = _mm256_fmadd_ps(v, _mm256_loadu_ps(r + 5 * K + k), a5);
-            a6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(r + 6 * K + k), a6);
-            a7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(r + 7 * K + k), a7);
-        }
-        float h[8] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3), hsum(a4), hsum(a5), hsum(a6), hsum(a7)};
-        for (int j = 0; j < 8; j++)
-            y[o + j] = scaled ? h[j] * s : h[j];
-    }
-    for (; o < O; o++) {
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t k = 0; k < K; k += 8)
-            a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + o * K + k), a);
-        float h = hsum(a);
-        y[o] = scaled ? h * s : h;
-    }
-}
-
 #define PF_BLOCKS 2 /* how far ahead dot_rows asks for weight blocks */
+#define MANY_ROWS 16 /* rows from which a matmul uses dot_rows_many */
 
-/* k-th step of a pass over a 4-row block: its share of the block PF_BLOCKS ahead (4K floats over
- * K/8 steps: 2 cache lines a step), when pf (that block) is given. */
-static inline void ask_ahead(const char *pf, int64_t k) {
-    if (pf) {
-        _mm_prefetch(pf + 16 * k, _MM_HINT_T0);
-        _mm_prefetch(pf + 16 * k + 64, _MM_HINT_T0);
-    }
-}
+/* float32 weights: one_row, dot_rows, dot_rows_many */
+#define WT float
+#define LOADW(p) _mm256_loadu_ps(p)
+#define NAME(f) f
+#include "_skinny_dot.h"
+#undef WT
+#undef LOADW
+#undef NAME
 
-/* y[m][o] = sum_k x[m][k] w[o, k] for o in [o0, o1): 4 rows of w by 2 rows of x at a time, and for
- * an odd row count the last 3 rows in one pass (12 accumulators: a pair then a single row, whose 4
- * FMA chains wait on their own latency, took 1.36x as long from cache, docs/PERFORMANCE.md). Any
- * split of [0, O) into ranges gives the same bits (each element's operations are the same in a
- * block and in the tail), and so does any grouping of the rows. */
-TARGET static void dot_rows(const float *const *x, const float *w, float *const *y, const float *scale,
-                        int64_t M, int64_t o0, int64_t O, int64_t K) {
-    if (M == 1) {
-        one_row(x[0], w + o0 * K, y[0] + o0, scale ? scale[0] : 1.0f, scale != NULL, O - o0, K);
-        return;
-    }
-    const int64_t pairs = M % 2 ? M - 3 : M; /* rows in pairs; the 3 after them in one pass */
-    int64_t o = o0;
-    for (; o + 4 <= O; o += 4) {
-        const float *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        /* the first pass streams this block from memory: it asks for the block PF_BLOCKS ahead */
-        const char *ahead = (const char *)(w0 + PF_BLOCKS * 4 * K);
-        for (int64_t m = 0; m < pairs; m += 2) {
-            const float *x0 = x[m], *x1 = x[m + 1];
-            const char *pf = m ? NULL : ahead;
-            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-            __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-            for (int64_t k = 0; k < K; k += 8) {
-                ask_ahead(pf, k);
-                __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
-                __m256 u = _mm256_loadu_ps(w0 + k);
-                a00 = _mm256_fmadd_ps(v0, u, a00), a10 = _mm256_fmadd_ps(v1, u, a10);
-                u = _mm256_loadu_ps(w1 + k);
-                a01 = _mm256_fmadd_ps(v0, u, a01), a11 = _mm256_fmadd_ps(v1, u, a11);
-                u = _mm256_loadu_ps(w2 + k);
-                a02 = _mm256_fmadd_ps(v0, u, a02), a12 = _mm256_fmadd_ps(v1, u, a12);
-                u = _mm256_loadu_ps(w3 + k);
-                a03 = _mm256_fmadd_ps(v0, u, a03), a13 = _mm256_fmadd_ps(v1, u, a13);
-            }
-            float h0[4] = {hsum(a00), hsum(a01), hsum(a02), hsum(a03)};
-            float h1[4] = {hsum(a10), hsum(a11), hsum(a12), hsum(a13)};
-            for (int j = 0; j < 4; j++) {
-                y[m][o + j] = scale ? h0[j] * scale[m] : h0[j];
-                y[m + 1][o + j] = scale ? h1[j] * scale[m + 1] : h1[j];
-            }
-        }
-        if (pairs < M) {
-            const int64_t m = pairs;
-            const float *x0 = x[m], *x1 = x[m + 1], *x2 = x[m + 2];
-            const char *pf = m ? NULL : ahead;
-            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-            __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-            for (int64_t k = 0; k < K; k += 8) {
-                ask_ahead(pf, k);
-                __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k), v2 = _mm256_loadu_ps(x2 + k);
-                __m256 u = _mm256_loadu_ps(w0 + k);
-                a00 = _mm256_fmadd_ps(v0, u, a00), a10 = _mm256_fmadd_ps(v1, u, a10), a20 = _mm256_fmadd_ps(v2, u, a20);
-                u = _mm256_loadu_ps(w1 + k);
-                a01 = _mm256_fmadd_ps(v0, u, a01), a11 = _mm256_fmadd_ps(v1, u, a11), a21 = _mm256_fmadd_ps(v2, u, a21);
-                u = _mm256_loadu_ps(w2 + k);
-                a02 = _mm256_fmadd_ps(v0, u, a02), a12 = _mm256_fmadd_ps(v1, u, a12), a22 = _mm256_fmadd_ps(v2, u, a22);
-                u = _mm256_loadu_ps(w3 + k);
-                a03 = _mm256_fmadd_ps(v0, u, a03), a13 = _mm256_fmadd_ps(v1, u, a13), a23 = _mm256_fmadd_ps(v2, u, a23);
-            }
-            float h[3][4] = {{hsum(a00), hsum(a01), hsum(a02), hsum(a03)},
-                             {hsum(a10), hsum(a11), hsum(a12), hsum(a13)},
-                             {hsum(a20), hsum(a21), hsum(a22), hsum(a23)}};
-            for (int i = 0; i < 3; i++)
-                for (int j = 0; j < 4; j++)
-                    y[m + i][o + j] = scale ? h[i][j] * scale[m + i] : h[i][j];
-        }
-    }
-    for (; o < O; o++)
-        for (int64_t m = 0; m < M; m++) {
-            __m256 a = _mm256_setzero_ps();
-            for (int64_t k = 0; k < K; k += 8)
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(x[m] + k), _mm256_loadu_ps(w + o * K + k), a);
-            float h = hsum(a);
-            y[m][o] = scale ? h * scale[m] : h;
-        }
+/* bfloat16 weights (the bits' upper half of a float32): one_row_bf16, dot_rows_bf16, ... */
+TARGET static inline __m256 bf16x8(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
+#define WT uint16_t
+#define LOADW(p) bf16x8(p)
+#define NAME(f) f##_bf16
+#include "_skinny_dot.h"
+#undef WT
+#undef LOADW
+#undef NAME
 
-/* The same for MANY_ROWS rows or more (compute-bound: a decode layer's projections at 16+ streams):
- * 3 rows of w by 4 rows of x at a time, 12 accumulators, 7 loads per 12 FMAs where the 4 x 2 block
- * does 6 per 8 (1.04-1.17x at 16-64 rows, docs/PERFORMANCE.md); rows and outputs it leaves go to
- * dot_rows. The same operations per element (8 lanes of FMAs over k, one add tree): the same bits. */
-#define MANY_ROWS 16
-TARGET static void dot_rows_many(const float *const *x, const float *w, float *const *y, const float *scale,
-                                 int64_t M, int64_t o0, int64_t O, int64_t K) {
-    const int64_t M4 = M / 4 * 4;
-    /* The next 3-row block of w is asked for while this one is used, its cache lines spread over the
-     * passes of 4 x rows: without it the first pass over each block waits on memory (a decode step's
-     * dense weights are not in cache: the experts went through it). */
-    const int64_t lines = (3 * K * 4 + 63) / 64, passes = M4 / 4, per = passes ? (lines + passes - 1) / passes : 0;
-    int64_t o = o0;
-    for (; o + 3 <= O; o += 3) {
-        const float *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K;
-        const char *next = o + 6 <= O ? (const char *)(w0 + 3 * K) : NULL;
-        for (int64_t m = 0; m < M4; m += 4) {
-            if (next)
-                for (int64_t i = m / 4 * per, end = i + per < lines ? i + per : lines; i < end; i++)
-                    _mm_prefetch(next + 64 * i, _MM_HINT_T0);
-            const float *x0 = x[m], *x1 = x[m + 1], *x2 = x[m + 2], *x3 = x[m + 3];
-            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
-            __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
-            for (int64_t k = 0; k < K; k += 8) {
-                __m256 u0 = _mm256_loadu_ps(w0 + k), u1 = _mm256_loadu_ps(w1 + k), u2 = _mm256_loadu_ps(w2 + k);
-                __m256 v = _mm256_loadu_ps(x0 + k);
-                a00 = _mm256_fmadd_ps(v, u0, a00), a01 = _mm256_fmadd_ps(v, u1, a01), a02 = _mm256_fmadd_ps(v, u2, a02);
-                v = _mm256_loadu_ps(x1 + k);
-                a10 = _mm256_fmadd_ps(v, u0, a10), a11 = _mm256_fmadd_ps(v, u1, a11), a12 = _mm256_fmadd_ps(v, u2, a12);
-                v = _mm256_loadu_ps(x2 + k);
-                a20 = _mm256_fmadd_ps(v, u0, a20), a21 = _mm256_fmadd_ps(v, u1, a21), a22 = _mm256_fmadd_ps(v, u2, a22);
-                v = _mm256_loadu_ps(x3 + k);
-                a30 = _mm256_fmadd_ps(v, u0, a30), a31 = _mm256_fmadd_ps(v, u1, a31), a32 = _mm256_fmadd_ps(v, u2, a32);
-            }
-            float h[4][3] = {{hsum(a00), hsum(a01), hsum(a02)}, {hsum(a10), hsum(a11), hsum(a12)},
-                             {hsum(a20), hsum(a21), hsum(a22)}, {hsum(a30), hsum(a31), hsum(a32)}};
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 3; j++)
-                    y[m + i][o + j] = scale ? h[i][j] * scale[m + i] : h[i][j];
-        }
-    }
-    if (o < O && M4)
-        dot_rows(x, w, y, scale, M4, o, O, K);
-    if (M4 < M)
-        dot_rows(x + M4, w, y + M4, scale ? scale + M4 : NULL, M - M4, o0, O, K);
-}
 
 /* Threads: a call whose weights are at least PAR_FLOATS floats is cut into ranges of output rows
  * (multiples of 8) shared by `threads` OpenMP threads, the team torch's own parallel regions use
@@ -240,8 +100,12 @@ static void cut(int64_t O, int64_t n, int64_t t, int64_t *o0, int64_t *o1) {
 /* Row pointers of a strided matrix, on the stack for up to STACK_ROWS rows. */
 #define STACK_ROWS 64
 
-static void matmul(const float *x, int64_t ldx, const float *w, const float *b, float *y, int64_t ldy,
-                   int64_t M, int64_t O, int64_t K, int threads) {
+/* A weight type's kernels (dot_rows, dot_rows_many or their _bf16 twins) as matmul calls them. */
+typedef void (*dot_fn)(const float *const *x, const void *w, float *const *y, const float *scale, int64_t M,
+                       int64_t o0, int64_t O, int64_t K);
+
+static void matmul_of(dot_fn few, dot_fn many, const float *x, int64_t ldx, const void *w, const float *b,
+                      float *y, int64_t ldy, int64_t M, int64_t O, int64_t K, int threads) {
     const float *xs[STACK_ROWS];
     float *ys[STACK_ROWS];
     const int64_t n_threads = team(threads, O * K, PAR_FLOATS);
@@ -250,7 +114,7 @@ static void matmul(const float *x, int64_t ldx, const float *w, const float *b, 
         for (int64_t m = 0; m < n; m++)
             xs[m] = x + (m0 + m) * ldx, ys[m] = y + (m0 + m) * ldy;
         if (n_threads == 1) {
-            (n >= MANY_ROWS ? dot_rows_many : dot_rows)(xs, w, ys, NULL, n, 0, O, K);
+            (n >= MANY_ROWS ? many : few)(xs, w, ys, NULL, n, 0, O, K);
             continue;
         }
 #pragma omp parallel for num_threads(n_threads) schedule(static, 1)
@@ -258,13 +122,72 @@ static void matmul(const float *x, int64_t ldx, const float *w, const float *b, 
             int64_t o0, o1;
             cut(O, n_threads, t, &o0, &o1);
             if (o0 < o1)
-                (n >= MANY_ROWS ? dot_rows_many : dot_rows)(xs, w, ys, NULL, n, o0, o1, K);
+                (n >= MANY_ROWS ? many : few)(xs, w, ys, NULL, n, o0, o1, K);
         }
     }
     if (b)
         for (int64_t m = 0; m < M; m++)
             for (int64_t o = 0; o < O; o++)
                 y[m * ldy + o] += b[o];
+}
+
+static void matmul(const float *x, int64_t ldx, const float *w, const float *b, float *y, int64_t ldy,
+                   int64_t M, int64_t O, int64_t K, int threads) {
+    matmul_of(dot_rows, dot_rows_many, x, ldx, w, b, y, ldy, M, O, K, threads);
+}
+
+/* bfloat16 <-> float32. Widening is exact; narrowing rounds to nearest, ties to even, as torch's
+ * float -> bfloat16 conversion does, and makes a NaN the quiet NaN 0x7fc0 (as c10::BFloat16 does;
+ * torch's vectorized conversion writes 0xffff, another NaN). */
+static inline float bf16_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f)
+        return 0x7fc0;
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+TARGET static void round_bf16(const float *src, uint16_t *dst, int64_t n) {
+    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff), qnan = _mm256_set1_epi32(0x7fc0);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(src + i);
+        __m256i u = _mm256_castps_si256(v);
+        __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+        r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), qnan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    }
+    for (; i < n; i++)
+        dst[i] = float_bf16(src[i]);
+}
+
+/* y = x w^T (+ b), all bfloat16: x's rows and the bias widened to float32 once, the weights as they
+ * stream (dot_rows_bf16), float32 sums rounded to bfloat16 once, as torch's CPU bfloat16 matmul
+ * does. Half the bytes of a float32 matmul from memory. Returns 0 when out of memory. */
+static int matmul_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *b, uint16_t *y,
+                       int64_t ldy, int64_t M, int64_t O, int64_t K, int threads) {
+    float *xf = malloc(sizeof(float) * (size_t)(M * K + M * O + (b ? O : 0)) + 1);
+    if (!xf)
+        return 0;
+    float *yf = xf + M * K, *bf = b ? yf + M * O : NULL;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++)
+            xf[m * K + k] = bf16_float(x[m * ldx + k]);
+    for (int64_t o = 0; bf && o < O; o++)
+        bf[o] = bf16_float(b[o]);
+    matmul_of(dot_rows_bf16, dot_rows_many_bf16, xf, K, w, bf, yf, O, M, O, K, threads);
+    for (int64_t m = 0; m < M; m++)
+        round_bf16(yf + m * O, y + m * ldy, O);
+    free(xf);
+    return 1;
 }
 
 /* The expert step over routed pairs, grouped by expert (docs in `model/skinny.py`). The pairs' row
@@ -800,6 +723,33 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
 }
 
 
+PyDoc_STRVAR(matmul_bf16_doc,
+"matmul_bf16(x, ldx, w, b, y, ldy, M, O, K, threads)\n\n"
+"matmul for bfloat16 x, w, b and y (pointers and strides in elements, as matmul): float32 sums of\n"
+"the widened values, rounded to bfloat16 once.");
+
+static PyObject *py_matmul_bf16(PyObject *self, PyObject *args) {
+    unsigned long long x, w, b, y;
+    long long ldx, ldy, M, O, K;
+    int threads, ok = 1;
+    if (!PyArg_ParseTuple(args, "KLKKKLLLLi:matmul_bf16", &x, &ldx, &w, &b, &y, &ldy, &M, &O, &K, &threads))
+        return NULL;
+    if (!supported() || K % 8 || M < 0 || O < 0 || K < 0 || ldx < K || ldy < O) {
+        PyErr_SetString(PyExc_ValueError,
+                        "matmul_bf16: unsupported CPU or shapes (K a multiple of 8, ldx >= K, ldy >= O)");
+        return NULL;
+    }
+#if SKINNY_X86
+    Py_BEGIN_ALLOW_THREADS
+    ok = matmul_bf16((const uint16_t *)(uintptr_t)x, ldx, (const uint16_t *)(uintptr_t)w,
+                     (const uint16_t *)(uintptr_t)b, (uint16_t *)(uintptr_t)y, ldy, M, O, K, threads);
+    Py_END_ALLOW_THREADS
+#endif
+    if (!ok)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(group_doc,
 "group(local, R, E, order, counts) -> largest group\n\n"
 "A stable counting sort of R pairs by their expert: local (int64 [R], each in [0, E)) -> order\n"
@@ -1234,6 +1184,7 @@ static PyMethodDef methods[] = {
     {"openmp", openmp, METH_NOARGS, openmp_doc},
     {"release_team", release_team, METH_NOARGS, release_doc},
     {"matmul", py_matmul, METH_VARARGS, matmul_doc},
+    {"matmul_bf16", py_matmul_bf16, METH_VARARGS, matmul_bf16_doc},
     {"group", py_group, METH_VARARGS, group_doc},
     {"decode_attention", py_decode, METH_VARARGS, decode_doc},
     {"rms_norm", py_rms, METH_VARARGS, rms_doc},

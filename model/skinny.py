@@ -1,4 +1,4 @@
-"""Skinny matmuls: `x @ w.T (+ b)` for few rows of x, on the CPU in float32, by `model/_skinny.c`.
+"""Skinny matmuls: `x @ w.T (+ b)` for few rows of x, on the CPU, by `model/_skinny.c`.
 
 Decode steps are made of them: one row per stream for attention, the router and the LM head, and
 a few rows per expert (a 32-stream batch gives each of ~22 experts ~3 rows). Such a product should
@@ -10,6 +10,10 @@ faster, so `fits` says no and the caller uses torch.
 
 Every output element is computed by the same operations whatever the row count, so a row's bits
 do not depend on the rest of the batch (the kernel's comment says how).
+
+`matmul` takes float32 or bfloat16 (the released model's dtype): bfloat16 weights widen to float32
+as they stream, the sums are float32 and round to bfloat16 once, as torch's CPU kernel does, and
+half the bytes come from memory. The larger calls below are float32 only.
 
 Threads: every call passes `torch.get_num_threads()`; a call over at least 64K floats of weights is
 cut into ranges of output rows (experts: pieces of each expert's matmul) shared by that many
@@ -89,13 +93,16 @@ def mode(on: bool):
         set_enabled(before)
 
 
+_WEIGHT_TYPES = (torch.float32, torch.bfloat16)  # x, weight (and bias, out) all of one of these
+
+
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `x @ weight.T` runs here: enabled, CPU float32, 1..MAX_ROWS rows of x with unit
-    column stride, `weight` `[N, K]` contiguous with K a multiple of 8."""
+    """Whether `x @ weight.T` runs here: enabled, CPU float32 or bfloat16 (both of one), 1..MAX_ROWS
+    rows of x with unit column stride, `weight` `[N, K]` contiguous with K a multiple of 8."""
     return (
         _enabled
-        and x.dtype is torch.float32
-        and weight.dtype is torch.float32
+        and x.dtype in _WEIGHT_TYPES
+        and weight.dtype is x.dtype
         and x.device.type == "cpu"
         and x.dim() == 2
         and 0 < x.shape[0] <= MAX_ROWS
@@ -111,21 +118,24 @@ def matmul(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`x @ weight.T (+ bias)` into `out` (new when None; rows with unit column stride), for
-    tensors that `fits`."""
+    tensors that `fits`. bfloat16 sums in float32 and rounds once, as torch's CPU kernel does, and
+    reads half the bytes (docs/PERFORMANCE.md)."""
     M, K = x.shape
     N = weight.shape[0]
+    dtype = x.dtype
     if out is None:
-        out = torch.empty(M, N)
-    elif out.shape != (M, N) or out.dtype is not torch.float32 or out.stride(1) != 1:
-        raise ValueError(f"out: expected float32 [{M}, {N}] rows, got {out.dtype} {list(out.shape)}")
+        out = torch.empty(M, N, dtype=dtype)
+    elif out.shape != (M, N) or out.dtype is not dtype or out.stride(1) != 1:
+        raise ValueError(f"out: expected {dtype} [{M}, {N}] rows, got {out.dtype} {list(out.shape)}")
     b = 0
     if bias is not None:
-        if bias.dtype is not torch.float32 or not bias.is_contiguous() or bias.shape != (N,):
-            raise ValueError(f"bias: expected contiguous float32 [{N}], got {bias.dtype} {list(bias.shape)}")
+        if bias.dtype is not dtype or not bias.is_contiguous() or bias.shape != (N,):
+            raise ValueError(f"bias: expected contiguous {dtype} [{N}], got {bias.dtype} {list(bias.shape)}")
         b = bias.data_ptr()
     ldx, ldy = (x.stride(0), out.stride(0)) if M > 1 else (K, N)  # one row: its stride is unused
     threads = torch.get_num_threads()
-    _skinny.matmul(x.data_ptr(), ldx, weight.data_ptr(), b, out.data_ptr(), ldy, M, N, K, threads)
+    call = _skinny.matmul if dtype is torch.float32 else _skinny.matmul_bf16
+    call(x.data_ptr(), ldx, weight.data_ptr(), b, out.data_ptr(), ldy, M, N, K, threads)
     return out
 
 

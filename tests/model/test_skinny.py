@@ -1,5 +1,6 @@
-"""The skinny float32 matmul (model/_skinny.c) against torch, and the property the engine relies on:
-a row's bits do not depend on the other rows of the call."""
+"""The skinny matmul (model/_skinny.c) against torch, and the property the engine relies on: a row's
+bits do not depend on the other rows of the call. float32, and bfloat16 (widened, summed in float32,
+rounded once)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,104 @@ def test_out_and_bias_are_checked():
         skinny.matmul(x, w, out=torch.empty(2, 9))
     with pytest.raises(ValueError, match="bias"):
         skinny.matmul(x, w, torch.randn(7))
+
+
+@contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_is_the_float32_kernel_on_widened_values_rounded_once(rows, threads):
+    """Widening is exact and the sums are the float32 kernel's, so the bfloat16 result is exactly
+    the float32 call on the widened tensors, rounded by torch's conversion (ties to even); and it is
+    as near the exact product as bfloat16 can be."""
+    g = torch.Generator().manual_seed(rows * 10 + threads)
+    O, K = 1100, 256  # past PAR_FLOATS: threads share it
+    x = torch.randn(rows, K, generator=g).bfloat16()
+    w = torch.randn(O, K, generator=g).bfloat16()
+    b = torch.randn(O, generator=g).bfloat16()
+    assert skinny.fits(x, w)
+    with _threads(threads):
+        y = skinny.matmul(x, w, b)
+        wide = skinny.matmul(x.float(), w.float(), b.float())
+    assert y.dtype is torch.bfloat16 and y.shape == (rows, O)
+    assert torch.equal(y, wide.bfloat16())
+    exact = _reference(x, w, b)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all()
+
+
+def _bf16_pieces(v: torch.Tensor) -> torch.Tensor:
+    """float32 values `[n]` -> bfloat16 `[n, 3]` whose float32 sum is exactly the value: the top 8
+    mantissa bits, the next 8, the rest (each cut by truncation, so each piece is exact)."""
+    def trunc(t: torch.Tensor) -> torch.Tensor:
+        return (t.view(torch.int32) & -65536).view(torch.float32)
+
+    a = trunc(v)
+    r = torch.where(torch.isfinite(v), v - a, torch.zeros_like(v))
+    b = trunc(r)
+    return torch.stack([a, b, r - b], 1).bfloat16()
+
+
+def test_bfloat16_rounds_ties_to_even_and_nan_inf_overflow_as_torch():
+    """Each output row's weights are three bfloat16 pieces of a chosen float32 value, so its float32
+    sum is that value and the output is the kernel's rounding of it: ties go to even, NaN is the
+    quiet NaN, float32 values past bfloat16's largest become inf."""
+    top = torch.tensor(0x7F7F8000, dtype=torch.int32).view(torch.float32).item()  # tie at the top
+    values = torch.tensor(
+        [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, 3.4028235e38, -3.4028235e38, top,
+         float("inf"), -float("inf"), float("nan"), 2**-130, -(2**-133), 0.1, -2.5, 65504.0, 1 + 2**-9],
+        dtype=torch.float32,
+    )
+    w = torch.zeros(values.numel(), 8, dtype=torch.bfloat16)
+    w[:, :3] = _bf16_pieces(values)
+    ones = torch.ones(1, 8, dtype=torch.bfloat16)
+    sums = skinny.matmul(ones.float(), w.float())[0]  # the float32 kernel: the chosen values exactly
+    finite = torch.isfinite(values)
+    assert torch.equal(sums[finite], values[finite]) and torch.isnan(sums[9])
+    y = skinny.matmul(ones, w)[0]
+    bits, nan = y.view(torch.int16), torch.isnan(values)
+    # NaN bits: c10::BFloat16's scalar conversion gives 0x7fc0, torch's vectorized one 0xffff
+    assert torch.equal(bits[~nan], sums.bfloat16().view(torch.int16)[~nan]), "differs from torch's conversion"
+    assert y[0] == 1.0 and y[1] == 1 + 2**-6 and y[2] == -1.0 and y[3] == 1 + 2**-7  # ties to even
+    assert y[4] == float("inf") and y[5] == -float("inf") and y[6] == float("inf")
+    assert bits[9].item() == 0x7FC0
+
+
+def test_bfloat16_fits_only_with_bfloat16_weights_and_checks_out():
+    x, w = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    assert skinny.fits(x, w)
+    assert not skinny.fits(x, w.float()) and not skinny.fits(x.float(), w)
+    assert not skinny.fits(x.half(), w.half())
+    with pytest.raises(ValueError, match="out"):
+        skinny.matmul(x, w, out=torch.empty(2, 8))  # float32 out for bfloat16 x
+    with pytest.raises(ValueError, match="bias"):
+        skinny.matmul(x, w, torch.randn(8))
+
+
+def test_bfloat16_engine_is_as_near_float32_with_it_as_with_torch(fixture_dir, golden, golden_tensors):
+    """The bfloat16 engine through the kernel is no further from the float32 fixture than through
+    torch's bfloat16 matmuls (both round each product's sum once)."""
+    from gateway.engine import local_engine
+
+    errs = {}
+    for on in (True, False):
+        with skinny.mode(on):
+            eng = local_engine(str(fixture_dir), dtype="bfloat16")
+            errs[on] = max(
+                (
+                    eng.model.prefill([torch.tensor(c["prompt_ids"])], eng.dispatcher)[0].float()
+                    - golden_tensors[f"case{c['index']}.logits"][0]
+                ).abs().max().item()
+                for c in golden["cases"]
+            )
+    assert 0 < errs[True] <= 2 * errs[False], errs
 
 
 def test_invariant_linear_uses_it_outside_batch_invariant_mode():
