@@ -39,6 +39,8 @@ skinny_args = {"extra_compile_args": ["-O3", *omp], "extra_link_args": omp}
 setup(
     ext_modules=[
         Extension("router._pairsort", sources=["router/_pairsort.c"]),
-        Extension("model._skinny", sources=["model/_skinny.c"], depends=["model/_skinny_dot.h"], **skinny_args),
+        Extension(
+            "model._skinny", sources=["model/_skinny.c"], depends=["model/_skinny_dot.h"], **skinny_args
+        ),
     ]
 )

@@ -101,15 +101,15 @@ def test_bfloat16_is_the_float32_kernel_on_widened_values_rounded_once(rows, thr
     the float32 call on the widened tensors, rounded by torch's conversion (ties to even); and it is
     as near the exact product as bfloat16 can be."""
     g = torch.Generator().manual_seed(rows * 10 + threads)
-    O, K = 1100, 256  # past PAR_FLOATS: threads share it
+    N, K = 1100, 256  # past PAR_FLOATS: threads share it
     x = torch.randn(rows, K, generator=g).bfloat16()
-    w = torch.randn(O, K, generator=g).bfloat16()
-    b = torch.randn(O, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16()
     assert skinny.fits(x, w)
     with _threads(threads):
         y = skinny.matmul(x, w, b)
         wide = skinny.matmul(x.float(), w.float(), b.float())
-    assert y.dtype is torch.bfloat16 and y.shape == (rows, O)
+    assert y.dtype is torch.bfloat16 and y.shape == (rows, N)
     assert torch.equal(y, wide.bfloat16())
     exact = _reference(x, w, b)
     assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all()
@@ -118,6 +118,7 @@ def test_bfloat16_is_the_float32_kernel_on_widened_values_rounded_once(rows, thr
 def _bf16_pieces(v: torch.Tensor) -> torch.Tensor:
     """float32 values `[n]` -> bfloat16 `[n, 3]` whose float32 sum is exactly the value: the top 8
     mantissa bits, the next 8, the rest (each cut by truncation, so each piece is exact)."""
+
     def trunc(t: torch.Tensor) -> torch.Tensor:
         return (t.view(torch.int32) & -65536).view(torch.float32)
 
@@ -133,8 +134,24 @@ def test_bfloat16_rounds_ties_to_even_and_nan_inf_overflow_as_torch():
     quiet NaN, float32 values past bfloat16's largest become inf."""
     top = torch.tensor(0x7F7F8000, dtype=torch.int32).view(torch.float32).item()  # tie at the top
     values = torch.tensor(
-        [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, 3.4028235e38, -3.4028235e38, top,
-         float("inf"), -float("inf"), float("nan"), 2**-130, -(2**-133), 0.1, -2.5, 65504.0, 1 + 2**-9],
+        [
+            1 + 2**-8,
+            1 + 3 * 2**-8,
+            -(1 + 2**-8),
+            1 + 2**-8 + 2**-20,
+            3.4028235e38,
+            -3.4028235e38,
+            top,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            2**-130,
+            -(2**-133),
+            0.1,
+            -2.5,
+            65504.0,
+            1 + 2**-9,
+        ],
         dtype=torch.float32,
     )
     w = torch.zeros(values.numel(), 8, dtype=torch.bfloat16)
@@ -176,7 +193,10 @@ def test_bfloat16_engine_is_as_near_float32_with_it_as_with_torch(fixture_dir, g
                 (
                     eng.model.prefill([torch.tensor(c["prompt_ids"])], eng.dispatcher)[0].float()
                     - golden_tensors[f"case{c['index']}.logits"][0]
-                ).abs().max().item()
+                )
+                .abs()
+                .max()
+                .item()
                 for c in golden["cases"]
             )
     assert 0 < errs[True] <= 2 * errs[False], errs

@@ -1,0 +1,155 @@
+"""Decode at the real model's layer sizes on this CPU: the skinny kernel against torch, side by side.
+
+An m32-shaped random checkpoint (hidden 2048, 16 heads, 32 experts of 2048 -> 2x8192 -> 2048,
+vocab 135040) cut to `--layers` layers, loaded in each `--dtypes` in turn; in-process decode at each
+`--streams`, the skinny kernel on and off (`model.skinny.mode`: off is torch's matmuls) alternated
+in rounds. Reported: ms a step, tokens/s, the bytes a step must read (`bench.roofline.step_bytes`,
+with the experts the steps touched) and the fraction of the bandwidth bound reached, and whether
+both sides gave the same tokens. Numbers are printed (and `--json`), never asserted.
+docs/PERFORMANCE.md has a run. Writing the checkpoint takes ~45 s a layer; `--checkpoint DIR`
+keeps it there and reuses it.
+Usage: python -m bench.real_shape [--layers 1] [--dtypes bfloat16 float32] [--streams 1 4] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bench.kernels import alternate
+from bench.roofline import read_bandwidth_gbs, step_bytes
+from gateway.engine import Engine, EngineLimits
+from model import skinny
+from model.checkpoint import load_experts, load_model, write_random_checkpoint
+from model.config import preset
+from model.dispatcher import LocalDispatcher
+
+PROMPT = 16  # timed_decode's prompt length
+
+
+class CountingDispatcher:
+    """The in-process dispatcher, counting the distinct experts of each call of `rows` rows."""
+
+    def __init__(self, inner: LocalDispatcher) -> None:
+        self.inner, self.touched = inner, {}
+
+    def record_routing(self, layer, expert_ids):  # a one-call decode step's layers (float32)
+        self._count(expert_ids)
+        inner = getattr(self.inner, "record_routing", None)
+        if inner is not None:
+            inner(layer, expert_ids)
+
+    def submit(self, layer, x, expert_ids, weights, lane=0):
+        self._count(expert_ids)
+        return self.inner.submit(layer, x, expert_ids, weights, lane)
+
+    def _count(self, expert_ids: torch.Tensor) -> None:
+        self.touched.setdefault(expert_ids.shape[0], []).append(int(torch.unique(expert_ids).numel()))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@contextmanager
+def _kernel(on: bool):
+    with skinny.mode(on):
+        yield
+
+
+def measure(ckpt: str, dtype: str, streams: list[int], rounds: int, max_tokens: int, gbs: float) -> dict:
+    model, reader = load_model(ckpt, dtype)
+    disp = CountingDispatcher(
+        LocalDispatcher(load_experts(reader, model.cfg, list(range(model.cfg.num_experts))))
+    )
+    eng = Engine(model, disp, EngineLimits(max_running=max(streams), max_tokens=max_tokens))
+    sides = {"C": partial(_kernel, True), "torch": partial(_kernel, False)}
+    out = {}
+    for b in streams:
+        disp.touched.clear()
+        best, tokens = alternate(eng, b, rounds, sides, max_tokens)
+        calls = disp.touched.get(b) or [model.cfg.top_k]
+        touched = sum(calls) / len(calls)
+        nbytes = step_bytes(model, b, touched, PROMPT + max_tokens / 2)
+        bound_s = nbytes / (gbs * 1e9)
+        out[b] = {
+            "C_ms": best["C"] * 1e3,
+            "torch_ms": best["torch"] * 1e3,
+            "C_tok_s": b / best["C"],
+            "C_over_torch": best["torch"] / best["C"],
+            "bytes_per_step": nbytes,
+            "experts_touched_per_layer": touched,
+            "bound_ms": bound_s * 1e3,
+            "C_fraction": bound_s / best["C"],
+            "torch_fraction": bound_s / best["torch"],
+            "same_tokens": tokens["C"] == tokens["torch"],
+        }
+    del eng, disp, model, reader
+    gc.collect()
+    return out
+
+
+def run(
+    layers: int, dtypes: list[str], streams: list[int], rounds: int, max_tokens: int, ckpt: str | None
+) -> dict:
+    tmp = None
+    if ckpt is None:
+        tmp = tempfile.TemporaryDirectory()
+        ckpt = f"{tmp.name}/m32"
+    if not (Path(ckpt) / "config.json").exists():
+        write_random_checkpoint(preset("m32").with_(num_layers=layers), ckpt, seed=0)
+    try:
+        gbs = read_bandwidth_gbs()
+        res = {"layers": layers, "threads": torch.get_num_threads(), "bandwidth_gbs": gbs, "results": {}}
+        for dtype in dtypes:
+            res["results"][dtype] = measure(ckpt, dtype, streams, rounds, max_tokens, gbs)
+        return res
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.real_shape", description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=1, help="layers of the m32-shaped checkpoint")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--rounds", type=int, default=3, help="alternated rounds per side")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--checkpoint", default=None, help="write (or reuse) the checkpoint here")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if not skinny.available():
+        raise SystemExit("model._skinny is not built or this CPU lacks AVX2/FMA: nothing to compare")
+    torch.set_num_threads(a.threads)
+    res = run(a.layers, a.dtypes, a.streams, a.rounds, a.max_tokens, a.checkpoint)
+    if a.json:
+        print(json.dumps(res, indent=1))
+        return
+    print(
+        f"m32-shaped, {a.layers} layer(s), {res['threads']} thread(s), read bandwidth "
+        f"{res['bandwidth_gbs']:.1f} GB/s; ms a decode step, best of {a.rounds} alternated rounds"
+    )
+    print(
+        "| dtype | streams | C ms | torch ms | C / torch | MB a step | bound ms | C of bound "
+        "| torch of bound | same tokens |"
+    )
+    print("|" + " --- |" * 10)
+    for dtype, by_streams in res["results"].items():
+        for b, r in by_streams.items():
+            print(
+                f"| {dtype} | {b} | {r['C_ms']:.1f} | {r['torch_ms']:.1f} | {r['C_over_torch']:.2f} "
+                f"| {r['bytes_per_step'] / 1e6:.0f} | {r['bound_ms']:.1f} | {100 * r['C_fraction']:.0f} % "
+                f"| {100 * r['torch_fraction']:.0f} % | {r['same_tokens']} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
