@@ -40,7 +40,11 @@ TARGET static inline float hsum(__m256 v) {
  * its dot products, times `scale[m]` when scale is given. */
 
 #define PF_BLOCKS 2 /* how far ahead dot_rows asks for weight blocks */
-#define MANY_ROWS 16 /* rows from which a matmul uses dot_rows_many */
+/* Rows from which a matmul uses dot_rows_many (3 x 4 blocks) over dot_rows (4 x 2): 12 for float32
+ * weights, 8 for bfloat16, where dot_rows' second pass widens each block again (bench: 1.10-1.20x at
+ * 8-15 rows, 0.90-0.98x at 9-11 rows for float32; docs/PERFORMANCE.md). */
+#define MANY_ROWS 12
+#define MANY_ROWS_BF16 8
 
 /* float32 weights: one_row, dot_rows, dot_rows_many */
 #define WT float
@@ -104,8 +108,8 @@ static void cut(int64_t O, int64_t n, int64_t t, int64_t *o0, int64_t *o1) {
 typedef void (*dot_fn)(const float *const *x, const void *w, float *const *y, const float *scale, int64_t M,
                        int64_t o0, int64_t O, int64_t K);
 
-static void matmul_of(dot_fn few, dot_fn many, const float *x, int64_t ldx, const void *w, const float *b,
-                      float *y, int64_t ldy, int64_t M, int64_t O, int64_t K, int threads) {
+static void matmul_of(dot_fn few, dot_fn many, int64_t many_from, const float *x, int64_t ldx, const void *w,
+                      const float *b, float *y, int64_t ldy, int64_t M, int64_t O, int64_t K, int threads) {
     const float *xs[STACK_ROWS];
     float *ys[STACK_ROWS];
     const int64_t n_threads = team(threads, O * K, PAR_FLOATS);
@@ -114,7 +118,7 @@ static void matmul_of(dot_fn few, dot_fn many, const float *x, int64_t ldx, cons
         for (int64_t m = 0; m < n; m++)
             xs[m] = x + (m0 + m) * ldx, ys[m] = y + (m0 + m) * ldy;
         if (n_threads == 1) {
-            (n >= MANY_ROWS ? many : few)(xs, w, ys, NULL, n, 0, O, K);
+            (n >= many_from ? many : few)(xs, w, ys, NULL, n, 0, O, K);
             continue;
         }
 #pragma omp parallel for num_threads(n_threads) schedule(static, 1)
@@ -122,7 +126,7 @@ static void matmul_of(dot_fn few, dot_fn many, const float *x, int64_t ldx, cons
             int64_t o0, o1;
             cut(O, n_threads, t, &o0, &o1);
             if (o0 < o1)
-                (n >= MANY_ROWS ? many : few)(xs, w, ys, NULL, n, o0, o1, K);
+                (n >= many_from ? many : few)(xs, w, ys, NULL, n, o0, o1, K);
         }
     }
     if (b)
@@ -133,7 +137,7 @@ static void matmul_of(dot_fn few, dot_fn many, const float *x, int64_t ldx, cons
 
 static void matmul(const float *x, int64_t ldx, const float *w, const float *b, float *y, int64_t ldy,
                    int64_t M, int64_t O, int64_t K, int threads) {
-    matmul_of(dot_rows, dot_rows_many, x, ldx, w, b, y, ldy, M, O, K, threads);
+    matmul_of(dot_rows, dot_rows_many, MANY_ROWS, x, ldx, w, b, y, ldy, M, O, K, threads);
 }
 
 /* bfloat16 <-> float32. Widening is exact; narrowing rounds to nearest, ties to even, as torch's
@@ -183,7 +187,7 @@ static int matmul_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, const 
             xf[m * K + k] = bf16_float(x[m * ldx + k]);
     for (int64_t o = 0; bf && o < O; o++)
         bf[o] = bf16_float(b[o]);
-    matmul_of(dot_rows_bf16, dot_rows_many_bf16, xf, K, w, bf, yf, O, M, O, K, threads);
+    matmul_of(dot_rows_bf16, dot_rows_many_bf16, MANY_ROWS_BF16, xf, K, w, bf, yf, O, M, O, K, threads);
     for (int64_t m = 0; m < M; m++)
         round_bf16(yf + m * O, y + m * ldy, O);
     free(xf);
