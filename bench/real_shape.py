@@ -4,10 +4,12 @@ An m32-shaped random checkpoint (hidden 2048, 16 heads, 32 experts of 2048 -> 2x
 vocab 135040) cut to `--layers` layers, loaded in each `--dtypes` in turn; in-process decode at each
 `--streams`, the skinny kernel on and off (`model.skinny.mode`: off is torch's matmuls) alternated
 in rounds. Reported: ms a step, tokens/s, the bytes a step must read (`bench.roofline.step_bytes`,
-with the experts the steps touched) and the fraction of the bandwidth bound reached, and whether
-both sides gave the same tokens. Numbers are printed (and `--json`), never asserted.
-docs/PERFORMANCE.md has a run. Writing the checkpoint takes ~45 s a layer; `--checkpoint DIR`
-keeps it there and reuses it.
+with the experts the steps touched) and the fraction of the bandwidth bound reached; beside it the
+fraction of memory and compute in series (`step_flops` over the measured float32 matmul rate: the
+kernel multiplies bfloat16 weights in float32 too), the bound where several rows make a step
+compute-heavy; and whether both sides gave the same tokens. Numbers are printed (and `--json`),
+never asserted. docs/PERFORMANCE.md has a run. Writing the checkpoint takes ~45 s a layer;
+`--checkpoint DIR` keeps it there and reuses it.
 Usage: python -m bench.real_shape [--layers 1] [--dtypes bfloat16 float32] [--streams 1 4] [--rounds 3]
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.kernels import alternate
-from bench.roofline import read_bandwidth_gbs, step_bytes
+from bench.roofline import matmul_gflops, read_bandwidth_gbs, step_bytes, step_flops
 from gateway.engine import Engine, EngineLimits
 from model import skinny
 from model.checkpoint import load_experts, load_model, write_random_checkpoint
@@ -63,7 +65,9 @@ def _kernel(on: bool):
         yield
 
 
-def measure(ckpt: str, dtype: str, streams: list[int], rounds: int, max_tokens: int, gbs: float) -> dict:
+def measure(
+    ckpt: str, dtype: str, streams: list[int], rounds: int, max_tokens: int, gbs: float, gflops: float
+) -> dict:
     model, reader = load_model(ckpt, dtype)
     disp = CountingDispatcher(
         LocalDispatcher(load_experts(reader, model.cfg, list(range(model.cfg.num_experts))))
@@ -78,6 +82,7 @@ def measure(ckpt: str, dtype: str, streams: list[int], rounds: int, max_tokens: 
         touched = sum(calls) / len(calls)
         nbytes = step_bytes(model, b, touched, PROMPT + max_tokens / 2)
         bound_s = nbytes / (gbs * 1e9)
+        serial_s = bound_s + step_flops(model, b, PROMPT + max_tokens / 2) / (gflops * 1e9)
         out[b] = {
             "C_ms": best["C"] * 1e3,
             "torch_ms": best["torch"] * 1e3,
@@ -88,6 +93,8 @@ def measure(ckpt: str, dtype: str, streams: list[int], rounds: int, max_tokens: 
             "bound_ms": bound_s * 1e3,
             "C_fraction": bound_s / best["C"],
             "torch_fraction": bound_s / best["torch"],
+            "serial_bound_ms": serial_s * 1e3,
+            "C_fraction_of_serial": serial_s / best["C"],
             "same_tokens": tokens["C"] == tokens["torch"],
         }
     del eng, disp, model, reader
@@ -105,10 +112,10 @@ def run(
     if not (Path(ckpt) / "config.json").exists():
         write_random_checkpoint(preset("m32").with_(num_layers=layers), ckpt, seed=0)
     try:
-        gbs = read_bandwidth_gbs()
-        res = {"layers": layers, "threads": torch.get_num_threads(), "bandwidth_gbs": gbs, "results": {}}
-        for dtype in dtypes:
-            res["results"][dtype] = measure(ckpt, dtype, streams, rounds, max_tokens, gbs)
+        gbs, gflops = read_bandwidth_gbs(), matmul_gflops()
+        res = {"layers": layers, "threads": torch.get_num_threads(), "bandwidth_gbs": gbs}
+        res["matmul_gflops"] = gflops
+        res["results"] = {d: measure(ckpt, d, streams, rounds, max_tokens, gbs, gflops) for d in dtypes}
         return res
     finally:
         if tmp is not None:
@@ -135,19 +142,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(
         f"m32-shaped, {a.layers} layer(s), {res['threads']} thread(s), read bandwidth "
-        f"{res['bandwidth_gbs']:.1f} GB/s; ms a decode step, best of {a.rounds} alternated rounds"
+        f"{res['bandwidth_gbs']:.1f} GB/s, float32 matmul {res['matmul_gflops']:.0f} GFLOP/s; ms a decode "
+        f"step, best of {a.rounds} alternated rounds"
     )
     print(
         "| dtype | streams | C ms | torch ms | C / torch | MB a step | bound ms | C of bound "
-        "| torch of bound | same tokens |"
+        "| torch of bound | memory + compute ms | C of that | same tokens |"
     )
-    print("|" + " --- |" * 10)
+    print("|" + " --- |" * 12)
     for dtype, by_streams in res["results"].items():
         for b, r in by_streams.items():
             print(
                 f"| {dtype} | {b} | {r['C_ms']:.1f} | {r['torch_ms']:.1f} | {r['C_over_torch']:.2f} "
                 f"| {r['bytes_per_step'] / 1e6:.0f} | {r['bound_ms']:.1f} | {100 * r['C_fraction']:.0f} % "
-                f"| {100 * r['torch_fraction']:.0f} % | {r['same_tokens']} |"
+                f"| {100 * r['torch_fraction']:.0f} % | {r['serial_bound_ms']:.1f} "
+                f"| {100 * r['C_fraction_of_serial']:.0f} % | {r['same_tokens']} |"
             )
 
 
