@@ -702,16 +702,17 @@ static PyObject *release_team(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(matmul_doc,
-"matmul(x, ldx, w, b, y, ldy, M, O, K, threads)\n\n"
-"y[m, o] = sum_k x[m, k] w[o, k] (+ b[o]) for m < M, o < O, float32. x, w, b, y are data pointers\n"
-"(b 0 for none); x rows ldx floats apart, y rows ldy apart, w [O, K] contiguous, K a multiple of 8.\n"
-"The caller (model/skinny.py) has checked the tensors; the GIL is released while it runs.");
+"matmul(x, ldx, w, b, y, ldy, M, O, K, threads, bf16=False)\n\n"
+"y[m, o] = sum_k x[m, k] w[o, k] (+ b[o]) for m < M, o < O. x, w, b, y are data pointers (b 0 for\n"
+"none); x rows ldx elements apart, y rows ldy apart, w [O, K] contiguous, K a multiple of 8. All\n"
+"float32, or with bf16 all bfloat16 (float32 sums of the widened values, rounded once). The caller\n"
+"(model/skinny.py) has checked the tensors; the GIL is released while it runs.");
 
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     unsigned long long x, w, b, y;
     long long ldx, ldy, M, O, K;
-    int threads;
-    if (!PyArg_ParseTuple(args, "KLKKKLLLLi:matmul", &x, &ldx, &w, &b, &y, &ldy, &M, &O, &K, &threads))
+    int threads, bf16 = 0, ok = 1;
+    if (!PyArg_ParseTuple(args, "KLKKKLLLLi|p:matmul", &x, &ldx, &w, &b, &y, &ldy, &M, &O, &K, &threads, &bf16))
         return NULL;
     if (!supported() || K % 8 || M < 0 || O < 0 || K < 0 || ldx < K || ldy < O) {
         PyErr_SetString(PyExc_ValueError, "matmul: unsupported CPU or shapes (K a multiple of 8, ldx >= K, ldy >= O)");
@@ -719,34 +720,12 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     }
 #if SKINNY_X86
     Py_BEGIN_ALLOW_THREADS
-    matmul((const float *)(uintptr_t)x, ldx, (const float *)(uintptr_t)w, (const float *)(uintptr_t)b,
-           (float *)(uintptr_t)y, ldy, M, O, K, threads);
-    Py_END_ALLOW_THREADS
-#endif
-    Py_RETURN_NONE;
-}
-
-
-PyDoc_STRVAR(matmul_bf16_doc,
-"matmul_bf16(x, ldx, w, b, y, ldy, M, O, K, threads)\n\n"
-"matmul for bfloat16 x, w, b and y (pointers and strides in elements, as matmul): float32 sums of\n"
-"the widened values, rounded to bfloat16 once.");
-
-static PyObject *py_matmul_bf16(PyObject *self, PyObject *args) {
-    unsigned long long x, w, b, y;
-    long long ldx, ldy, M, O, K;
-    int threads, ok = 1;
-    if (!PyArg_ParseTuple(args, "KLKKKLLLLi:matmul_bf16", &x, &ldx, &w, &b, &y, &ldy, &M, &O, &K, &threads))
-        return NULL;
-    if (!supported() || K % 8 || M < 0 || O < 0 || K < 0 || ldx < K || ldy < O) {
-        PyErr_SetString(PyExc_ValueError,
-                        "matmul_bf16: unsupported CPU or shapes (K a multiple of 8, ldx >= K, ldy >= O)");
-        return NULL;
-    }
-#if SKINNY_X86
-    Py_BEGIN_ALLOW_THREADS
-    ok = matmul_bf16((const uint16_t *)(uintptr_t)x, ldx, (const uint16_t *)(uintptr_t)w,
-                     (const uint16_t *)(uintptr_t)b, (uint16_t *)(uintptr_t)y, ldy, M, O, K, threads);
+    if (bf16)
+        ok = matmul_bf16((const uint16_t *)(uintptr_t)x, ldx, (const uint16_t *)(uintptr_t)w,
+                         (const uint16_t *)(uintptr_t)b, (uint16_t *)(uintptr_t)y, ldy, M, O, K, threads);
+    else
+        matmul((const float *)(uintptr_t)x, ldx, (const float *)(uintptr_t)w, (const float *)(uintptr_t)b,
+               (float *)(uintptr_t)y, ldy, M, O, K, threads);
     Py_END_ALLOW_THREADS
 #endif
     if (!ok)
@@ -1188,7 +1167,6 @@ static PyMethodDef methods[] = {
     {"openmp", openmp, METH_NOARGS, openmp_doc},
     {"release_team", release_team, METH_NOARGS, release_doc},
     {"matmul", py_matmul, METH_VARARGS, matmul_doc},
-    {"matmul_bf16", py_matmul_bf16, METH_VARARGS, matmul_bf16_doc},
     {"group", py_group, METH_VARARGS, group_doc},
     {"decode_attention", py_decode, METH_VARARGS, decode_doc},
     {"rms_norm", py_rms, METH_VARARGS, rms_doc},

@@ -134,8 +134,8 @@ def matmul(
         b = bias.data_ptr()
     ldx, ldy = (x.stride(0), out.stride(0)) if M > 1 else (K, N)  # one row: its stride is unused
     threads = torch.get_num_threads()
-    call = _skinny.matmul if dtype is torch.float32 else _skinny.matmul_bf16
-    call(x.data_ptr(), ldx, weight.data_ptr(), b, out.data_ptr(), ldy, M, N, K, threads)
+    bf16 = dtype is torch.bfloat16
+    _skinny.matmul(x.data_ptr(), ldx, weight.data_ptr(), b, out.data_ptr(), ldy, M, N, K, threads, bf16)
     return out
 
 
