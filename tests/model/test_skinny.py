@@ -23,7 +23,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
     return F.linear(x.double(), w.double(), None if b is None else b.double())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16, 19])  # 13, 19: rows after the fours
 @pytest.mark.parametrize("out_features", [1, 4, 8, 37, 256])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_float64_reference(rows, out_features, with_bias):
@@ -53,13 +53,16 @@ def test_strided_rows_in_and_out():
     assert torch.all(wide_out[untouched] == 7.0), "wrote outside `out`"
 
 
-def test_a_row_has_the_same_bits_in_any_call():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_has_the_same_bits_in_any_call(dtype):
+    """Whatever kernel a row count picks (one row, pairs, the 3 x 4 blocks, the rows after the fours
+    in pieces), a row gets the same operations."""
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(16, 512, generator=g)
-    w = torch.randn(300, 512, generator=g)
-    b = torch.randn(300, generator=g)
+    x = torch.randn(23, 512, generator=g).to(dtype)
+    w = torch.randn(1300, 512, generator=g).to(dtype)  # several pieces of the rows after the fours
+    b = torch.randn(1300, generator=g).to(dtype)
     together = skinny.matmul(x, w, b)
-    for lo, hi in [(0, 1), (3, 4), (5, 8), (2, 13), (15, 16)]:
+    for lo, hi in [(0, 1), (3, 4), (5, 8), (2, 13), (15, 16), (0, 9), (1, 13), (0, 16), (4, 21), (0, 19)]:
         assert torch.equal(skinny.matmul(x[lo:hi], w, b), together[lo:hi]), f"rows {lo}:{hi} differ"
 
 
@@ -94,7 +97,7 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 13, 16, 17, 64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bfloat16_is_the_float32_kernel_on_widened_values_rounded_once(rows, threads):
     """Widening is exact and the sums are the float32 kernel's, so the bfloat16 result is exactly
@@ -541,7 +544,7 @@ def _with_threads(n: int, fn):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 19])
 @pytest.mark.parametrize("threads", [2, 3, 7])  # more threads than cores, and splits not a power of 2
 def test_threads_give_the_same_bits_as_one(rows, threads):
     g = torch.Generator().manual_seed(rows)
