@@ -10,7 +10,11 @@ kernel multiplies bfloat16 weights in float32 too), the bound where several rows
 compute-heavy; and whether both sides gave the same tokens. Numbers are printed (and `--json`),
 never asserted. docs/PERFORMANCE.md has a run. Writing the checkpoint takes ~45 s a layer;
 `--checkpoint DIR` keeps it there and reuses it.
+With `--pools N`, also served: N expert pools (Ray actors, one torch thread each, as served) and the
+gateway's engine in this process over the data plane, its torch threads 1 (a served gateway's
+default) and `--threads` alternated in rounds; ms a step and the ratio to the in-process kernel.
 Usage: python -m bench.real_shape [--layers 1] [--dtypes bfloat16 float32] [--streams 1 4] [--rounds 3]
+       [--pools 4]
 """
 
 from __future__ import annotations
@@ -102,8 +106,51 @@ def measure(
     return out
 
 
+@contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def served(ckpt: str, dtype: str, pools: int, streams: list[int], rounds: int, max_tokens: int) -> dict:
+    """ms a decode step with `pools` pools, the gateway's engine on 1 thread and on this run's."""
+    from bench import wait_for_quiet
+    from cluster.pools import PoolConfig, PoolSet
+    from cluster.ray_cluster import connect
+    from gateway.pool_dispatcher import PoolDispatcher
+
+    threads = torch.get_num_threads()
+    connect(num_cpus=16)
+    model, _ = load_model(ckpt, dtype)
+    ps = PoolSet(PoolConfig(ckpt, pools=pools, dtype=dtype))
+    ps.start()
+    try:
+        disp = PoolDispatcher(ps.table, ps.handles, num_layers=model.cfg.num_layers)
+        wait_for_quiet()  # Ray starts replacement idle workers after the pools take theirs
+        eng = Engine(model, disp, EngineLimits(max_running=max(streams), max_tokens=max_tokens))
+        sides = {n: partial(_threads, n) for n in sorted({1, threads})}
+        out = {}
+        for b in streams:
+            best, _ = alternate(eng, b, rounds, sides, max_tokens)
+            out[b] = {f"gateway_{n}_threads_ms": best[n] * 1e3 for n in sides}
+        disp.close()
+        return out
+    finally:
+        ps.shutdown()
+
+
 def run(
-    layers: int, dtypes: list[str], streams: list[int], rounds: int, max_tokens: int, ckpt: str | None
+    layers: int,
+    dtypes: list[str],
+    streams: list[int],
+    rounds: int,
+    max_tokens: int,
+    ckpt: str | None,
+    pools: int = 0,
 ) -> dict:
     tmp = None
     if ckpt is None:
@@ -116,6 +163,11 @@ def run(
         res = {"layers": layers, "threads": torch.get_num_threads(), "bandwidth_gbs": gbs}
         res["matmul_gflops"] = gflops
         res["results"] = {d: measure(ckpt, d, streams, rounds, max_tokens, gbs, gflops) for d in dtypes}
+        for d in dtypes if pools else []:
+            res.setdefault("served", {})[d] = got = served(ckpt, d, pools, streams, rounds, max_tokens)
+            for b, r in got.items():
+                for key, ms in list(r.items()):
+                    r[key.replace("_ms", "_over_in_process")] = res["results"][d][b]["C_ms"] / ms
         return res
     finally:
         if tmp is not None:
@@ -131,12 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--checkpoint", default=None, help="write (or reuse) the checkpoint here")
+    p.add_argument("--pools", type=int, default=0, help="also served through this many pools (0: not)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if not skinny.available():
         raise SystemExit("model._skinny is not built or this CPU lacks AVX2/FMA: nothing to compare")
     torch.set_num_threads(a.threads)
-    res = run(a.layers, a.dtypes, a.streams, a.rounds, a.max_tokens, a.checkpoint)
+    res = run(a.layers, a.dtypes, a.streams, a.rounds, a.max_tokens, a.checkpoint, a.pools)
     if a.json:
         print(json.dumps(res, indent=1))
         return
@@ -158,6 +211,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {100 * r['torch_fraction']:.0f} % | {r['serial_bound_ms']:.1f} "
                 f"| {100 * r['C_fraction_of_serial']:.0f} % | {r['same_tokens']} |"
             )
+    for dtype, by_streams in res.get("served", {}).items():
+        print(f"\nserved through {a.pools} pools, {dtype}: ms a decode step (in-process C / it)")
+        for b, r in by_streams.items():
+            cells = [f"{k.split('_')[1]} thread(s) {v:.1f}" for k, v in r.items() if k.endswith("_ms")]
+            ratios = [f"{v:.2f}" for k, v in r.items() if k.endswith("_over_in_process")]
+            print(f"  {b} stream(s): " + ", ".join(f"{c} ({x})" for c, x in zip(cells, ratios)))
 
 
 if __name__ == "__main__":
