@@ -151,17 +151,18 @@ def run(
     max_tokens: int,
     ckpt: str | None,
     pools: int = 0,
+    preset_name: str = "m32",
 ) -> dict:
     tmp = None
     if ckpt is None:
         tmp = tempfile.TemporaryDirectory()
-        ckpt = f"{tmp.name}/m32"
+        ckpt = f"{tmp.name}/{preset_name}"
     if not (Path(ckpt) / "config.json").exists():
-        write_random_checkpoint(preset("m32").with_(num_layers=layers), ckpt, seed=0)
+        write_random_checkpoint(preset(preset_name).with_(num_layers=layers), ckpt, seed=0)
     try:
         gbs, gflops = read_bandwidth_gbs(), matmul_gflops()
-        res = {"layers": layers, "threads": torch.get_num_threads(), "bandwidth_gbs": gbs}
-        res["matmul_gflops"] = gflops
+        res = {"preset": preset_name, "layers": layers, "threads": torch.get_num_threads()}
+        res["bandwidth_gbs"], res["matmul_gflops"] = gbs, gflops
         res["results"] = {d: measure(ckpt, d, streams, rounds, max_tokens, gbs, gflops) for d in dtypes}
         for d in dtypes if pools else []:
             res.setdefault("served", {})[d] = got = served(ckpt, d, pools, streams, rounds, max_tokens)
@@ -177,6 +178,7 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.real_shape", description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=1, help="layers of the m32-shaped checkpoint")
+    p.add_argument("--preset", default="m32", help="another preset's shapes instead (a quick run)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4])
     p.add_argument("--rounds", type=int, default=3, help="alternated rounds per side")
@@ -189,12 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     if not skinny.available():
         raise SystemExit("model._skinny is not built or this CPU lacks AVX2/FMA: nothing to compare")
     torch.set_num_threads(a.threads)
-    res = run(a.layers, a.dtypes, a.streams, a.rounds, a.max_tokens, a.checkpoint, a.pools)
+    res = run(a.layers, a.dtypes, a.streams, a.rounds, a.max_tokens, a.checkpoint, a.pools, a.preset)
     if a.json:
         print(json.dumps(res, indent=1))
         return
     print(
-        f"m32-shaped, {a.layers} layer(s), {res['threads']} thread(s), read bandwidth "
+        f"{a.preset}-shaped, {a.layers} layer(s), {res['threads']} thread(s), read bandwidth "
         f"{res['bandwidth_gbs']:.1f} GB/s, float32 matmul {res['matmul_gflops']:.0f} GFLOP/s; ms a decode "
         f"step, best of {a.rounds} alternated rounds"
     )
