@@ -87,16 +87,6 @@ def test_out_and_bias_are_checked():
         skinny.matmul(x, w, torch.randn(7))
 
 
-@contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 13, 16, 17, 64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bfloat16_is_the_float32_kernel_on_widened_values_rounded_once(rows, threads):
@@ -109,9 +99,8 @@ def test_bfloat16_is_the_float32_kernel_on_widened_values_rounded_once(rows, thr
     w = torch.randn(N, K, generator=g).bfloat16()
     b = torch.randn(N, generator=g).bfloat16()
     assert skinny.fits(x, w)
-    with _threads(threads):
-        y = skinny.matmul(x, w, b)
-        wide = skinny.matmul(x.float(), w.float(), b.float())
+    y = _with_threads(threads, lambda: skinny.matmul(x, w, b))
+    wide = _with_threads(threads, lambda: skinny.matmul(x.float(), w.float(), b.float()))
     assert y.dtype is torch.bfloat16 and y.shape == (rows, N)
     assert torch.equal(y, wide.bfloat16())
     exact = _reference(x, w, b)
