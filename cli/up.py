@@ -8,6 +8,7 @@ the application and its pools, and stop the cluster if this command started it.
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -74,9 +75,8 @@ def cmd_up(args: argparse.Namespace) -> None:
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.perf_counter()
     a = app_args
-    started = connect(
-        args.address, num_cpus=None if args.address else max(8, a.pools * a.replicas + a.gateways + 3)
-    )
+    cpus = max(8, a.pools * a.replicas + math.ceil(a.gateways * a.gateway_cpus) + 3)
+    started = connect(args.address, num_cpus=None if args.address else cpus)
     try:
         serve.start(proxy_location="Disabled")
         serve.run(app, name=APP, route_prefix=None, blocking=False)

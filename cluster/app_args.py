@@ -119,7 +119,15 @@ class AppArgs(EngineArgs):
         None,
         ge=1,
         le=256,
-        description="torch threads of each gateway's engine (LM head, attention); empty: Ray's default, 1.",
+        description="torch threads of each gateway's engine (LM head, attention); empty: its CPUs "
+        "(gateway_cpus: Ray sets OMP_NUM_THREADS to an actor's CPUs).",
+    )
+    gateway_cpus: float = Field(
+        _default(PoolConfig, "gateway_cpus"),
+        gt=0,
+        le=256,
+        description="CPUs Ray reserves for each gateway replica; its torch threads follow (raise it "
+        "where the gateway has cores of its own: its LM head is most of a step at the real model's size).",
     )
     micro_batches: Literal[1, 2] = Field(
         _default(PoolConfig, "micro_batches"),
@@ -217,6 +225,7 @@ class AppArgs(EngineArgs):
             gateways=self.gateways,
             pool_threads=self.pool_threads,
             gateway_threads=self.gateway_threads,
+            gateway_cpus=self.gateway_cpus,
         )
 
     def server_options(self) -> ServerOptions:

@@ -23,4 +23,5 @@ class PoolConfig:
     start_timeout_s: float = 180.0
     gateways: int = 1  # gateways that share the cluster's GPUs with the pools (`gpu_share`)
     pool_threads: int = 1  # torch threads of each pool worker (its CPU share stays as placed)
-    gateway_threads: int | None = None  # torch threads of a gateway's engine; None: Ray's default (1)
+    gateway_threads: int | None = None  # torch threads of a gateway's engine; None: its CPUs (Ray's default)
+    gateway_cpus: float = 1.0  # CPUs Ray reserves for each gateway replica (pools share what is left)

@@ -88,7 +88,7 @@ class PoolSet:
         )
         try:
             gpus = gpu_share(len(table.workers) + cfg.gateways)
-            cpus = self._cpus_per_worker(len(table.workers))
+            cpus = self._cpus_per_worker(len(table.workers), cfg.gateway_cpus)
             R = cfg.replicas
             pending = []
             for p in range(cfg.pools):  # one group per pool: its replicas SPREAD over nodes
@@ -153,7 +153,7 @@ class PoolSet:
     def add_worker(self, expert_ids: list[int] | None = None) -> Worker:
         """Start one more pool worker (its own placement group); returns it once ready."""
         gpus = gpu_share(len(self.workers) + 1 + self.cfg.gateways)
-        cpus = self._cpus_per_worker(len(self.workers) + 1)
+        cpus = self._cpus_per_worker(len(self.workers) + 1, self.cfg.gateway_cpus)
         name = self._new_name()
         group = self._group([self._bundle(cpus, gpus)], "PACK", name)
         self._groups[name] = group
@@ -219,11 +219,13 @@ class PoolSet:
         return self.cfg.limits.max_num_batched_tokens
 
     @staticmethod
-    def _cpus_per_worker(workers: int) -> float:
+    def _cpus_per_worker(workers: int, gateway_cpus: float = 1.0) -> float:
         """A whole CPU per pool worker when the cluster has them; on a small cluster (`serve run` on a
-        2-core box) a share of what is left after one CPU for a gateway, so every pool still fits."""
+        2-core box) a share of what is left after a gateway's CPUs, so every pool still fits."""
         total = ray.cluster_resources().get("CPU", 1.0)
-        return 1.0 if total >= workers + 1 else max(0.01, round((total - 1) / workers, 2))
+        if total >= workers + gateway_cpus:
+            return 1.0
+        return max(0.01, round((total - gateway_cpus) / workers, 2))
 
     def _wait(self, refs: list, what: str) -> list:
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.start_timeout_s)

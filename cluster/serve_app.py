@@ -97,14 +97,14 @@ DRAIN_MARGIN_S = 30.0  # Serve's graceful shutdown outlasts the drain's grace pe
 def build_app(args: dict) -> Application:
     """The application `deploy.yaml` and `yuan-serve up` deploy; raises on invalid arguments."""
     app_args = AppArgs(**args)
-    options = {}
+    actor = {"num_cpus": app_args.gateway_cpus}  # Ray gives its torch as many threads (OMP_NUM_THREADS)
     gpus = gateway_gpu_share(app_args)
     if gpus:  # the gateway's model (attention, router, LM head) and its cache go on a GPU
-        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": gpus}
+        actor["num_gpus"] = gpus
     return GatewayDeployment.options(
         num_replicas=app_args.gateways,
         graceful_shutdown_timeout_s=app_args.grace_s + DRAIN_MARGIN_S,
-        **options,
+        ray_actor_options=actor,
     ).bind(app_args)
 
 

@@ -36,15 +36,25 @@ def test_deploy_yaml_args_validate_and_bad_ones_are_named():
 
 
 def test_engine_and_placement_args_reach_the_engine_and_the_pools():
+    given = {"num_kv_blocks": 40, "pool_threads": 2, "gateway_threads": 3, "gateway_cpus": 2.5}
     args = AppArgs(
-        **deploy_args(),
-        **{"num_kv_blocks": 40, "pool_threads": 2, "gateway_threads": 3},
+        **{**deploy_args(), **given},
     ).model_copy(update={"max_num_batched_tokens": 32, "prefix_caching": False, "batch_invariant": True})
     pc = args.pool_config()
     lim = pc.limits
     assert (lim.max_num_batched_tokens, lim.block_size, lim.num_kv_blocks) == (32, 16, 40)
     assert (lim.prefix_caching, lim.batch_invariant, lim.kv_cache_gb) == (False, True, 2.0)
-    assert (pc.pool_threads, pc.gateway_threads, pc.gateways) == (2, 3, 1)
+    assert (pc.pool_threads, pc.gateway_threads, pc.gateways, pc.gateway_cpus) == (2, 3, 1, 2.5)
+
+
+def test_the_gateway_deployment_reserves_gateway_cpus():
+    """Ray gives an actor's torch as many threads as the CPUs it reserves (OMP_NUM_THREADS), so this
+    is the gateway's thread count too unless gateway_threads says otherwise."""
+    assert build_app(deploy_args())._bound_deployment.ray_actor_options == {"num_cpus": 1.0}
+    app = build_app({**deploy_args(), "gateway_cpus": 4})
+    assert app._bound_deployment.ray_actor_options == {"num_cpus": 4.0}
+    with pytest.raises(ValidationError, match="gateway_cpus"):
+        build_app({**deploy_args(), "gateway_cpus": 0})
 
 
 @pytest.mark.ray
@@ -87,3 +97,7 @@ def test_pools_fit_a_cluster_with_fewer_cpus_than_pools(ray_cluster):
     assert PoolSet._cpus_per_worker(int(total) - 1) == 1.0
     share = PoolSet._cpus_per_worker(int(total) * 3)
     assert 0 < share < 1 and share * int(total) * 3 <= total - 1 + 1e-9
+    # a gateway that reserves more CPUs leaves the pools less
+    assert PoolSet._cpus_per_worker(int(total) - 1, gateway_cpus=2) < 1.0
+    wide = PoolSet._cpus_per_worker(int(total) * 3, gateway_cpus=1.5)
+    assert 0 < wide < share and wide * int(total) * 3 <= total - 1.5 + 1e-9
