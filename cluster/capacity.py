@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from model.config import YuanConfig
+from model.config import YuanConfig, lf_width
 from model.params import parameter_counts
 
 
@@ -45,7 +45,7 @@ def capacity_plan(
     spare_replicas = max(0, int((usable - pool_bytes) // expert_bytes)) if pool_bytes <= usable else 0
     gateway_bytes = (counts["total_params"] - counts["expert_params"]) * bytes_per_param
     kv_per_token = 2 * d * bytes_per_param * L  # K and V after projection, every layer
-    lf_per_sequence = (d // 2 + d) * bytes_per_param * L  # the LF state [c1, h], every layer
+    lf_per_sequence = lf_width(d) * bytes_per_param * L  # the LF state [c1, h], every layer
     # Distinct experts touched per layer by a batch (each token picks top_k of N uniformly).
     touched = N * (1 - (1 - cfg.top_k / N) ** batch)
     step_read_bytes = touched / gpus * expert_layer_bytes * L  # per GPU, all layers

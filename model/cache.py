@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from model.config import lf_width
+
 NULL_BLOCK = 0
-
-
-def lf_width(hidden: int) -> int:
-    """Floats of one LF state: c1[t] (d/2), then h[t] (d)."""
-    return hidden // 2 + hidden
 
 
 class PagedCache:

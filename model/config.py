@@ -325,6 +325,11 @@ PRESETS: dict[str, YuanConfig] = {
 }
 
 
+def lf_width(hidden: int) -> int:
+    """Values of one LF state in the cache: c1[t] (d/2), then h[t] (d) (`model/localized_filter.py`)."""
+    return hidden // 2 + hidden
+
+
 def preset(name: str) -> YuanConfig:
     try:
         return PRESETS[name]
