@@ -540,7 +540,6 @@ TARGET static void attend(const float *rq, const float *kh, const float *vh, con
     for (int64_t j = 0; j < n && j < AHEAD; j++)
         for (int64_t i = 0; i < D; i += 16)
             _mm_prefetch((const char *)(kh + at[j] * D + i), _MM_HINT_T0);
-    float best = -INFINITY, sum = 0.0f;
     for (int64_t j = 0; j < n; j++) {
         for (int64_t i = 0; i < D; i += 16) {
             if (j + AHEAD < n)
@@ -548,19 +547,15 @@ TARGET static void attend(const float *rq, const float *kh, const float *vh, con
             _mm_prefetch((const char *)(vh + at[j] * D + i), _MM_HINT_T0);
         }
         scores[j] = dot(rq, kh + at[j] * D, D) / root;
-        if (scores[j] > best)
-            best = scores[j];
     }
-    exp_shifted(scores, n, best);
-    for (int64_t j = 0; j < n; j++)
-        sum += scores[j];
+    softmax(scores, n);
     for (int64_t i0 = 0; i0 < D; i0 += 64) { /* 8 accumulators of 8 at a time */
         const int64_t w = (D - i0 < 64 ? D - i0 : 64) / 8;
         __m256 acc[8];
         for (int64_t q = 0; q < w; q++)
             acc[q] = _mm256_setzero_ps();
         for (int64_t j = 0; j < n; j++) {
-            const __m256 p = _mm256_set1_ps(scores[j] / sum);
+            const __m256 p = _mm256_set1_ps(scores[j]);
             const float *v = vh + at[j] * D + i0;
             for (int64_t q = 0; q < w; q++)
                 acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(p, _mm256_loadu_ps(v + 8 * q)));
