@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from bench.kernels import alternate
-from bench.roofline import matmul_gflops, read_bandwidth_gbs, step_bytes, step_flops
+from bench.roofline import experts_touched, matmul_gflops, read_bandwidth_gbs, step_seconds
+from bench.serving import TimedDispatcher
 from gateway.engine import Engine, EngineLimits
 from model import skinny
 from model.checkpoint import load_experts, load_model, write_random_checkpoint
@@ -40,53 +41,23 @@ from model.dispatcher import LocalDispatcher
 PROMPT = 16  # timed_decode's prompt length
 
 
-class CountingDispatcher:
-    """The in-process dispatcher, counting the distinct experts of each call of `rows` rows."""
-
-    def __init__(self, inner: LocalDispatcher) -> None:
-        self.inner, self.touched = inner, {}
-
-    def record_routing(self, layer, expert_ids):  # a one-call decode step's layers (float32)
-        self._count(expert_ids)
-        inner = getattr(self.inner, "record_routing", None)
-        if inner is not None:
-            inner(layer, expert_ids)
-
-    def submit(self, layer, x, expert_ids, weights, lane=0):
-        self._count(expert_ids)
-        return self.inner.submit(layer, x, expert_ids, weights, lane)
-
-    def _count(self, expert_ids: torch.Tensor) -> None:
-        self.touched.setdefault(expert_ids.shape[0], []).append(int(torch.unique(expert_ids).numel()))
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-@contextmanager
-def _kernel(on: bool):
-    with skinny.mode(on):
-        yield
-
-
 def measure(
     ckpt: str, dtype: str, streams: list[int], rounds: int, max_tokens: int, gbs: float, gflops: float
 ) -> dict:
     model, reader = load_model(ckpt, dtype)
-    disp = CountingDispatcher(
+    disp = TimedDispatcher(  # it keeps each expert step's routing: the experts a step touched
         LocalDispatcher(load_experts(reader, model.cfg, list(range(model.cfg.num_experts))))
     )
     eng = Engine(model, disp, EngineLimits(max_running=max(streams), max_tokens=max_tokens))
-    sides = {"C": partial(_kernel, True), "torch": partial(_kernel, False)}
+    sides = {"C": partial(skinny.mode, True), "torch": partial(skinny.mode, False)}
     out = {}
     for b in streams:
-        disp.touched.clear()
+        disp.routed.clear()
         best, tokens = alternate(eng, b, rounds, sides, max_tokens)
-        calls = disp.touched.get(b) or [model.cfg.top_k]
-        touched = sum(calls) / len(calls)
-        nbytes = step_bytes(model, b, touched, PROMPT + max_tokens / 2)
-        bound_s = nbytes / (gbs * 1e9)
-        serial_s = bound_s + step_flops(model, b, PROMPT + max_tokens / 2) / (gflops * 1e9)
+        touched = experts_touched(disp.routed, b)
+        step = step_seconds(model, b, touched, PROMPT + max_tokens / 2, gbs, gflops)
+        nbytes, bound_s = step["bytes"], step["memory_s"]
+        serial_s = bound_s + step["compute_s"]
         out[b] = {
             "C_ms": best["C"] * 1e3,
             "torch_ms": best["torch"] * 1e3,

@@ -93,5 +93,27 @@ def step_bytes(model: YuanModel, batch: int, experts_touched_per_layer: float, c
     return gateway_bytes(model, batch) + cfg.num_layers * experts_touched_per_layer * expert_bytes(model) + kv
 
 
+def experts_touched(routed: list[torch.Tensor], rows: int) -> float:
+    """Distinct experts a layer's expert step touched, on average over the calls of `rows` rows
+    (`routed`: each call's expert ids `[T, A]`); over every call where none had that many, 0 for none."""
+    per_call = [(ids.shape[0], int(torch.unique(ids).numel())) for ids in routed]
+    calls = [n for r, n in per_call if r == rows] or [n for _, n in per_call]
+    return sum(calls) / max(1, len(calls))
+
+
+def step_seconds(
+    model: YuanModel, batch: int, touched: float, context: float, bandwidth_gbs: float, gflops: float
+) -> dict[str, float]:
+    """A decode step's bytes (`step_bytes`) and operations (`step_flops`), and the seconds each takes
+    at the measured read bandwidth and matmul rate."""
+    nbytes, flops = step_bytes(model, batch, touched, context), step_flops(model, batch, context)
+    return {
+        "bytes": nbytes,
+        "flops": flops,
+        "memory_s": nbytes / (bandwidth_gbs * 1e9),
+        "compute_s": flops / (gflops * 1e9),
+    }
+
+
 def bound_tokens_per_s(bytes_per_step: float, batch: int, bandwidth_gbs: float) -> float:
     return batch * bandwidth_gbs * 1e9 / bytes_per_step

@@ -24,7 +24,13 @@ import ray
 import torch
 
 from bench import add_arguments, percentiles, wait_for_quiet
-from bench.roofline import bound_tokens_per_s, matmul_gflops, read_bandwidth_gbs, step_bytes, step_flops
+from bench.roofline import (
+    bound_tokens_per_s,
+    experts_touched,
+    matmul_gflops,
+    read_bandwidth_gbs,
+    step_seconds,
+)
 from cluster.pools import PoolConfig, PoolSet
 from cluster.ray_cluster import connect
 from gateway.engine import Engine, EngineLimits
@@ -201,17 +207,13 @@ def roofline(model, timed: TimedDispatcher, concurrency: int, context: float, re
     with the experts its steps touched, counted per call of `concurrency` rows) over this machine's
     read bandwidth (`run` measures it once). Beside it, the compute bound (the step's operations over
     the measured matmul rate) and the two in series (a step that cannot overlap them)."""
-    per_call = [(ids.shape[0], int(torch.unique(ids).numel())) for ids in timed.routed]
-    calls = [n for rows, n in per_call if rows == concurrency] or [n for _, n in per_call]
-    touched = sum(calls) / max(1, len(calls))
-    nbytes = step_bytes(model, concurrency, touched, context)
+    touched = experts_touched(timed.routed, concurrency)
+    s = step_seconds(model, concurrency, touched, context, BANDWIDTH_GBS["value"], MATMUL_GFLOPS["value"])
+    nbytes, flops, compute_s = s["bytes"], s["flops"], s["compute_s"]
     bound = bound_tokens_per_s(nbytes, concurrency, BANDWIDTH_GBS["value"])
     tpot = result["decode_tpot_ms"]["p50"] or result["tpot_ms"]["p50"]  # too few tokens: the whole run's
     decode = concurrency / (tpot / 1e3) if tpot else 0.0
-    flops = step_flops(model, concurrency, context)
-    memory_s = nbytes / (BANDWIDTH_GBS["value"] * 1e9)
-    compute_s = flops / (MATMUL_GFLOPS["value"] * 1e9)
-    serial = concurrency / (memory_s + compute_s)
+    serial = concurrency / (s["memory_s"] + compute_s)
     return {
         "bytes_per_step": nbytes,
         "experts_touched_per_layer": touched,
