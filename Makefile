@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-$(VENV)/.installed: pyproject.toml setup.py router/_pairsort.c model/_skinny.c
+$(VENV)/.installed: pyproject.toml setup.py router/_pairsort.c model/_skinny.c model/_skinny_dot.h
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
