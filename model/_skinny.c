@@ -1101,51 +1101,76 @@ static PyObject *py_swiglu(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(layers_doc,
-"decode_layers((table, eps, layers, E_max, routing), (x, cos, sin, lf_read, lf_blocks, write_slots, decode_slots,\n"
-"has_prev, mask), (B, d, H, D, P, L, blocks, N, A, normalize, F), threads)\n\n"
-"A decode step's layers, each one's expert step over its bank, in one call: x [B, d] in and out.\n"
+"decode_layers((table, eps, layers, E_max, routing), (lf_read, lf_blocks, write_slots, decode_slots, has_prev,\n"
+"mask), (B, d, H, D, P, L, blocks, N, A, normalize, F), (token_ids, positions, logits_rows, embed, cos, sin,\n"
+"norm, head, logits), (R, vocab, V, max_pos), eps, threads)\n\n"
+"A decode step in one call: x [B, d] from the embedding rows of token_ids, the rotary rows of\n"
+"positions, every layer with its expert step over its bank, then the final RMSNorm (norm, eps) and the\n"
+"LM head (head [V, d]) of the R rows logits_rows into logits [R, V].\n"
 "table: int64 [layers, LAYER_PTRS] (model/skinny.py `decode_table`), eps: float32 [layers, 3]\n"
-"(input norm, LF norm, post norm); routing: 0, or int64 [layers, B, A] for each layer's expert ids.\n"
-"Indices are checked in range first; ValueError names a pair\n"
-"routed to an expert its layer's bank does not hold (the layers before it are done).");
+"(input norm, LF norm, post norm); routing: 0, or int64 [layers, B, A] for each layer's expert ids;\n"
+"embed [vocab, d], cos and sin [max_pos, D]. Indices are checked in range first; ValueError names a\n"
+"pair routed to an expert its layer's bank does not hold (the layers before it are done).");
 
 static PyObject *py_layers(PyObject *self, PyObject *args) {
-    unsigned long long m[3], p[9];
-    long long NL, E_max, B, d, H, D, P, L, NB, N, A, normalize, F;
+    unsigned long long m[3], p[6], e[9];
+    long long NL, E_max, B, d, H, D, P, L, NB, N, A, normalize, F, R, vocab, V, max_pos;
+    float eps;
     int threads;
-    if (!PyArg_ParseTuple(args, "(KKLLK)(KKKKKKKKK)(LLLLLLLLLLL)i:decode_layers", &m[0], &m[1], &NL, &E_max, &m[2], &p[0],
-                          &p[1], &p[2], &p[3], &p[4], &p[5], &p[6], &p[7], &p[8], &B, &d, &H, &D, &P, &L, &NB, &N,
-                          &A, &normalize, &F, &threads))
+    if (!PyArg_ParseTuple(args, "(KKLLK)(KKKKKK)(LLLLLLLLLLL)(KKKKKKKKK)(LLLL)fi:decode_layers", &m[0], &m[1], &NL,
+                          &E_max, &m[2], &p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &B, &d, &H, &D, &P, &L, &NB, &N,
+                          &A, &normalize, &F, &e[0], &e[1], &e[2], &e[3], &e[4], &e[5], &e[6], &e[7], &e[8], &R,
+                          &vocab, &V, &max_pos, &eps, &threads))
         return NULL;
     if (!supported() || !attention_shapes(B, d, H, D, L) || N < 1 || N > 256 || A < 1 || A > N || F < 8 || F % 8 ||
-        E_max < 1 || NL < 0) {
+        E_max < 1 || NL < 0 || R < 0 || V < 1) {
         PyErr_SetString(PyExc_ValueError, "decode_layers: unsupported CPU or shapes");
         return NULL;
     }
 #if SKINNY_X86
+    const int64_t *tokens = (const int64_t *)(uintptr_t)e[0], *positions = (const int64_t *)(uintptr_t)e[1];
+    const int64_t *rows = (const int64_t *)(uintptr_t)e[2];
+    const float *embed = (const float *)(uintptr_t)e[3], *cos_t = (const float *)(uintptr_t)e[4];
+    const float *sin_t = (const float *)(uintptr_t)e[5];
     step_t s = {
-        .x = (float *)(uintptr_t)p[0], .cos = (const float *)(uintptr_t)p[1], .sin = (const float *)(uintptr_t)p[2],
-        .lf_read = (const int64_t *)(uintptr_t)p[3], .lf_blocks = (const int64_t *)(uintptr_t)p[4],
-        .write = (const int64_t *)(uintptr_t)p[5], .slots = (const int64_t *)(uintptr_t)p[6],
-        .has_prev = (const uint8_t *)(uintptr_t)p[7], .mask = (const uint8_t *)(uintptr_t)p[8],
+        .lf_read = (const int64_t *)(uintptr_t)p[0], .lf_blocks = (const int64_t *)(uintptr_t)p[1],
+        .write = (const int64_t *)(uintptr_t)p[2], .slots = (const int64_t *)(uintptr_t)p[3],
+        .has_prev = (const uint8_t *)(uintptr_t)p[4], .mask = (const uint8_t *)(uintptr_t)p[5],
         .B = B, .d = d, .H = H, .D = D, .P = P, .L = L, .N = N, .A = A, .F = F, .normalize = (int)normalize,
         .threads = threads,
     };
-    if (step_indices(s.lf_read, s.lf_blocks, s.write, s.slots, B, L, NB, P) < 0)
+    if (step_indices(s.lf_read, s.lf_blocks, s.write, s.slots, B, L, NB, P) < 0 ||
+        in_range(tokens, B, vocab, "token_ids") < 0 || in_range(positions, B, max_pos, "positions") < 0 ||
+        in_range(rows, R, B, "logits_rows") < 0)
         return NULL;
-    const int64_t Pp = B * A; /* then h, a, x2, g [B, d]; qkv [B, 3N]; wts [Pp]; u, act [Pp, 3F]; slots */
-    size_t floats = attention_scratch(B, d, L, threads) + (size_t)(4 * B * d + B * 3 * N + Pp) +
-                    (size_t)(Pp * 3 * F + Pp * d);
-    float *fs = PyMem_Malloc(floats * sizeof(float));
+    /* then h, a, x2, g [B, d]; qkv [B, 3N]; wts [Pp]; u, act [Pp, 3F]; slots [Pp, d]; then the
+     * step's x [B, d], its cos and sin rows [B, D] each, and the final norm's rows [R, d] */
+    const int64_t Pp = B * A;
+    size_t layer_floats = attention_scratch(B, d, L, threads) + (size_t)(4 * B * d + B * 3 * N + Pp) +
+                          (size_t)(Pp * 3 * F + Pp * d);
+    float *fs = PyMem_Malloc((layer_floats + (size_t)(B * d + 2 * B * D + R * d)) * sizeof(float));
     int64_t *is = PyMem_Malloc((size_t)(3 * Pp + E_max) * sizeof(int64_t)), pair = -1, layer;
     pair_buffers b = {0};
     if (!fs || !is || alloc_pairs(&b, Pp) < 0) {
         PyMem_Free(fs), PyMem_Free(is);
         return fs && is ? NULL : PyErr_NoMemory();
     }
+    float *x = fs + layer_floats, *cs = x + B * d, *sn = cs + B * D, *last = sn + B * D;
+    s.x = x, s.cos = cs, s.sin = sn;
     Py_BEGIN_ALLOW_THREADS
+    for (int64_t i = 0; i < B; i++) { /* the rows torch's embedding and table indexing would give */
+        memcpy(x + i * d, embed + tokens[i] * d, (size_t)d * sizeof(float));
+        memcpy(cs + i * D, cos_t + positions[i] * D, (size_t)D * sizeof(float));
+        memcpy(sn + i * D, sin_t + positions[i] * D, (size_t)D * sizeof(float));
+    }
     layer = decode_layers((const int64_t *)(uintptr_t)m[0], (const float *)(uintptr_t)m[1], NL, &s, fs, is, b.xp,
                           b.yp, b.scale, (int64_t *)(uintptr_t)m[2], &pair);
+    if (layer < 0 && R > 0) { /* the final norm and the LM head, as `rms_norm` and `matmul` compute them */
+        for (int64_t r = 0; r < R; r++)
+            memcpy(last + r * d, x + rows[r] * d, (size_t)d * sizeof(float));
+        rms_rows(last, (const float *)(uintptr_t)e[6], eps, last, R, d);
+        matmul(last, d, (const float *)(uintptr_t)e[7], NULL, (float *)(uintptr_t)e[8], V, R, V, d, threads);
+    }
     Py_END_ALLOW_THREADS
     PyMem_Free(fs), PyMem_Free(is), PyMem_Free(b.xp);
     if (layer >= 0) {

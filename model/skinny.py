@@ -396,9 +396,13 @@ class _TableEntry:
 
         # Every layer has the Attention Router and a bank that `experts_fit` (x's side of that is
         # the same in every part that `decode_fits`): else no one call, until the banks change.
-        self.fits = len(banks) == len(model.layers) and all(
-            isinstance(layer.router, AttentionRouter) and experts_fit(x, bank.w1, bank.w2)
-            for layer, bank in zip(model.layers, banks)
+        self.fits = (
+            len(banks) == len(model.layers)
+            and all(
+                isinstance(layer.router, AttentionRouter) and experts_fit(x, bank.w1, bank.w2)
+                for layer, bank in zip(model.layers, banks)
+            )
+            and _ends_fit(model)
         )
         self.banks, self.cache = list(banks), weakref.ref(cache)
         self.sources = [w for bank in banks for w in (bank.w1, bank.w2)]
@@ -447,6 +451,12 @@ class _TableEntry:
                 bank.w1.shape[0],
             ])  # fmt: skip
             eps.append([layer.input_norm.eps, lf.norm.eps, layer.post_norm.eps])
+        # the step's ends: the embedding and rotary rows in, the final norm and the LM head out
+        ends = [model.embed.weight, model.rope_cos, model.rope_sin, model.norm.weight, model.lm_head.weight]
+        sources += ends
+        self.ends = tuple(t.data_ptr() for t in ends)
+        self.sizes = (model.embed.weight.shape[0], model.lm_head.weight.shape[0], model.rope_cos.shape[0])
+        self.norm_eps = model.norm.eps
         self.table = torch.tensor(rows, dtype=torch.long).reshape(-1, LAYER_PTRS)
         self.eps = torch.tensor(eps, dtype=torch.float32).reshape(-1, 3)
         self.experts = max((b.w1.shape[0] for b in banks), default=1)
@@ -470,34 +480,51 @@ class _TableEntry:
         )
 
 
-def one_call_table(model, x: torch.Tensor, banks: list, cache) -> _TableEntry | None:
-    """The table a decode part that `decode_fits` runs all its layers with, in one `decode_layers`
-    call; None when it cannot: no expert may get more than `EXPERT_MAX_ROWS` rows (x has at most
-    that many, so no layer needs the grouped torch path), and the model and banks must fit."""
-    if not DECODE_STEP or x.shape[0] > EXPERT_MAX_ROWS:
+def _ends_fit(model) -> bool:
+    """Whether `decode_layers` can take a step's ends for `model`: float32 CPU embedding, rotary
+    tables, final norm and LM head, contiguous, the LM head as wide as the hidden size."""
+    ends = [model.embed.weight, model.rope_cos, model.rope_sin, model.norm.weight, model.lm_head.weight]
+    return all(t.dtype is torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ends) and (
+        model.lm_head.weight.shape[1] == model.embed.weight.shape[1]
+    )
+
+
+def one_call_table(model, batch, banks: list, cache) -> _TableEntry | None:
+    """The table a decode step runs with in one `decode_layers` call; None when it cannot: a batch
+    of one-token chunks that `decode_fits` (its x are rows of the embedding table, whose dtype,
+    device and width the table stands for), at most `EXPERT_MAX_ROWS` of them (so no expert gets
+    more rows and no layer needs the grouped torch path), and a model and banks that fit."""
+    embed = model.embed.weight
+    if (
+        not DECODE_STEP
+        or batch.token_ids.shape[0] > EXPERT_MAX_ROWS
+        or not decode_fits(embed, batch, cache.k[0], model.cfg.num_heads)
+    ):
         return None
-    entry = model.decode_table.get(model, x, banks, cache)
+    entry = model.decode_table.get(model, embed, banks, cache)
     return entry if entry.fits else None
 
 
 def decode_layers(
-    model, entry: _TableEntry, x: torch.Tensor, batch, cos, sin, cache, routing: torch.Tensor | None = None
+    model, entry: _TableEntry, batch, cache, routing: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Every layer of a decode step, each one's expert step over its bank in this process, in one C
-    call: the per-layer calls' operations in their order (`rms_norm`, `decode_attention`,
-    `decode_post`, `bank_forward`), so the same bits, without Python between them. For a part that
-    `decode_fits`, with its `one_call_table`; x `[B, d]` is the step's embeddings (written over).
-    `routing` (int64 `[layers, B, A]`, contiguous) gets each layer's expert ids. Returns the last
-    layer's output."""
+    """A decode step in one C call, for a batch that `one_call_table` gives `entry` for: x from the
+    embedding rows of its tokens, every layer in the per-layer calls' operations and order
+    (`rms_norm`, `decode_attention`, `decode_post`, `bank_forward`, each one's expert step over its
+    bank in this process), then the final norm and the LM head of `batch.logits_rows` as `rms_norm`
+    and `matmul` compute them: the same bits, without Python or torch between them. `routing`
+    (int64 `[layers, B, A]`, contiguous) gets each layer's expert ids. Returns logits `[R, V]`."""
     table, eps, experts = entry.table, entry.eps, entry.experts
     cfg = model.cfg
-    B, d = x.shape
-    cos, sin = cos.contiguous(), sin.contiguous()
+    B, d = batch.token_ids.shape[0], cfg.hidden_size
     slots, mask = batch.decode_slots.contiguous(), batch.decode_mask.contiguous()
-    has_prev = batch.has_prev.contiguous()
+    has_prev, rows = batch.has_prev.contiguous(), batch.logits_rows.contiguous()
+    token_ids, positions = batch.token_ids.contiguous(), batch.positions.contiguous()
+    vocab, V, max_pos = entry.sizes
+    logits = torch.empty(rows.shape[0], V, dtype=torch.float32)
     step = (
-        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), batch.lf_read.data_ptr(), batch.lf_blocks.data_ptr(),
-        batch.write_slots.data_ptr(), slots.data_ptr(), has_prev.data_ptr(), mask.data_ptr(),
+        batch.lf_read.data_ptr(), batch.lf_blocks.data_ptr(), batch.write_slots.data_ptr(), slots.data_ptr(),
+        has_prev.data_ptr(), mask.data_ptr(),
     )  # fmt: skip
     H = cfg.num_heads
     sizes = (
@@ -515,5 +542,7 @@ def decode_layers(
         experts,
         0 if routing is None else routing.data_ptr(),
     )
-    _skinny.decode_layers(model_args, step, sizes, torch.get_num_threads())
-    return x
+    ends = (token_ids.data_ptr(), positions.data_ptr(), rows.data_ptr(), *entry.ends, logits.data_ptr())
+    ends_sizes = (rows.shape[0], vocab, V, max_pos)
+    _skinny.decode_layers(model_args, step, sizes, ends, ends_sizes, entry.norm_eps, torch.get_num_threads())
+    return logits

@@ -109,6 +109,21 @@ class YuanModel(nn.Module):
         sees exactly the same layer code.
         """
         n = len(parts)
+        banks = getattr(dispatcher, "banks", None)  # experts held in this process: the in-process engine
+        one = None
+        if n == 1 and banks and not invariant.enabled():
+            one = skinny.one_call_table(self, parts[0], banks, cache)
+        if one is not None:
+            # A decode step in-process: embedding, every layer (experts included), final norm and
+            # LM head in one C call (the same operations as the calls below, without Python between).
+            record, routing = getattr(dispatcher, "record_routing", None), None
+            if record is not None:  # the dispatcher wants to know the routing it did not see
+                B = parts[0].token_ids.shape[0]
+                routing = torch.empty(len(self.layers), B, self.cfg.top_k, dtype=torch.long)
+            logits = skinny.decode_layers(self, one, parts[0], cache, routing)
+            for i, ids in enumerate(routing if record is not None else []):
+                record(i, ids)
+            return logits
         cs = [(self.rope_cos[p.positions], self.rope_sin[p.positions]) for p in parts]
         xs = [self.embed(p.token_ids) for p in parts]
         pending: list[object | None] = [None] * n
@@ -118,30 +133,17 @@ class YuanModel(nn.Module):
             not invariant.enabled() and skinny.decode_fits(x, p, cache.k[0], self.cfg.num_heads)
             for x, p in zip(xs, parts)
         ]
-        banks = getattr(dispatcher, "banks", None)  # experts held in this process: the in-process engine
-        one = skinny.one_call_table(self, xs[0], banks, cache) if n == 1 and in_c[0] and banks else None
-        if one is not None:
-            # A decode step in-process: every layer, experts included, in one C call (the same
-            # operations as the per-layer calls below, without Python between them).
-            record, routing = getattr(dispatcher, "record_routing", None), None
-            if record is not None:  # the dispatcher wants to know the routing it did not see
-                routing = torch.empty(len(self.layers), xs[0].shape[0], self.cfg.top_k, dtype=torch.long)
-            x = skinny.decode_layers(self, one, xs[0], parts[0], *cs[0], cache, routing)
-            for i, ids in enumerate(routing if record is not None else []):
-                record(i, ids)
-            xs = [x[parts[0].logits_rows]]
-        else:
-            for i, layer in enumerate(self.layers):
-                for m, part in enumerate(parts):
-                    if pending[m] is not None:  # this part's experts of the previous layer
-                        xs[m] = xs[m] + dispatcher.wait(pending[m])
-                    if in_c[m]:
-                        xs[m], pending[m] = layer.decode_step(i, xs[m], part, *cs[m], cache, dispatcher, m)
-                        continue
-                    h = layer.input_norm(xs[m])
-                    xs[m] = xs[m] + layer.attn.forward(h, part, *cs[m], cache.k[i], cache.v[i], cache.lf[i])
-                    pending[m] = layer.submit_moe(i, xs[m], dispatcher, lane=m)
-            xs = [(x + dispatcher.wait(pm))[p.logits_rows] for x, pm, p in zip(xs, pending, parts)]
+        for i, layer in enumerate(self.layers):
+            for m, part in enumerate(parts):
+                if pending[m] is not None:  # this part's experts of the previous layer
+                    xs[m] = xs[m] + dispatcher.wait(pending[m])
+                if in_c[m]:
+                    xs[m], pending[m] = layer.decode_step(i, xs[m], part, *cs[m], cache, dispatcher, m)
+                    continue
+                h = layer.input_norm(xs[m])
+                xs[m] = xs[m] + layer.attn.forward(h, part, *cs[m], cache.k[i], cache.v[i], cache.lf[i])
+                pending[m] = layer.submit_moe(i, xs[m], dispatcher, lane=m)
+        xs = [(x + dispatcher.wait(pm))[p.logits_rows] for x, pm, p in zip(xs, pending, parts)]
         x = xs[0] if n == 1 else torch.cat(xs)
         # The final norm in C too when every part's layers ran there (torch's costs ~0.1 ms a call).
         return linear(skinny.rms_norm(x, self.norm) if all(in_c) else self.norm(x), self.lm_head.weight)

@@ -417,6 +417,12 @@ def test_a_decode_step_in_one_call_sees_weights_edited_in_place_and_new_storage(
     after = tokens(True)
     assert after == tokens(False)
     assert after != before
+    with torch.no_grad():  # the step's ends: the LM head in new storage, the embedding in place
+        eng.model.lm_head.weight.data = eng.model.lm_head.weight.data.flip(0).clone()
+        eng.model.embed.weight.mul_(-2.0)
+    ends = tokens(True)
+    assert ends == tokens(False)
+    assert ends != after
 
 
 def test_a_decode_step_in_one_call_tells_the_dispatcher_the_routing_it_did_not_see(engine_factory):
@@ -448,6 +454,24 @@ def test_a_decode_step_in_one_call_names_a_pair_routed_to_an_expert_not_held(eng
     batch = ForwardBatch.build(chunks, 4, None)
     with pytest.raises(ValueError, match=r"layer \d+ pair \d+ is routed to an expert its bank does not hold"):
         model.forward([batch], LocalDispatcher(banks), cache)
+
+
+@pytest.mark.parametrize("field", ["token_ids", "positions", "logits_rows"])
+def test_a_decode_step_in_one_call_refuses_an_index_out_of_range_by_name(engine_factory, field):
+    """A token id past the vocabulary, a position past the rotary tables or a logits row past the
+    batch: ValueError naming the field, before anything is read or written."""
+    from model.batch import Chunk, ForwardBatch
+
+    eng = engine_factory()
+    model, cfg = eng.model, eng.model.cfg
+    cache = model.new_cache(8, 4)
+    batch = ForwardBatch.build([Chunk([3 + i], 0, 1, [1 + i], 0) for i in range(3)], 4, None)
+    bad = {"token_ids": cfg.vocab_size, "positions": cfg.max_position_embeddings, "logits_rows": 3}[field]
+    getattr(batch, field)[1] = bad
+    before = cache.k.view(torch.int32).clone()  # its bits: a new cache holds whatever was there
+    with pytest.raises(ValueError, match=f"{field}: entry 1 is {bad}, out of range"):
+        model.forward([batch], eng.dispatcher, cache)
+    assert torch.equal(cache.k.view(torch.int32), before)
 
 
 @pytest.mark.parametrize("F", [8, 13, 64])
