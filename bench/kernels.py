@@ -185,7 +185,7 @@ def breakdown(
     pieces = [
         (Engine, "step", "step"),
         (ForwardBatch, "build", "batch index tensors"),
-        (skinny, "decode_layers", "a step's layers in one C call (experts inside)"),
+        (skinny, "decode_layers", "a step in one C call (embedding to logits, experts inside)"),
         (DecoderLayer, "decode_step", "decode layers in C calls (expert step inside)"),
         (attention.LFAttention, "forward", "attention half, torch layers"),
         (AttentionRouter, "forward", "router, torch"),

@@ -405,7 +405,11 @@ class _TableEntry:
             and _ends_fit(model)
         )
         self.banks, self.cache = list(banks), weakref.ref(cache)
+        # what the key follows: every tensor the table points at or was built from (new storage
+        # moves it), and of those the ones copied into derived weights (an in-place write then
+        # needs a rebuild; one to a tensor the table points at is read as it is)
         self.sources = [w for bank in banks for w in (bank.w1, bank.w2)]
+        self.copied: list[torch.Tensor] = []
         self.table = self.eps = None
         self.keep: list[torch.Tensor] = []
         if self.fits:
@@ -413,7 +417,7 @@ class _TableEntry:
         self.key = self._key(cache)
 
     def _build(self, model, banks: list, cache) -> None:
-        rows, eps, sources, keep = [], [], [], []
+        rows, eps, sources, copied, keep = [], [], [], [], []
         for i, (layer, bank) in enumerate(zip(model.layers, banks)):
             attn, lf, router = layer.attn, layer.attn.lf, layer.router
             sources += [
@@ -421,6 +425,10 @@ class _TableEntry:
                 lf.norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                 attn.o_proj.weight, layer.post_norm.weight, router.query.weight, router.key.weight,
                 router.value.weight, bank.w1, bank.w2, bank.local_index,
+            ]  # fmt: skip
+            copied += [
+                lf.conv1_weight, lf.conv2_weight, attn.q_proj.weight, attn.k_proj.weight,
+                router.query.weight, router.key.weight, router.value.weight,
             ]  # fmt: skip
             derived = [
                 lf._w1.get(lf.conv1_weight),
@@ -460,14 +468,15 @@ class _TableEntry:
         self.table = torch.tensor(rows, dtype=torch.long).reshape(-1, LAYER_PTRS)
         self.eps = torch.tensor(eps, dtype=torch.float32).reshape(-1, 3)
         self.experts = max((b.w1.shape[0] for b in banks), default=1)
-        self.sources, self.keep = sources, keep
+        self.sources, self.copied, self.keep = sources, copied, keep
 
     def _key(self, cache) -> tuple:
         return (
             cache.k.data_ptr(),
             cache.v.data_ptr(),
             cache.lf.data_ptr(),
-            *[(t.data_ptr(), t._version) for t in self.sources],
+            tuple(map(torch.Tensor.data_ptr, self.sources)),
+            tuple(t._version for t in self.copied),
         )
 
     def stale(self, banks: list) -> bool:
