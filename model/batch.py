@@ -95,16 +95,24 @@ class ForwardBatch:
             s, n, table = c.start, c.n, c.block_table
             if n < 1 or len(c.token_ids) < s + n or len(table) * bs < s + n:
                 raise ValueError(f"chunk [{s}, {s + n}) does not fit its tokens or block table")
-            ids.extend(c.token_ids[s : s + n])
-            positions.extend(range(s, s + n))
-            write.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
             seq_starts.append(row)
             lf_read.append(table[(s - 1) // bs] if s > 0 else NULL_BLOCK)
             has_prev.append(s > 0)
-            for p in range(s, s + n):  # a block's last position, and the chunk's last
-                if (p + 1) % bs == 0 or p == s + n - 1:
-                    lf_rows.append(row + p - s)
-                    lf_blocks.append(table[p // bs])
+            if n == 1:  # a decode token (most chunks): its one position, written out
+                block = table[s // bs]
+                ids.append(c.token_ids[s])
+                positions.append(s)
+                write.append(block * bs + s % bs)
+                lf_rows.append(row)
+                lf_blocks.append(block)
+            else:
+                ids.extend(c.token_ids[s : s + n])
+                positions.extend(range(s, s + n))
+                write.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
+                for p in range(s, s + n):  # a block's last position, and the chunk's last
+                    if (p + 1) % bs == 0 or p == s + n - 1:
+                        lf_rows.append(row + p - s)
+                        lf_blocks.append(table[p // bs])
             if n == 1:
                 dec_rows.append(row)
                 dec_pos.append(s)
