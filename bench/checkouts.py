@@ -1,0 +1,131 @@
+"""Two checkouts side by side: in-process decode, each in its own processes, alternated.
+
+For a change that touches Python (where `bench.builds`, one process with two builds of the C file,
+cannot tell): this checkout and another one (e.g. `git worktree add /tmp/before HEAD~3`, its C
+parts built there with `python setup.py build_ext --inplace`) each run the same decode on the same
+checkpoint in a fresh process, in turn, `--alternations` times; each side's best seconds a step
+over all its rounds, and whether both gave the same tokens. Numbers are printed, never asserted.
+
+    python -m bench.checkouts /tmp/before --streams 1 8 32 --rounds 7 --alternations 4
+
+The other checkout's code runs through a short script that uses only `bench.kernels.timed_decode`
+and `gateway.engine.local_engine`, so any commit that has both can be measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from model.checkpoint import write_random_checkpoint
+from model.config import preset
+
+# One side's run: prints {streams: [best seconds a step, digest of the tokens]} as JSON.
+SIDE = """
+import hashlib, json, sys, torch
+from bench.kernels import timed_decode
+from gateway.engine import EngineLimits, local_engine
+ckpt, rounds, threads, max_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+streams = [int(s) for s in sys.argv[5:]]
+torch.set_num_threads(threads)
+eng = local_engine(ckpt, limits=EngineLimits(max_running=max(streams), max_tokens=max_tokens))
+out = {}
+for b in streams:
+    timed_decode(eng, b, max_tokens)  # warm-up
+    best, tokens = float("inf"), None
+    for _ in range(rounds):
+        dt, tokens = timed_decode(eng, b, max_tokens)
+        best = min(best, dt)
+    out[b] = [best, hashlib.sha256(repr(tokens).encode()).hexdigest()]
+import gateway.engine
+print(json.dumps({"code": gateway.engine.__file__, "results": out}))
+"""
+
+
+def run_side(
+    checkout: str, ckpt: str, streams: list[int], rounds: int, threads: int, max_tokens: int
+) -> dict:
+    """One fresh process with `checkout` first on the import path; {streams: (seconds, digest)}."""
+    env = {**os.environ, "PYTHONPATH": checkout}
+    args = [sys.executable, "-c", SIDE, ckpt, str(rounds), str(threads), str(max_tokens), *map(str, streams)]
+    done = subprocess.run(args, env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{checkout}: the side's run failed:\n{done.stderr[-2000:]}")
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(said["code"]).resolve().is_relative_to(Path(checkout).resolve()):
+        # an installed copy of the package answered instead (an editable install wins over a
+        # directory without one): the comparison would be of one checkout with itself
+        raise RuntimeError(f"{checkout}: its run imported {said['code']}, not this checkout's code")
+    return {int(b): tuple(v) for b, v in said["results"].items()}
+
+
+def compare(
+    other: str,
+    streams: list[int],
+    rounds: int,
+    alternations: int,
+    threads: int,
+    max_tokens: int = 32,
+    preset_name: str = "small",
+) -> dict:
+    """Per stream count: each side's best ms a step and tokens/s, this / other speed, same tokens."""
+    this = str(Path(__file__).resolve().parent.parent)
+    sides = {"this": this, "other": str(Path(other).resolve())}
+    best = {side: {b: float("inf") for b in streams} for side in sides}
+    digests: dict = {side: {} for side in sides}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(write_random_checkpoint(preset(preset_name), f"{tmp}/m", seed=0))
+        for _ in range(alternations):
+            for side, path in sides.items():
+                for b, (seconds, digest) in run_side(
+                    path, ckpt, streams, rounds, threads, max_tokens
+                ).items():
+                    best[side][b] = min(best[side][b], seconds)
+                    digests[side][b] = digest
+    return {
+        b: {
+            "this_ms": best["this"][b] * 1e3,
+            "other_ms": best["other"][b] * 1e3,
+            "this_tok_s": b / best["this"][b],
+            "other_tok_s": b / best["other"][b],
+            "this_over_other": best["other"][b] / best["this"][b],
+            "same_tokens": digests["this"][b] == digests["other"][b],
+        }
+        for b in streams
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.checkouts", description=__doc__.split("\n")[0])
+    p.add_argument("other", help="the other checkout's directory (its C parts built in place)")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--rounds", type=int, default=7, help="timed runs per side and process")
+    p.add_argument("--alternations", type=int, default=3, help="processes per side, in turn")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    res = compare(a.other, a.streams, a.rounds, a.alternations, a.threads, a.max_tokens)
+    if a.json:
+        print(json.dumps(res))
+        return
+    print(
+        f"in-process decode on small, {a.threads} thread(s): best of {a.rounds} rounds in each of "
+        f"{a.alternations} alternated processes per side"
+    )
+    print("| streams | this ms | other ms | this / other speed | same tokens |")
+    print("| --- | --- | --- | --- | --- |")
+    for b, r in res.items():
+        print(
+            f"| {b} | {r['this_ms']:.3f} | {r['other_ms']:.3f} | {r['this_over_other']:.3f} |"
+            f" {r['same_tokens']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
