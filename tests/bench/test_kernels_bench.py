@@ -28,7 +28,7 @@ def test_breakdown_times_every_piece_and_puts_the_methods_back():
     res = kernels.breakdown([2], max_tokens=3, preset_name="tiny")
     assert (RMSNorm.forward, AttentionRouter.forward) == before, "the clock wrappers are removed"
     pieces = res[2]  # in-process decode steps: the layers in one C call, nothing per layer
-    one = pieces["a step's layers in one C call (experts inside)"]
+    one = pieces["a step in one C call (embedding to logits, experts inside)"]
     assert pieces["step"] >= one > 0
     assert pieces["decode layers in C calls (expert step inside)"] == 0.0
     res = kernels.breakdown([2], max_tokens=3, preset_name="tiny", whole=False)
