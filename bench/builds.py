@@ -88,13 +88,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens decoded after 16-token prompts")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    res = compare(a.other, a.streams, a.rounds, a.threads)
+    res = compare(a.other, a.streams, a.rounds, a.threads, a.max_tokens)
     if a.json:
         print(json.dumps(res))
         return
-    print(f"in-process decode on small, {a.threads} thread(s): best of {a.rounds} alternated rounds")
+    print(
+        f"in-process decode on small, {a.threads} thread(s), {a.max_tokens} tokens: best of {a.rounds}"
+        " alternated rounds"
+    )
     print("| streams | installed ms | other ms | installed / other speed | same tokens |")
     print("| --- | --- | --- | --- | --- |")
     for b, r in res.items():
