@@ -14,6 +14,19 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50": s[len(s) // 2] * 1e3, "p99": s[min(len(s) - 1, int(len(s) * 0.99))] * 1e3}
 
 
+def print_sides(res: dict, this: str, other: str = "other") -> None:
+    """A two-sided comparison's markdown table, a row per stream count: each side's ms a step, this
+    side's speed over the other's and whether both gave the same tokens (`bench.builds`,
+    `bench.checkouts`: keys f"{side}_ms", f"{this}_over_{other}", "same_tokens")."""
+    print(f"| streams | {this} ms | {other} ms | {this} / {other} speed | same tokens |")
+    print("| --- | --- | --- | --- | --- |")
+    for b, r in res.items():
+        print(
+            f"| {b} | {r[f'{this}_ms']:.3f} | {r[f'{other}_ms']:.3f} | {r[f'{this}_over_{other}']:.3f} |"
+            f" {r['same_tokens']} |"
+        )
+
+
 def wait_for_quiet(max_s: float = 20.0, busy_below: float = 0.25, window_s: float = 0.5) -> float:
     """Wait until this machine's CPUs are mostly idle (Linux /proc/stat), at most `max_s`; returns the
     seconds waited. Ray refills its pool of idle workers right after actors take some, and those

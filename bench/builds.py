@@ -27,6 +27,7 @@ from types import ModuleType
 
 import torch
 
+from bench import print_sides
 from bench.kernels import alternate
 from gateway.engine import EngineLimits, local_engine
 from model import skinny
@@ -99,13 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         f"in-process decode on small, {a.threads} thread(s), {a.max_tokens} tokens: best of {a.rounds}"
         " alternated rounds"
     )
-    print("| streams | installed ms | other ms | installed / other speed | same tokens |")
-    print("| --- | --- | --- | --- | --- |")
-    for b, r in res.items():
-        print(
-            f"| {b} | {r['installed_ms']:.2f} | {r['other_ms']:.2f} | {r['installed_over_other']:.3f} |"
-            f" {r['same_tokens']} |"
-        )
+    print_sides(res, "installed")
 
 
 if __name__ == "__main__":

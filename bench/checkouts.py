@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import print_sides
 from model.checkpoint import write_random_checkpoint
 from model.config import preset
 
@@ -118,13 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         f"in-process decode on small, {a.threads} thread(s): best of {a.rounds} rounds in each of "
         f"{a.alternations} alternated processes per side"
     )
-    print("| streams | this ms | other ms | this / other speed | same tokens |")
-    print("| --- | --- | --- | --- | --- |")
-    for b, r in res.items():
-        print(
-            f"| {b} | {r['this_ms']:.3f} | {r['other_ms']:.3f} | {r['this_over_other']:.3f} |"
-            f" {r['same_tokens']} |"
-        )
+    print_sides(res, "this")
 
 
 if __name__ == "__main__":
