@@ -26,22 +26,39 @@ from bench import print_sides
 from model.checkpoint import write_random_checkpoint
 from model.config import preset
 
-# One side's run: prints {streams: [best seconds a step, digest of the tokens]} as JSON.
+# One side's run: prints {streams: [best seconds, digest of the tokens]} as JSON: a decode step's
+# (prefill 0), or a whole prefill's of `streams` fresh prompts of `prefill` tokens (new ones each
+# round, the same on both sides, so the prefix cache holds none of them).
 SIDE = """
-import hashlib, json, sys, torch
+import hashlib, json, sys, time, torch
 from bench.kernels import timed_decode
 from gateway.engine import EngineLimits, local_engine
-ckpt, rounds, threads, max_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-streams = [int(s) for s in sys.argv[5:]]
+from gateway.sampling import SamplingParams
+ckpt, rounds, threads, max_tokens, prefill = sys.argv[1], *map(int, sys.argv[2:6])
+streams = [int(s) for s in sys.argv[6:]]
 torch.set_num_threads(threads)
-eng = local_engine(ckpt, limits=EngineLimits(max_running=max(streams), max_tokens=max_tokens))
+eng = local_engine(ckpt, limits=EngineLimits(max_running=max(streams), max_tokens=max(max_tokens, 1)))
+seed = [0]
+
+def timed_prefill(b):
+    g = torch.Generator().manual_seed(seed[0])
+    seed[0] += 1
+    sp = SamplingParams(max_tokens=1, ignore_eod=True)
+    prompts = [torch.randint(0, 256, (prefill,), generator=g).tolist() for _ in range(b)]
+    seqs = [eng.add(f"p{seed[0]}-{i}", p, sp) for i, p in enumerate(prompts)]
+    t0 = time.perf_counter()
+    while eng.has_work:
+        eng.step()
+    return time.perf_counter() - t0, [s.output_ids for s in seqs]
+
+run = (lambda b: timed_prefill(b)) if prefill else (lambda b: timed_decode(eng, b, max_tokens))
 out = {}
 for b in streams:
-    timed_decode(eng, b, max_tokens)  # warm-up
-    best, tokens = float("inf"), None
+    run(b)  # warm-up
+    best, tokens = float("inf"), []
     for _ in range(rounds):
-        dt, tokens = timed_decode(eng, b, max_tokens)
-        best = min(best, dt)
+        dt, got = run(b)
+        best, tokens = min(best, dt), tokens + [got]
     out[b] = [best, hashlib.sha256(repr(tokens).encode()).hexdigest()]
 import gateway.engine
 print(json.dumps({"code": gateway.engine.__file__, "results": out}))
@@ -49,11 +66,12 @@ print(json.dumps({"code": gateway.engine.__file__, "results": out}))
 
 
 def run_side(
-    checkout: str, ckpt: str, streams: list[int], rounds: int, threads: int, max_tokens: int
+    checkout: str, ckpt: str, streams: list[int], rounds: int, threads: int, max_tokens: int, prefill: int = 0
 ) -> dict:
     """One fresh process with `checkout` first on the import path; {streams: (seconds, digest)}."""
     env = {**os.environ, "PYTHONPATH": checkout}
-    args = [sys.executable, "-c", SIDE, ckpt, str(rounds), str(threads), str(max_tokens), *map(str, streams)]
+    sizes = (rounds, threads, max_tokens, prefill, *streams)
+    args = [sys.executable, "-c", SIDE, ckpt, *map(str, sizes)]
     done = subprocess.run(args, env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"{checkout}: the side's run failed:\n{done.stderr[-2000:]}")
@@ -73,8 +91,10 @@ def compare(
     threads: int,
     max_tokens: int = 32,
     preset_name: str = "small",
+    prefill: int = 0,
 ) -> dict:
-    """Per stream count: each side's best ms a step and tokens/s, this / other speed, same tokens."""
+    """Per stream count: each side's best ms (a decode step; with `prefill`, the prefill of that many
+    prompts of `prefill` tokens) and tokens/s, this / other speed, same tokens."""
     this = str(Path(__file__).resolve().parent.parent)
     sides = {"this": this, "other": str(Path(other).resolve())}
     best = {side: {b: float("inf") for b in streams} for side in sides}
@@ -84,7 +104,7 @@ def compare(
         for _ in range(alternations):
             for side, path in sides.items():
                 for b, (seconds, digest) in run_side(
-                    path, ckpt, streams, rounds, threads, max_tokens
+                    path, ckpt, streams, rounds, threads, max_tokens, prefill
                 ).items():
                     best[side][b] = min(best[side][b], seconds)
                     digests[side][b] = digest
@@ -92,8 +112,8 @@ def compare(
         b: {
             "this_ms": best["this"][b] * 1e3,
             "other_ms": best["other"][b] * 1e3,
-            "this_tok_s": b / best["this"][b],
-            "other_tok_s": b / best["other"][b],
+            "this_tok_s": b * max(prefill, 1) / best["this"][b],
+            "other_tok_s": b * max(prefill, 1) / best["other"][b],
             "this_over_other": best["other"][b] / best["this"][b],
             "same_tokens": digests["this"][b] == digests["other"][b],
         }
@@ -109,14 +129,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alternations", type=int, default=3, help="processes per side, in turn")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prefill", type=int, default=0, help="time the prefill of prompts this long instead")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    res = compare(a.other, a.streams, a.rounds, a.alternations, a.threads, a.max_tokens)
+    res = compare(a.other, a.streams, a.rounds, a.alternations, a.threads, a.max_tokens, prefill=a.prefill)
     if a.json:
         print(json.dumps(res))
         return
+    what = f"prefill of {a.prefill}-token prompts (ms: all of it)" if a.prefill else "decode (ms a step)"
     print(
-        f"in-process decode on small, {a.threads} thread(s): best of {a.rounds} rounds in each of "
+        f"in-process {what} on small, {a.threads} thread(s): best of {a.rounds} rounds in each of "
         f"{a.alternations} alternated processes per side"
     )
     print_sides(res, "this")

@@ -210,7 +210,8 @@ static void expert_items(const float *const *xp, float *const *yp, const float *
     if (n_threads == 1) {
         for (int64_t e = 0; e < E; e++) {
             if (counts[e])
-                dot_rows(xp + a, w + e * O * K, yp + a, scale ? scale + a : NULL, counts[e], 0, O, K);
+                (counts[e] >= MANY_ROWS ? dot_rows_many : dot_rows)(xp + a, w + e * O * K, yp + a,
+                                                                    scale ? scale + a : NULL, counts[e], 0, O, K);
             a += counts[e];
         }
         return;
@@ -224,9 +225,9 @@ static void expert_items(const float *const *xp, float *const *yp, const float *
         if (!counts[e])
             continue;
         cut(O, pieces, item % pieces, &o0, &o1);
-        if (o0 < o1)
-            dot_rows(xp + start[e], w + e * O * K, yp + start[e], scale ? scale + start[e] : NULL, counts[e], o0,
-                     o1, K);
+        if (o0 < o1) /* a prefill's large groups by the many-row kernel (the same bits) */
+            (counts[e] >= MANY_ROWS ? dot_rows_many : dot_rows)(xp + start[e], w + e * O * K, yp + start[e],
+                                                                scale ? scale + start[e] : NULL, counts[e], o0, o1, K);
     }
 }
 

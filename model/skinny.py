@@ -140,9 +140,10 @@ def matmul(
 
 
 # ---- the expert step over routed pairs ----------------------------------------------------------
-EXPERT_MAX_ROWS = 32  # an expert's rows up to which the grouped call is used: its matmuls are level
-# with torch's at 32 rows (bench.kernels) and it saves ~25 torch calls a layer; prefill chunks that
-# give an expert more rows go to torch's blocked kernel.
+EXPERT_MAX_ROWS = 256  # an expert's rows up to which the grouped call is used (a default prefill
+# chunk's most, `max_num_batched_tokens`): experts of 12+ rows run the many-row kernel in it, and it
+# saves two calls an expert and the bookkeeping between them (a 256-token prefill 1.1-1.2x over
+# torch's blocked kernel per expert, docs/PERFORMANCE.md); larger groups go to that per expert.
 
 
 def experts_fit(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None = None) -> bool:
@@ -502,11 +503,12 @@ def one_call_table(model, batch, banks: list, cache) -> _TableEntry | None:
     """The table a decode step runs with in one `decode_layers` call; None when it cannot: a batch
     of one-token chunks that `decode_fits` (its x are rows of the embedding table, whose dtype,
     device and width the table stands for), at most `EXPERT_MAX_ROWS` of them (so no expert gets
-    more rows and no layer needs the grouped torch path), and a model and banks that fit."""
+    more rows and no layer needs the grouped torch path) and at most `MAX_ROWS` (the matmuls the
+    per-layer calls run with this kernel), and a model and banks that fit."""
     embed = model.embed.weight
     if (
         not DECODE_STEP
-        or batch.token_ids.shape[0] > EXPERT_MAX_ROWS
+        or batch.token_ids.shape[0] > min(EXPERT_MAX_ROWS, MAX_ROWS)
         or not decode_fits(embed, batch, cache.k[0], model.cfg.num_heads)
     ):
         return None

@@ -660,7 +660,7 @@ def test_release_team_ends_this_threads_openmp_workers():
     assert torch.equal(y, skinny.matmul(x, w))
 
 
-@pytest.mark.parametrize("T", [1, 5, 40, 200])  # 200 tokens over 6 experts: groups past 32 rows
+@pytest.mark.parametrize("T", [1, 5, 40, 200, 1500])  # 1500 tokens over 6 experts: groups past 256 rows
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bank_forward_in_two_calls_has_the_bits_of_pair_outputs_and_sum_slots(T, threads):
     """The in-process expert step (`ExpertBank.forward`: `bank_forward` when groups are
@@ -692,7 +692,10 @@ def test_bank_forward_in_two_calls_has_the_bits_of_pair_outputs_and_sum_slots(T,
         slots = torch.zeros(T * 2, 512)
         bank.pair_outputs(x, pairs // 2, flat[pairs], weights.reshape(-1)[pairs], slots, pairs)
         want = sum_slots(slots.view(T, 2, 512))
-    assert calls == [T < 100], "two C calls for decode-sized groups, the grouped path past 32 rows"
+    biggest = int(torch.bincount(ids[ids >= 0]).max()) if T else 0
+    grouped = biggest <= skinny.EXPERT_MAX_ROWS
+    assert calls == [grouped], "two C calls up to EXPERT_MAX_ROWS rows an expert, the per-expert path past it"
+    assert grouped == (T < 1000)  # both roads taken
     assert torch.equal(got, want)
 
 
