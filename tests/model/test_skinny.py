@@ -370,6 +370,22 @@ def test_a_decode_step_in_one_call_has_the_bits_of_the_per_layer_calls(engine_fa
         assert tokens[n : n + len(want)] == want
 
 
+def test_a_decode_step_of_more_than_32_streams_is_one_call_with_the_bits_of_the_per_layer_calls(
+    engine_factory,
+):
+    """Past 32 streams (up to `MAX_ROWS`) a decode step still runs in one call: experts get more
+    rows there (the many-row kernel inside the grouped call) and the LM head has more rows; the
+    logits stay the per-layer calls' bit for bit."""
+    eng = engine_factory()
+    prompts = [[3 + (11 * i + j) % 250 for j in range(3 + i % 5)] for i in range(48)]
+    with _counted("decode_layers") as calls:
+        one_logits, one_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 3, on=True)
+    layer_logits, layer_tokens = _decode_logits(eng.model, eng.dispatcher, prompts, 3, on=True, whole=False)
+    assert len(calls) == 3, "every decode step of 48 streams was one call"
+    assert torch.equal(one_logits, layer_logits)
+    assert one_tokens == layer_tokens
+
+
 class _Seeing:
     """A dispatcher over in-process banks that keeps every layer's routing it is given or told."""
 
