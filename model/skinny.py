@@ -142,8 +142,8 @@ def matmul(
 # ---- the expert step over routed pairs ----------------------------------------------------------
 EXPERT_MAX_ROWS = 256  # an expert's rows up to which the grouped call is used (a default prefill
 # chunk's most, `max_num_batched_tokens`): experts of 12+ rows run the many-row kernel in it, and it
-# saves two calls an expert and the bookkeeping between them (a 256-token prefill 1.1-1.2x over
-# torch's blocked kernel per expert, docs/PERFORMANCE.md); larger groups go to that per expert.
+# saves two calls an expert and the bookkeeping between them (prefills 1.1-1.28x over the per-expert
+# road, docs/PERFORMANCE.md); larger groups take that road (torch's blocked kernel past 64 rows).
 
 
 def experts_fit(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None = None) -> bool:
