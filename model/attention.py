@@ -76,13 +76,22 @@ class LFAttention(nn.Module):
             r = batch.decode_rows
             o = _attend(q[r].transpose(0, 1)[:, :, None], keys, values, batch.decode_mask[None, :, None])
             out[r] = o.squeeze(2).transpose(0, 1)
-        for p in batch.prefills:  # longer chunks one by one: q `[H, n, D]`, keys `[H, L, D]`
-            out[p.rows] = _attend(
-                q[p.rows].transpose(0, 1),
-                k_cache.index_select(1, p.slots),
-                v_cache.index_select(1, p.slots),
-                p.mask,
-            ).transpose(0, 1)
+        group = batch.prefill_group()
+        if group is not None:  # longer chunks padded to one shape, one call: q `[H, C, n, D]`
+            rows, valid, slots, mask = group
+            C, n = rows.shape
+            qg = q.index_select(0, rows.view(-1)).view(C, n, H, D).permute(2, 0, 1, 3)
+            keys = k_cache.index_select(1, slots.view(-1)).view(H, C, -1, D)
+            values = v_cache.index_select(1, slots.view(-1)).view(H, C, -1, D)
+            out[rows[valid]] = _attend(qg, keys, values, mask).permute(1, 2, 0, 3)[valid]
+        else:
+            for p in batch.prefills:  # longer chunks one by one: q `[H, n, D]`, keys `[H, L, D]`
+                out[p.rows] = _attend(
+                    q[p.rows].transpose(0, 1),
+                    k_cache.index_select(1, p.slots),
+                    v_cache.index_select(1, p.slots),
+                    p.mask,
+                ).transpose(0, 1)
         return linear(out.reshape(h.shape[0], -1), self.o_proj.weight)
 
 

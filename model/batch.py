@@ -55,6 +55,7 @@ class ForwardBatch:
     prefills: list[PrefillAttention]
     logits_rows: torch.Tensor  # [R] rows whose logits the caller wants, in chunk order
     _decode_index: torch.Tensor | None = None
+    _prefill_group: tuple | None = None  # `prefill_group`'s answer, once made (() for none)
 
     def to(self, device: torch.device) -> ForwardBatch:
         """The index tensors on `device` (the cache's), copied once a step."""
@@ -81,6 +82,33 @@ class ForwardBatch:
             heads_ = torch.arange(heads, device=flat.device)
             self._decode_index = (heads_[:, None] * slots + flat[None, :]).reshape(-1)
         return self._decode_index
+
+    def prefill_group(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The longer chunks padded to one shape, for one attention call over all of them: (rows
+        `[C, n]` of the batch, padded with row 0; valid `[C, n]`, which of them are the chunk's;
+        slots `[C, L]`, padded with the null block's slot 0, whose keys and values are zeros; mask
+        `[C, n, L]`, a padded query seeing slot 0 alone). None for fewer than two chunks, or when
+        the padding would more than double the attention's work (`n * L` summed over the chunks).
+        Made once a step and kept (every layer uses it)."""
+        if self._prefill_group is None:
+            self._prefill_group = ()
+            C = len(self.prefills)
+            sizes = [(p.rows.stop - p.rows.start, p.slots.numel()) for p in self.prefills]
+            n_max, l_max = max((n for n, _ in sizes), default=0), max((L for _, L in sizes), default=0)
+            if C >= 2 and C * n_max * l_max <= 2 * sum(n * L for n, L in sizes):
+                device = self.prefills[0].slots.device
+                rows = torch.zeros(C, n_max, dtype=torch.long, device=device)
+                valid = torch.zeros(C, n_max, dtype=torch.bool, device=device)
+                slots = torch.zeros(C, l_max, dtype=torch.long, device=device)
+                mask = torch.zeros(C, n_max, l_max, dtype=torch.bool, device=device)
+                for i, (p, (n, L)) in enumerate(zip(self.prefills, sizes)):
+                    rows[i, :n] = torch.arange(p.rows.start, p.rows.stop, device=device)
+                    valid[i, :n] = True
+                    slots[i, :L] = p.slots
+                    mask[i, :n, :L] = p.mask
+                    mask[i, n:, 0] = True  # a padded query: discarded, but not all-masked (no NaN)
+                self._prefill_group = (rows, valid, slots, mask)
+        return self._prefill_group or None
 
     @staticmethod
     def build(chunks: list[Chunk], block_size: int, eod_token_id: int | None) -> ForwardBatch:

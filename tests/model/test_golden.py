@@ -133,3 +133,35 @@ def test_classical_router_checkpoint_loads_and_serves(tmp_path):
     assert all(len(s.output_ids) == 6 for s in seqs)
     alone = local_engine(str(ckpt)).generate([[4, 5]], SamplingParams(max_tokens=6, ignore_eod=True))[0]
     assert alone.output_ids == seqs[1].output_ids
+
+
+def test_prefill_chunks_in_one_padded_attention_call_equal_one_by_one(engine, golden, monkeypatch):
+    """Prompt chunks of different lengths, one crossing `<eod>` segments and, in the second step,
+    every one continuing its cached prefix, attend in one padded call (`prefill_group`): the
+    logits of the chunk-by-chunk loop within float32 rounding."""
+    model, bs = engine.model, 4
+    eod = model.eod_for_segments
+    cases = {len(c["prompt_ids"]): c["prompt_ids"] for c in golden["cases"]}
+    seqs = [cases[24], cases[33][:28], [5, 9, eod or 7, 11, 12, eod or 7, 13] * 3 + [14, 15, 16]]
+    cuts = [12, 15, 11]  # the first step's chunk of each sequence; the second step has the rest
+
+    def run() -> tuple[torch.Tensor, list[bool]]:
+        cache = model.new_cache(1 + 3 * 9, bs)
+        tables = [list(range(1 + 9 * i, 10 + 9 * i)) for i in range(3)]
+        logits, grouped = [], []
+        for step in range(2):
+            chunks = []
+            for tokens, cut, table in zip(seqs, cuts, tables):
+                start, end = (0, cut) if step == 0 else (cut, len(tokens))
+                chunks.append(Chunk(tokens, start, end - start, table, segment_start(tokens, start, eod)))
+            batch = ForwardBatch.build(chunks, bs, eod)
+            grouped.append(batch.prefill_group() is not None)
+            logits.append(model.forward([batch], engine.dispatcher, cache))
+        return torch.cat(logits), grouped
+
+    together, grouped = run()
+    monkeypatch.setattr(ForwardBatch, "prefill_group", lambda self: None)
+    one_by_one, _ = run()
+    assert grouped == [True, True], "both steps' chunks took the one padded call"
+    assert (together - one_by_one).abs().max().item() <= 1e-5
+    assert torch.equal(together.argmax(-1), one_by_one.argmax(-1))
