@@ -37,9 +37,9 @@ class LFAttention(nn.Module):
 
     def _qkv(self, h: torch.Tensor, f: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         H, D = self.num_heads, self.head_dim
-        qk = linear(f, self._wqk.get(self.q_proj.weight, self.k_proj.weight)).view(-1, H, 2 * D)  # [T, H, 2D]
-        q = apply_rotary(qk[..., :D], cos[:, None], sin[:, None])  # [T, H, D]
-        k = apply_rotary(qk[..., D:], cos[:, None], sin[:, None])
+        qk = linear(f, self._wqk.get(self.q_proj.weight, self.k_proj.weight)).view(-1, H, 2, D)  # T,H,2,D
+        qk = apply_rotary(qk, cos[:, None, None], sin[:, None, None])  # q and k rotated in one go
+        q, k = qk[:, :, 0], qk[:, :, 1]  # [T, H, D] each
         v = linear(h, self.v_proj.weight).view(-1, H, D)
         return q, k, v
 
