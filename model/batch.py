@@ -133,6 +133,10 @@ class ForwardBatch:
                 write.append(block * bs + s % bs)
                 lf_rows.append(row)
                 lf_blocks.append(block)
+                dec_rows.append(row)
+                dec_pos.append(s)
+                dec_seg.append(c.seg_start)
+                dec_tables.append(table[: s // bs + 1])
             else:
                 ids.extend(c.token_ids[s : s + n])
                 positions.extend(range(s, s + n))
@@ -141,12 +145,6 @@ class ForwardBatch:
                     if (p + 1) % bs == 0 or p == s + n - 1:
                         lf_rows.append(row + p - s)
                         lf_blocks.append(table[p // bs])
-            if n == 1:
-                dec_rows.append(row)
-                dec_pos.append(s)
-                dec_seg.append(c.seg_start)
-                dec_tables.append(table[: s // bs + 1])
-            else:
                 L = s + n
                 t = torch.tensor(table[: (L + bs - 1) // bs], dtype=torch.long)
                 ctx = (t[:, None] * bs + torch.arange(bs)).reshape(-1)[:L]
