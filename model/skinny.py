@@ -427,16 +427,14 @@ class _TableEntry:
                 attn.o_proj.weight, layer.post_norm.weight, router.query.weight, router.key.weight,
                 router.value.weight, bank.w1, bank.w2, bank.local_index,
             ]  # fmt: skip
-            copied += [
-                lf.conv1_weight, lf.conv2_weight, attn.q_proj.weight, attn.k_proj.weight,
-                router.query.weight, router.key.weight, router.value.weight,
-            ]  # fmt: skip
-            derived = [
-                lf._w1.get(lf.conv1_weight),
-                lf._w2.get(lf.conv2_weight),
-                attn._wqk.get(attn.q_proj.weight, attn.k_proj.weight),
-                router._wqkv.get(router.query.weight, router.key.weight, router.value.weight),
+            derive = [  # each derived weight and the weights copied into it
+                (lf._w1, (lf.conv1_weight,)),
+                (lf._w2, (lf.conv2_weight,)),
+                (attn._wqk, (attn.q_proj.weight, attn.k_proj.weight)),
+                (router._wqkv, (router.query.weight, router.key.weight, router.value.weight)),
             ]
+            derived = [d.get(*of) for d, of in derive]
+            copied += [w for _, of in derive for w in of]
             keep += derived
             rows.append([
                 layer.input_norm.weight.data_ptr(),
@@ -461,7 +459,7 @@ class _TableEntry:
             ])  # fmt: skip
             eps.append([layer.input_norm.eps, lf.norm.eps, layer.post_norm.eps])
         # the step's ends: the embedding and rotary rows in, the final norm and the LM head out
-        ends = [model.embed.weight, model.rope_cos, model.rope_sin, model.norm.weight, model.lm_head.weight]
+        ends = _ends(model)
         sources += ends
         self.ends = tuple(t.data_ptr() for t in ends)
         self.sizes = (model.embed.weight.shape[0], model.lm_head.weight.shape[0], model.rope_cos.shape[0])
@@ -490,10 +488,16 @@ class _TableEntry:
         )
 
 
+def _ends(model) -> list[torch.Tensor]:
+    """What a step's ends read, in `decode_layers`' order: the embedding, the rotary tables, the
+    final norm's weight and the LM head."""
+    return [model.embed.weight, model.rope_cos, model.rope_sin, model.norm.weight, model.lm_head.weight]
+
+
 def _ends_fit(model) -> bool:
     """Whether `decode_layers` can take a step's ends for `model`: float32 CPU embedding, rotary
     tables, final norm and LM head, contiguous, the LM head as wide as the hidden size."""
-    ends = [model.embed.weight, model.rope_cos, model.rope_sin, model.norm.weight, model.lm_head.weight]
+    ends = _ends(model)
     return all(t.dtype is torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ends) and (
         model.lm_head.weight.shape[1] == model.embed.weight.shape[1]
     )
