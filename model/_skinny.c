@@ -201,6 +201,10 @@ static int matmul_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, const 
  * slower at 32 streams). */
 #define CHUNK_FLOATS (128 * 1024)
 
+/* The kernel for an expert of `rows` rows: a prefill's large groups by the many-row one (the same
+ * bits). */
+static dot_fn expert_kernel(int64_t rows) { return rows >= MANY_ROWS ? dot_rows_many : dot_rows; }
+
 static void expert_items(const float *const *xp, float *const *yp, const float *scale, const int64_t *counts,
                          int64_t E, const float *w, int64_t O, int64_t K, int threads) {
     int64_t pieces = O * K / CHUNK_FLOATS > 1 ? O * K / CHUNK_FLOATS : 1, busy = 0, a = 0;
@@ -210,8 +214,7 @@ static void expert_items(const float *const *xp, float *const *yp, const float *
     if (n_threads == 1) {
         for (int64_t e = 0; e < E; e++) {
             if (counts[e])
-                (counts[e] >= MANY_ROWS ? dot_rows_many : dot_rows)(xp + a, w + e * O * K, yp + a,
-                                                                    scale ? scale + a : NULL, counts[e], 0, O, K);
+                expert_kernel(counts[e])(xp + a, w + e * O * K, yp + a, scale ? scale + a : NULL, counts[e], 0, O, K);
             a += counts[e];
         }
         return;
@@ -225,9 +228,9 @@ static void expert_items(const float *const *xp, float *const *yp, const float *
         if (!counts[e])
             continue;
         cut(O, pieces, item % pieces, &o0, &o1);
-        if (o0 < o1) /* a prefill's large groups by the many-row kernel (the same bits) */
-            (counts[e] >= MANY_ROWS ? dot_rows_many : dot_rows)(xp + start[e], w + e * O * K, yp + start[e],
-                                                                scale ? scale + start[e] : NULL, counts[e], o0, o1, K);
+        if (o0 < o1)
+            expert_kernel(counts[e])(xp + start[e], w + e * O * K, yp + start[e], scale ? scale + start[e] : NULL,
+                                     counts[e], o0, o1, K);
     }
 }
 
