@@ -195,11 +195,24 @@ static int matmul_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, const 
 }
 
 /* The expert step over routed pairs, grouped by expert (docs in `model/skinny.py`). The pairs' row
- * pointers are laid out first (xp, yp, scale: R each); then each expert's matmul, cut into ranges of
- * CHUNK_FLOATS of its weights (512 KiB), is a work item shared by the threads: each item starts a
- * new stream from memory, so fewer, longer ones (docs/PERFORMANCE.md: 256 KiB items were 1.01-1.03x
- * slower at 32 streams). */
+ * pointers are laid out first (xp, yp, scale: R each). How the threads share the experts' matmuls
+ * depends on what bounds them. Any cut of an expert's output rows gives the same bits (`dot_rows`).
+ * - Decode-sized groups (all under MANY_ROWS rows) are bound by reading the weights. The held
+ *   experts' output rows, in expert order, make one run. Each thread takes one stretch of it, cut
+ *   at multiples of 8 rows so that the stretches cost about the same (`row_cost`). A thread so
+ *   reads its weights as one stream in address order, past the experts no pair uses, and the
+ *   prefetchers stay on it. Items handed out dynamically each start a new stream: 1.01-1.09x
+ *   slower at 1-64 streams (docs/PERFORMANCE.md).
+ * - Larger groups (a prefill's) are bound by compute. Each expert's matmul is cut into items of
+ *   CHUNK_FLOATS of its weights (512 KiB), handed out dynamically, which balances groups of
+ *   different sizes. Fewer, longer items start fewer streams: 256 KiB items were 1.01-1.03x
+ *   slower at 32 streams. */
 #define CHUNK_FLOATS (128 * 1024)
+
+/* The cost of one output row of a decode-sized expert of `rows` rows, in sixths of reading its
+ * weights from memory. Up to 4 rows the read is the cost: a block's passes after the first find it
+ * in L1. Each further row adds a sixth: the kernel's rates at 1-8 rows. */
+static int64_t row_cost(int64_t rows) { return 6 + (rows > 4 ? rows - 4 : 0); }
 
 /* The kernel for an expert of `rows` rows: a prefill's large groups by the many-row one (the same
  * bits). */
@@ -207,11 +220,13 @@ static dot_fn expert_kernel(int64_t rows) { return rows >= MANY_ROWS ? dot_rows_
 
 static void expert_items(const float *const *xp, float *const *yp, const float *scale, const int64_t *counts,
                          int64_t E, const float *w, int64_t O, int64_t K, int threads) {
-    int64_t pieces = O * K / CHUNK_FLOATS > 1 ? O * K / CHUNK_FLOATS : 1, busy = 0, a = 0;
-    for (int64_t e = 0; e < E; e++)
+    int64_t busy = 0, biggest = 0, a = 0;
+    for (int64_t e = 0; e < E; e++) {
         busy += counts[e] > 0;
-    const int64_t n_threads = team(threads, busy * O * K, PAR_FLOATS);
-    if (n_threads == 1) {
+        biggest = counts[e] > biggest ? counts[e] : biggest;
+    }
+    const int64_t n = team(threads, busy * O * K, PAR_FLOATS);
+    if (n == 1) {
         for (int64_t e = 0; e < E; e++) {
             if (counts[e])
                 expert_kernel(counts[e])(xp + a, w + e * O * K, yp + a, scale ? scale + a : NULL, counts[e], 0, O, K);
@@ -219,19 +234,42 @@ static void expert_items(const float *const *xp, float *const *yp, const float *
         }
         return;
     }
-    int64_t start[E + 1]; /* first pair of each expert */
-    for (int64_t e = 0; e < E; e++)
+    int64_t start[E], held[busy], cost[busy], total = 0, nb = 0; /* held: the experts with pairs, in order */
+    for (int64_t e = 0; e < E; e++) {
         start[e] = a, a += counts[e];
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
-    for (int64_t item = 0; item < E * pieces; item++) {
-        int64_t e = item / pieces, o0, o1;
-        if (!counts[e])
-            continue;
-        cut(O, pieces, item % pieces, &o0, &o1);
-        if (o0 < o1)
-            expert_kernel(counts[e])(xp + start[e], w + e * O * K, yp + start[e], scale ? scale + start[e] : NULL,
-                                     counts[e], o0, o1, K);
+        if (counts[e])
+            held[nb] = e, cost[nb] = row_cost(counts[e]) * O, total += cost[nb++];
     }
+    if (biggest >= MANY_ROWS) {
+        const int64_t pieces = O * K / CHUNK_FLOATS > 1 ? O * K / CHUNK_FLOATS : 1;
+#pragma omp parallel for num_threads(n) schedule(dynamic, 1)
+        for (int64_t item = 0; item < nb * pieces; item++) {
+            const int64_t e = held[item / pieces];
+            int64_t o0, o1;
+            cut(O, pieces, item % pieces, &o0, &o1);
+            if (o0 < o1)
+                expert_kernel(counts[e])(xp + start[e], w + e * O * K, yp + start[e], scale ? scale + start[e] : NULL,
+                                         counts[e], o0, o1, K);
+        }
+        return;
+    }
+    /* Thread t's stretch runs from (held expert at_i[t], output row at_o[t]) to thread t + 1's start. */
+    int64_t at_i[n + 1], at_o[n + 1], i = 0, before = 0;
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t target = total * t / n;
+        while (i < nb && before + cost[i] <= target)
+            before += cost[i++];
+        at_i[t] = i, at_o[t] = i < nb ? (target - before) / (cost[i] / O) / 8 * 8 : 0;
+    }
+    at_i[n] = nb, at_o[n] = 0;
+#pragma omp parallel for num_threads(n) schedule(static, 1)
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t j = at_i[t], o0 = at_o[t]; j < nb && j <= at_i[t + 1]; j++, o0 = 0) {
+            const int64_t e = held[j], o1 = j < at_i[t + 1] ? O : at_o[t + 1];
+            if (o0 < o1)
+                dot_rows(xp + start[e], w + e * O * K, yp + start[e], scale ? scale + start[e] : NULL, counts[e], o0, o1,
+                         K);
+        }
 }
 
 /* The j-th pair of the order reads x row rows[order[j]] (rows NULL: row order[j] / A, the token of

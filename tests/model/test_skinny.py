@@ -586,19 +586,33 @@ def test_threads_give_the_same_bits_as_one(rows, threads):
     assert (one.double() - _reference(x, w, b)).abs().max().item() < 1e-3
 
 
-def test_threaded_expert_step_has_the_bits_of_one_thread():
-    bank, g = _bank(E=5, d=512, F=256, seed=8)  # w1 per expert [512, 512]: several pieces each
-    x, rows, ids, weights, slots = _pairs(bank, g, T=40, R=80, S=90)
+@pytest.mark.parametrize("threads", [2, 3, 7])  # cuts inside experts, at uneven costs
+@pytest.mark.parametrize("many", [4, 24], ids=["decode-sized", "a-prefill-group"])
+def test_threaded_expert_step_has_the_bits_of_one_thread(threads, many):
+    """Decode-sized groups: each thread takes a stretch of the held experts' output rows; with a
+    group of MANY_ROWS or more, items handed out. Either way every row is computed once: the bits
+    of one thread, every pair's slot written, the others untouched."""
+    bank, g = _bank(E=12, d=512, F=256, seed=8)  # w1 per expert [512, 512]
+    x, rows, ids, weights, slots = _pairs(bank, g, T=40, R=50, S=60)
+    ids[ids == 13] = 20  # an expert no pair uses, between used ones
+    ids[:many] = 11  # one expert of more rows (costs more a row), beside ones of few
+    counts = torch.bincount(ids - 10, minlength=12)
+    assert int(counts.min()) == 0 and (int(counts.max()) >= 12) == (many > 12)  # MANY_ROWS in _skinny.c
 
     def step():
-        out = torch.full((90, 512), 9.0)
+        out = torch.full((60, 512), 9.0)
         with torch.inference_mode():
             bank.pair_outputs(x, rows, ids, weights, out, slots)
         return out
 
-    one, two = _with_threads(1, step), _with_threads(2, step)
-    assert torch.equal(one, two)
-    assert torch.all(two[[i for i in range(90) if i not in set(slots.tolist())]] == 9.0)
+    one, shared = _with_threads(1, step), _with_threads(threads, step)
+    assert torch.equal(one, shared)
+    assert not torch.any(shared[slots] == 9.0)
+    assert torch.all(shared[[i for i in range(60) if i not in set(slots.tolist())]] == 9.0)
+    with skinny.mode(False), torch.inference_mode():  # torch's matmuls: float32 rounding apart
+        plain = torch.full((60, 512), 9.0)
+        bank.pair_outputs(x, rows, ids, weights, plain, slots)
+    assert (shared - plain).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("heads", [2, 8], ids=["head-dim-128", "head-dim-32"])
