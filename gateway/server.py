@@ -274,8 +274,9 @@ class GatewayServer:
         # in-flight calls get the grace period to finish, then are cancelled in the engine, which
         # ends each with its final message, and then the server stops.
         await self._begin_drain()
-        if control is not None:
-            control.cancel()
+        if control is not None:  # the control loop ends here, not with the event loop (a pending task
+            control.cancel()  # at the loop's close is left behind): a report in flight is abandoned
+            await asyncio.wait([control], timeout=CANCEL_WAIT_S)
         deadline = self._drain_started + opts.grace_s
         while self.state.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
