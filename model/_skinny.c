@@ -218,38 +218,38 @@ static int64_t row_cost(int64_t rows) { return 6 + (rows > 4 ? rows - 4 : 0); }
  * bits). */
 static dot_fn expert_kernel(int64_t rows) { return rows >= MANY_ROWS ? dot_rows_many : dot_rows; }
 
+/* Output rows [o0, o1) of expert e's matmul over its pairs, which start at pair start[e]. */
+static inline void expert_rows(const float *const *xp, float *const *yp, const float *scale, const int64_t *start,
+                               const int64_t *counts, const float *w, int64_t O, int64_t K, int64_t e, int64_t o0,
+                               int64_t o1) {
+    if (o0 < o1)
+        expert_kernel(counts[e])(xp + start[e], w + e * O * K, yp + start[e], scale ? scale + start[e] : NULL,
+                                 counts[e], o0, o1, K);
+}
+
 static void expert_items(const float *const *xp, float *const *yp, const float *scale, const int64_t *counts,
                          int64_t E, const float *w, int64_t O, int64_t K, int threads) {
-    int64_t busy = 0, biggest = 0, a = 0;
-    for (int64_t e = 0; e < E; e++) {
-        busy += counts[e] > 0;
-        biggest = counts[e] > biggest ? counts[e] : biggest;
-    }
-    const int64_t n = team(threads, busy * O * K, PAR_FLOATS);
-    if (n == 1) {
-        for (int64_t e = 0; e < E; e++) {
-            if (counts[e])
-                expert_kernel(counts[e])(xp + a, w + e * O * K, yp + a, scale ? scale + a : NULL, counts[e], 0, O, K);
-            a += counts[e];
-        }
-        return;
-    }
-    int64_t start[E], held[busy], cost[busy], total = 0, nb = 0; /* held: the experts with pairs, in order */
+    /* held: the experts with pairs, in order, and each one's cost (`row_cost`) */
+    int64_t start[E], held[E], cost[E], total = 0, nb = 0, biggest = 0, a = 0;
     for (int64_t e = 0; e < E; e++) {
         start[e] = a, a += counts[e];
         if (counts[e])
             held[nb] = e, cost[nb] = row_cost(counts[e]) * O, total += cost[nb++];
+        biggest = counts[e] > biggest ? counts[e] : biggest;
+    }
+    const int64_t n = team(threads, nb * O * K, PAR_FLOATS);
+    if (n == 1) {
+        for (int64_t j = 0; j < nb; j++)
+            expert_rows(xp, yp, scale, start, counts, w, O, K, held[j], 0, O);
+        return;
     }
     if (biggest >= MANY_ROWS) {
         const int64_t pieces = O * K / CHUNK_FLOATS > 1 ? O * K / CHUNK_FLOATS : 1;
 #pragma omp parallel for num_threads(n) schedule(dynamic, 1)
         for (int64_t item = 0; item < nb * pieces; item++) {
-            const int64_t e = held[item / pieces];
             int64_t o0, o1;
             cut(O, pieces, item % pieces, &o0, &o1);
-            if (o0 < o1)
-                expert_kernel(counts[e])(xp + start[e], w + e * O * K, yp + start[e], scale ? scale + start[e] : NULL,
-                                         counts[e], o0, o1, K);
+            expert_rows(xp, yp, scale, start, counts, w, O, K, held[item / pieces], o0, o1);
         }
         return;
     }
@@ -264,12 +264,8 @@ static void expert_items(const float *const *xp, float *const *yp, const float *
     at_i[n] = nb, at_o[n] = 0;
 #pragma omp parallel for num_threads(n) schedule(static, 1)
     for (int64_t t = 0; t < n; t++)
-        for (int64_t j = at_i[t], o0 = at_o[t]; j < nb && j <= at_i[t + 1]; j++, o0 = 0) {
-            const int64_t e = held[j], o1 = j < at_i[t + 1] ? O : at_o[t + 1];
-            if (o0 < o1)
-                dot_rows(xp + start[e], w + e * O * K, yp + start[e], scale ? scale + start[e] : NULL, counts[e], o0, o1,
-                         K);
-        }
+        for (int64_t j = at_i[t], o0 = at_o[t]; j < nb && j <= at_i[t + 1]; j++, o0 = 0)
+            expert_rows(xp, yp, scale, start, counts, w, O, K, held[j], o0, j < at_i[t + 1] ? O : at_o[t + 1]);
 }
 
 /* The j-th pair of the order reads x row rows[order[j]] (rows NULL: row order[j] / A, the token of
