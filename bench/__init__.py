@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -25,6 +26,19 @@ def print_sides(res: dict, this: str, other: str = "other") -> None:
             f"| {b} | {r[f'{this}_ms']:.3f} | {r[f'{other}_ms']:.3f} | {r[f'{this}_over_{other}']:.3f} |"
             f" {r['same_tokens']} |"
         )
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's thread count set to `n` for the block, then put back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def wait_for_quiet(max_s: float = 20.0, busy_below: float = 0.25, window_s: float = 0.5) -> float:

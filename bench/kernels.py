@@ -28,6 +28,7 @@ from functools import partial
 
 import torch
 
+from bench import torch_threads
 from gateway.engine import EngineLimits, local_engine
 from gateway.sampling import SamplingParams
 from model import skinny
@@ -121,14 +122,11 @@ def _paths(on: bool, group_rows: int, attention: bool, whole: bool, threads: int
     """The C paths of `decode`'s sides (`model.skinny`'s switches and torch's threads), put back after."""
     limit, skinny.EXPERT_MAX_ROWS = skinny.EXPERT_MAX_ROWS, group_rows
     skinny.DECODE_LAYER, skinny.DECODE_STEP = attention, whole
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        with skinny.mode(on):
+        with torch_threads(threads), skinny.mode(on):
             yield
     finally:
         skinny.EXPERT_MAX_ROWS, skinny.DECODE_LAYER, skinny.DECODE_STEP = limit, True, True
-        torch.set_num_threads(before)
 
 
 def decode(streams: list[int], rounds: int, threads: int, max_tokens: int = 32) -> dict:

@@ -23,17 +23,12 @@ import time
 
 import torch
 
+from bench import torch_threads
+from bench.roofline import huge_buffer, read_bandwidth_gbs
 from model.checkpoint import CheckpointReader, load_experts, write_random_checkpoint
 from model.config import YuanConfig, preset
-from model.pages import huge_empty
 
 SWEEP_MB = 256  # larger than any cache here: a sweep over it leaves nothing of a layer's weights
-
-
-def _region(mbytes: int) -> torch.Tensor:
-    region = huge_empty(mbytes << 20)
-    x = region.view(torch.float32) if region is not None else torch.empty((mbytes << 20) // 4)
-    return x.fill_(1.0)
 
 
 def reread(sizes_mb: list[int], reps: int = 5) -> dict:
@@ -43,11 +38,9 @@ def reread(sizes_mb: list[int], reps: int = 5) -> dict:
     a sweep over a larger buffer is not cold here: measured, 8-32 MB blocks read at 50-70 GB/s
     after a 256 MB sum, where the 256 MB sum reads 36-43: the last-level cache keeps lines the
     sweep streamed past.)"""
-    from bench.roofline import read_bandwidth_gbs
-
     out: dict = {"memory_gbs": read_bandwidth_gbs(), "again_gbs": {}}
     for mb in sizes_mb:
-        block, best = _region(mb), float("inf")
+        block, best = huge_buffer(mb), float("inf")
         for _ in range(reps):
             block.sum()
             t0 = time.perf_counter()
@@ -75,7 +68,7 @@ def _expert_bytes(cfg: YuanConfig) -> int:
 def _timed(run, steps: list[tuple], cfg: YuanConfig) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Each step after a sweep over 256 MB (other layers' experts are as far): GB/s over the bytes
     of the experts it touched (best and median), ms a step (median), and the outputs."""
-    sweep, rates, times, outs = _region(SWEEP_MB), [], [], []
+    sweep, rates, times, outs = huge_buffer(SWEEP_MB), [], [], []
     for layer, x, ids, w in steps:
         sweep.sum()
         t0 = time.perf_counter()
@@ -95,16 +88,12 @@ def _diff(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 def banks(ckpt: str, cfg: YuanConfig, steps: list[tuple], threads: list[int]) -> tuple[dict, list]:
     """The in-process expert step on each thread count; returns the results and the first's outputs."""
     all_banks = load_experts(CheckpointReader(ckpt), cfg, list(range(cfg.num_experts)))
-    before, out, ref = torch.get_num_threads(), {}, None
-    try:
-        for t in threads:
-            torch.set_num_threads(t)
-            with torch.inference_mode():
-                res, outs = _timed(lambda layer, x, ids, w: all_banks[layer](x, ids, w), steps, cfg)
-            ref = outs if ref is None else ref
-            out[t] = res | {"max_abs_diff": _diff(outs, ref)}
-    finally:
-        torch.set_num_threads(before)
+    out, ref = {}, None
+    for t in threads:
+        with torch_threads(t), torch.inference_mode():
+            res, outs = _timed(lambda layer, x, ids, w: all_banks[layer](x, ids, w), steps, cfg)
+        ref = outs if ref is None else ref
+        out[t] = res | {"max_abs_diff": _diff(outs, ref)}
     return out, ref
 
 
@@ -115,14 +104,8 @@ def pools(
     set timed once the machine is quiet (at most `settle_s` after its start)."""
     # This process only sweeps and waits here: on one thread, so that no OpenMP worker of its spins
     # on a core the pools need (libgomp's workers spin-wait after each parallel region).
-    out, before = {}, torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for p in counts:
-            out[p] = _through_pools(ckpt, cfg, steps, p, ref, settle_s)
-    finally:
-        torch.set_num_threads(before)
-    return out
+    with torch_threads(1):
+        return {p: _through_pools(ckpt, cfg, steps, p, ref, settle_s) for p in counts}
 
 
 def _through_pools(

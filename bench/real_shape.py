@@ -23,12 +23,12 @@ import argparse
 import gc
 import json
 import tempfile
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from bench import torch_threads
 from bench.kernels import alternate
 from bench.roofline import experts_touched, matmul_gflops, read_bandwidth_gbs, step_seconds
 from bench.serving import TimedDispatcher
@@ -77,16 +77,6 @@ def measure(
     return out
 
 
-@contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def served(ckpt: str, dtype: str, pools: int, streams: list[int], rounds: int, max_tokens: int) -> dict:
     """ms a decode step with `pools` pools, the gateway's engine on 1 thread and on this run's."""
     from bench import wait_for_quiet
@@ -103,7 +93,7 @@ def served(ckpt: str, dtype: str, pools: int, streams: list[int], rounds: int, m
         disp = PoolDispatcher(ps.table, ps.handles, num_layers=model.cfg.num_layers)
         wait_for_quiet()  # Ray starts replacement idle workers after the pools take theirs
         eng = Engine(model, disp, EngineLimits(max_running=max(streams), max_tokens=max_tokens))
-        sides = {n: partial(_threads, n) for n in sorted({1, threads})}
+        sides = {n: partial(torch_threads, n) for n in sorted({1, threads})}
         out = {}
         for b in streams:
             best, _ = alternate(eng, b, rounds, sides, max_tokens)

@@ -20,15 +20,19 @@ from model.pages import huge_empty
 from model.transformer import YuanModel
 
 
+def huge_buffer(mbytes: int) -> torch.Tensor:
+    """`mbytes` MiB of float32 ones, in huge pages where the OS gives them (`model.pages`)."""
+    region = huge_empty(mbytes << 20)
+    x = region.view(torch.float32) if region is not None else torch.empty((mbytes << 20) // 4)
+    return x.fill_(1.0)
+
+
 def read_bandwidth_gbs(mbytes: int = 256, reps: int = 7) -> float:
     """This machine's read bandwidth as torch sees it (all its threads): the best of `reps` sums
     over a buffer far larger than the caches, in GB/s (1e9 bytes). The buffer is in huge pages
     where the OS gives them, as the loaded weights are (`model.pages`): reading is faster from
     them, so the bound is too."""
-    n = mbytes * 2**20 // 4
-    region = huge_empty(n * 4)
-    x = region.view(torch.float32) if region is not None else torch.empty(n)
-    x.fill_(1.0)
+    x = huge_buffer(mbytes)
     x.sum()
     best = float("inf")
     for _ in range(reps):
