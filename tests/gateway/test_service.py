@@ -21,8 +21,8 @@ from model import skinny
 GREEDY16 = SamplingParams(max_tokens=16, ignore_eod=True)
 
 
-def _os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _os_thread_ids() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
 def _engine_threads() -> list[threading.Thread]:
@@ -103,13 +103,15 @@ def test_the_server_frees_the_loading_threads_openmp_team():
         return (lambda: load_backend(load)) if release_after else load
 
     before = torch.get_num_threads()
-    base, counts = _os_threads(), {}
+    base, counts = _os_thread_ids(), {}
 
     def settle(most: int, seconds: float) -> int:
+        """Threads started since `base` and alive, once at most `most` are (or at the deadline); a
+        thread of an earlier test that ends meanwhile does not count (a count of all would)."""
         deadline = time.monotonic() + seconds
-        while _os_threads() - base > most and time.monotonic() < deadline:
+        while len(_os_thread_ids() - base) > most and time.monotonic() < deadline:
             time.sleep(0.01)
-        return _os_threads() - base
+        return len(_os_thread_ids() - base)
 
     for release_after in (False, True):
         with ThreadPoolExecutor(1) as pool:
